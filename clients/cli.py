@@ -1,0 +1,311 @@
+"""The `inserve` command: export models, serve, index, search, stats, delete, whiten, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+DEFAULT_SERVER = "localhost:50051"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def _box(text: str) -> tuple[float, float, float, float]:
+    values = [float(v) for v in text.split(",")]
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"a box is x1,y1,x2,y2, got {text!r}")
+    return tuple(values)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", type=Path, default=Path("models"), help="where `inserve export` wrote (default: models)")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | tensorrt | tensorrt-native")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads per engine (0 = runtime default)")
+    p.add_argument("--long-side", type=int, default=512, help="images are resized to this long side")
+    p.add_argument("--stop-stride", type=int, default=None, help="DASR back-propagation stop stride")
+    p.add_argument("--shape", default="moments", choices=["moments", "official"], help="DASR shape estimation")
+
+
+def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: Path):
+    """The one place where flags become a ServerConfig."""
+    from inserve.engines import EngineOptions
+    from inserve.server.config import DasrConfig, ImageConfig, ServerConfig
+
+    config = ServerConfig(
+        data_dir=data_dir,
+        models=args.models,
+        backbone=args.backbone,
+        recipes=recipes,
+        engine=EngineOptions(device=args.device, intra_op_threads=args.threads),
+        image=ImageConfig(long_side=args.long_side),
+        dasr=DasrConfig(stop_stride=args.stop_stride, shape=args.shape),
+    )
+    if args.command == "serve":
+        config = replace(
+            config, host=args.host, port=args.port, workers=args.workers, max_message_bytes=args.max_message_mb << 20
+        )
+    return config
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from inserve.export.onnx_export import ExportOptions, export_backbone
+    except ImportError as exc:
+        print(f"inserve export needs torch and onnx: pip install 'inserve[export]' ({exc})", file=sys.stderr)
+        return 2
+    from inserve.export.backbones import WeightsError
+
+    options = ExportOptions(
+        desc=args.desc_layer,
+        cam_top_n=args.cam_top_n,
+        dasr_strides=args.dasr_strides,
+        default_stop_stride=args.stop_stride,
+        check=not args.no_check,
+    )
+    try:
+        manifest = export_backbone(args.backbone, args.out, args.weights, args.random_init, options)
+    except (WeightsError, ValueError) as exc:
+        print(f"inserve export: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {args.backbone} to {manifest.parent} (manifest {manifest})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from inserve.server.app import serve
+
+    asyncio.run(serve(server_config(args, tuple(args.recipe.split(",")), args.data_dir)))
+    return 0
+
+
+def image_files(paths: list[Path]) -> Iterator[tuple[str, Path]]:
+    """(id, path) of every image among files and folders (recursively); a folder's images are named by
+    their path inside it."""
+    for path in paths:
+        if path.is_dir():
+            for file in sorted(path.rglob("*")):
+                if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
+                    yield str(file.relative_to(path)), file
+        elif path.is_file():
+            yield path.name, path
+        else:
+            raise FileNotFoundError(path)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    import grpc
+    from tqdm import tqdm
+
+    from inserve.clients.client import ImageItem, InstanceSearchClient
+
+    files = list(image_files(args.paths))
+    items = (ImageItem.from_path(path, args.id_prefix + name, replace=args.replace) for name, path in files)
+    regions = 0
+    with InstanceSearchClient(args.server, timeout=args.timeout) as client:
+        try:
+            for ack in tqdm(client.index_images(items), total=len(files), unit="img", disable=args.quiet):
+                regions += len(ack.regions)
+        except grpc.RpcError as exc:
+            print(f"inserve index: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"indexed {len(files)} images, {regions} regions")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import grpc
+
+    from inserve.clients.client import InstanceSearchClient
+
+    data = args.image.read_bytes()
+    with InstanceSearchClient(args.server, timeout=args.timeout) as client:
+        try:
+            hits = client.search(data, args.box, args.top_k, args.recipe, args.qe, thumbnails=args.show is not None)
+        except grpc.RpcError as exc:
+            print(f"inserve search: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    for hit in hits:
+        box = f"[{hit.box.x1:.0f},{hit.box.y1:.0f},{hit.box.x2:.0f},{hit.box.y2:.0f}]" if hit.HasField("box") else "-"
+        print(f"{hit.rank:4d}  {hit.score:.4f}  {hit.id}  {box}  {hit.source}")
+    if args.show is not None:
+        show_results(args.image, data, args.box, hits, args.show)
+        print(f"wrote {args.show}")
+    return 0
+
+
+def show_results(query_path: Path, data: bytes, box, hits, out: Path) -> None:
+    from inserve.clients.render import HIT_COLOUR, QUERY_COLOUR, Tile, open_image, render_results
+
+    query = open_image(data)
+    tiles = [Tile(query, query.width, query.height, box, f"query\n{query_path.name}", QUERY_COLOUR)]
+    for hit in hits:
+        picture = open_image(hit.thumbnail, hit.source)
+        hit_box = (hit.box.x1, hit.box.y1, hit.box.x2, hit.box.y2) if hit.HasField("box") else None
+        tiles.append(
+            Tile(picture, hit.width, hit.height, hit_box, f"#{hit.rank} {hit.score:.3f}\n{hit.id}", HIT_COLOUR)
+        )
+    render_results(tiles).save(out)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from inserve.clients.client import InstanceSearchClient
+
+    with InstanceSearchClient(args.server, timeout=args.timeout) as client:
+        stats = client.stats()
+    print(f"backbone {stats.backbone}, recipes {', '.join(stats.recipes)} (default {stats.default_recipe})")
+    print(f"images {stats.images}, regions {stats.regions}")
+    for s in stats.indexes:
+        print(f"  {s.recipe}/{s.kind}: {s.vectors} vectors, {s.dim} dims, whitening v{s.whitening_version}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from inserve.clients.client import InstanceSearchClient
+
+    with InstanceSearchClient(args.server, timeout=args.timeout) as client:
+        response = client.delete(args.ids)
+    print(f"deleted {response.deleted}" + (f"; not indexed: {', '.join(response.missing)}" if response.missing else ""))
+    return 0
+
+
+def cmd_whiten(args: argparse.Namespace) -> int:
+    from inserve.server.index import InstanceIndex
+
+    index = InstanceIndex(args.data_dir)
+    try:
+        for s in index.stats():
+            if args.recipe in (None, s.recipe):
+                version = index.learn_whitening(s.recipe, s.kind, args.dims)
+                print(f"{s.recipe}/{s.kind}: whitening v{version} from {s.vectors} vectors")
+    finally:
+        index.close()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from inserve.server.evaluation import Dataset, evaluate
+    from inserve.server.instance_search import InstanceSearch
+    from inserve.server.search import SearchOptions
+
+    dataset = Dataset.load(args.dataset)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if args.quiet:
+            return
+        bar = bars.setdefault(stage, tqdm(total=total, desc=stage, unit="img", file=sys.stderr))
+        bar.update(done - bar.n)
+
+    with tempfile.TemporaryDirectory(prefix="inserve-eval-") as scratch:
+        config = server_config(args, (args.recipe,), args.data_dir or Path(scratch))
+        service = InstanceSearch(config)
+        try:
+            result = evaluate(service, dataset, args.recipe, SearchOptions(args.qe), progress)
+        finally:
+            service.close()
+            for bar in bars.values():
+                bar.close()
+    if args.json:
+        print(json.dumps(result.as_json()))
+    else:
+        loc = "n/a (no boxes)" if result.loc_iou50 is None else f"{result.loc_iou50:.3f}"
+        print(
+            f"{result.dataset} / {result.recipe}: mAP {result.map:.3f}  mP@10 {result.mp10:.3f}  "
+            f"loc IoU>=0.5 {loc}  ({result.images} images, {result.queries} queries, {result.seconds:.0f} s)"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inserve", description="Instance-search inference service")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a backbone to ONNX (needs the [export] extra)")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--out", type=Path, default=Path("models"))
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--weights", type=Path, help="torchvision-format state dict")
+    weights.add_argument("--random-init", action="store_true", help="untrained weights, for tests only")
+    p.add_argument("--desc-layer", default=None, help="descriptor layer (default: the backbone's)")
+    p.add_argument("--cam-top-n", type=int, default=64)
+    p.add_argument("--dasr-strides", type=_ints, default=(8,), help="stop strides to export, e.g. 1,4,8")
+    p.add_argument("--stop-stride", type=int, default=8, help="default DASR stop stride (dasr_backprop.onnx)")
+    p.add_argument("--no-check", action="store_true", help="skip onnx.checker and the parity check")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("serve", help="run the gRPC server")
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--host", default="[::]")
+    p.add_argument("--recipe", default="dasr_star", help="recipe(s) to index with, comma-separated; first = default")
+    p.add_argument("--workers", type=int, default=2, help="threads running the networks")
+    p.add_argument("--max-message-mb", type=int, default=64)
+    _add_model_flags(p)
+    p.set_defaults(fn=cmd_serve)
+
+    for name, fn, text in (
+        ("index", cmd_index, "index image files and folders"),
+        ("search", cmd_search, "search with a query image"),
+        ("stats", cmd_stats, "what the server holds"),
+        ("delete", cmd_delete, "delete images by id"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--server", default=DEFAULT_SERVER)
+        p.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
+        p.set_defaults(fn=fn)
+        if name == "index":
+            p.add_argument("paths", type=Path, nargs="+")
+            p.add_argument("--replace", action="store_true", help="re-index ids that are already indexed")
+            p.add_argument("--id-prefix", default="")
+            p.add_argument("--quiet", action="store_true")
+        elif name == "search":
+            p.add_argument("image", type=Path)
+            p.add_argument("--box", type=_box, default=None, help="x1,y1,x2,y2 in the query's pixels")
+            p.add_argument("--top-k", type=int, default=10)
+            p.add_argument("--recipe", default="")
+            p.add_argument("--qe", type=int, default=0, help="query expansion with the top M hits")
+            p.add_argument("--show", type=Path, default=None, help="write the query and hits with boxes to this PNG")
+        elif name == "delete":
+            p.add_argument("ids", nargs="+")
+
+    p = sub.add_parser("whiten", help="learn PCA-whitening from the indexed vectors (server stopped)")
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--recipe", default=None)
+    p.add_argument("--dims", type=int, default=None)
+    p.set_defaults(fn=cmd_whiten)
+
+    p = sub.add_parser("eval", help="mAP, mP@10 and localisation on a gnd.json dataset, in-process")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("--recipe", default="dasr_star")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--qe", type=int, default=0)
+    p.add_argument("--data-dir", type=Path, default=None, help="keep the index here (default: a temp dir)")
+    p.add_argument("--quiet", action="store_true")
+    _add_model_flags(p)
+    p.set_defaults(fn=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The torch modules that become ONNX graphs: backbone, CAM head and DASR top-down pass.
+
+All take RGB pixels in 0..255 (normalisation is inside the graph) with height and width
+multiples of the program's `size_multiple`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from inserve.export.backbones import LoadedBackbone
+from inserve.export.programs import Add, Conv, Op, Pool, Program, apply_forward
+
+
+class _Normalize(nn.Module):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.mean) * self.inv_std
+
+
+class _ProgramForward(nn.Module):
+    """Runs a program's ops with their (BatchNorm-folded) weights held as buffers."""
+
+    def __init__(self, program: Program) -> None:
+        super().__init__()
+        self.program = program
+        for i, op in enumerate(program.ops):
+            if isinstance(op, Conv):
+                self.register_buffer(f"w{i}", op.weight)
+                self.register_buffer(f"b{i}", op.bias)
+
+    def _op(self, i: int, op: Op) -> Op:
+        if isinstance(op, Conv):  # use the buffers so that .to(device) moves the weights
+            return Conv(op.src, op.dst, getattr(self, f"w{i}"), getattr(self, f"b{i}"), op.stride, op.pads, op.groups)
+        return op
+
+    def run(self, x: torch.Tensor, keep: set[str]) -> dict[str, torch.Tensor]:
+        values = {"image": x}
+        kept = {name: x for name in keep if name == "image"}
+        for i, op in enumerate(self.program.ops):
+            values[op.dst] = apply_forward(self._op(i, op), values)
+            if op.dst in keep:
+                kept[op.dst] = values[op.dst]
+        return kept
+
+
+class ClassifierHead(nn.Module):
+    """Logits from `feat`, and the per-class channel weights that turn `feat` into CAMs.
+
+    `gap_linear` (ResNet, EfficientNet): logits = W mean(feat) + b, and class k's channel weights are
+    W[k] (the CAM of Zhou et al.). `vgg`: pool5 -> adaptive 7x7 average -> fc6/fc7/fc8, and the channel
+    weights are Grad-CAM's: the spatial mean of d logit_k / d feat, written out in closed form.
+    """
+
+    def __init__(self, loaded: LoadedBackbone) -> None:
+        super().__init__()
+        self.kind = loaded.spec.head
+        model = loaded.model
+        if self.kind == "gap_linear":
+            fc = model._fc if hasattr(model, "_fc") else model.fc
+            self.weights = nn.ParameterList([fc.weight, fc.bias])
+        else:
+            fc6, fc7, fc8 = (m for m in model.classifier if isinstance(m, nn.Linear))
+            self.weights = nn.ParameterList([fc6.weight, fc6.bias, fc7.weight, fc7.bias, fc8.weight, fc8.bias])
+        self.weights.requires_grad_(False)
+
+    def _vgg_hidden(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w6, b6, w7, b7, _, _ = self.weights
+        pooled = adaptive_avg_pool(F.max_pool2d(feat, 2, 2), 7).flatten(1)
+        h6 = F.linear(pooled, w6, b6)
+        h7 = F.linear(F.relu(h6), w7, b7)
+        return pooled, h6, h7
+
+    def logits(self, feat: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gap_linear":
+            return F.linear(feat.mean((2, 3)), self.weights[0], self.weights[1])
+        _, _, h7 = self._vgg_hidden(feat)
+        return F.linear(F.relu(h7), self.weights[4], self.weights[5])
+
+    def channel_weights(self, feat: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) weights of each feat channel for the classes (B, N)."""
+        if self.kind == "gap_linear":
+            return self.weights[0][classes]
+        w6, _, w7, _, w8, _ = self.weights
+        _, h6, h7 = self._vgg_hidden(feat)
+        g7 = w8[classes] * (h7 > 0).unsqueeze(1).to(feat.dtype)  # (B, N, 4096)
+        g6 = (g7 @ w7) * (h6 > 0).unsqueeze(1).to(feat.dtype)
+        g_pooled = g6 @ w6  # (B, N, C*49)
+        # pool5's and the adaptive pool's gradients keep their sums, so the spatial mean is the 7x7 sum / (h w)
+        size = feat.shape[2] * feat.shape[3]
+        return g_pooled.reshape(*classes.shape, feat.shape[1], 49).sum(-1) / size
+
+
+def adaptive_avg_pool(x: torch.Tensor, out: int) -> torch.Tensor:
+    """torch's adaptive average pooling as two matrix products, exportable for any input size."""
+
+    def matrix(n: int) -> torch.Tensor:
+        i = torch.arange(out, device=x.device).unsqueeze(1)
+        j = torch.arange(n, device=x.device).unsqueeze(0)
+        start = torch.div(i * n, out, rounding_mode="floor")
+        end = torch.div((i + 1) * n + out - 1, out, rounding_mode="floor")
+        mask = ((j >= start) & (j < end)).to(x.dtype)
+        return mask / mask.sum(1, keepdim=True)
+
+    rows, cols = matrix(x.shape[2]), matrix(x.shape[3])
+    return torch.einsum("ih,bchw,jw->bcij", rows, x, cols)
+
+
+class BackboneGraph(nn.Module):
+    """image (B,3,H,W) 0..255 -> feat (last conv map), desc (descriptor map), logits."""
+
+    def __init__(self, loaded: LoadedBackbone, program: Program) -> None:
+        super().__init__()
+        self.normalize = _Normalize(loaded.spec.mean, loaded.spec.std)
+        self.body = _ProgramForward(program)
+        self.head = ClassifierHead(loaded)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        program = self.body.program
+        maps = self.body.run(self.normalize(image), {program.feat, program.desc})
+        feat = maps[program.feat]
+        return feat, maps[program.desc], self.head.logits(feat)
+
+
+class CamHead(nn.Module):
+    """feat, logits -> the top-N classes, their softmax scores and their class activation maps."""
+
+    def __init__(self, loaded: LoadedBackbone, top_n: int) -> None:
+        super().__init__()
+        self.head = ClassifierHead(loaded)
+        self.top_n = top_n
+
+    def forward(self, feat: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores, classes = torch.topk(torch.softmax(logits, dim=1), self.top_n, dim=1)
+        weights = self.head.channel_weights(feat, classes)
+        cams = torch.einsum("bnc,bchw->bnhw", weights, feat)
+        return classes, scores, cams
+
+
+def adjoint_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Weights of the convolution that computes a stride-1 convolution's transpose: channels swapped
+    within each group, kernel flipped."""
+    c_out, c_in_g, k_h, k_w = weight.shape
+    w = weight.reshape(groups, c_out // groups, c_in_g, k_h, k_w).transpose(1, 2)
+    return w.reshape(groups * c_in_g, c_out // groups, k_h, k_w).flip(2, 3).contiguous()
+
+
+def _adjoint(
+    s: torch.Tensor, weight: torch.Tensor, adjoint: torch.Tensor | None, op: Conv | Pool, groups: int
+) -> torch.Tensor:
+    """Transpose of `conv2d(pad(x, op.pads), weight, stride)` applied to `s`, at x's size.
+
+    Stride 1 runs as a plain convolution with the adjoint weights (much faster than ConvTranspose in
+    every runtime); stride 2 as a transposed convolution cropped to the input, exact for the even
+    input sizes every stride-2 layer sees here (up to `rem` trailing rows no window reached).
+    """
+    left, right, top, bottom = op.pads
+    k_h, k_w = weight.shape[2], weight.shape[3]
+    if op.stride == 1:
+        pads = (k_w - 1 - left, k_w - 1 - right, k_h - 1 - top, k_h - 1 - bottom)
+        if len(set(pads)) == 1:
+            return F.conv2d(s, adjoint, padding=pads[0], groups=groups)
+        return F.conv2d(F.pad(s, pads), adjoint, groups=groups)
+    rem_h = (top + bottom - k_h) % op.stride
+    rem_w = (left + right - k_w) % op.stride
+    full = F.conv_transpose2d(s, weight, stride=op.stride, groups=groups)
+    return F.pad(full, (-left, rem_w - right, -top, rem_h - bottom))
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, op: Conv | Pool, groups: int) -> torch.Tensor:
+    left, right, top, bottom = op.pads
+    if left == right == top == bottom:
+        return F.conv2d(x, weight, stride=op.stride, padding=left, groups=groups)
+    return F.conv2d(F.pad(x, op.pads), weight, stride=op.stride, groups=groups)
+
+
+def _per_seed(p: torch.Tensor, per_image: torch.Tensor) -> torch.Tensor:
+    """p (B*S, ...) times per_image (B, ...), broadcast over each image's S seeds without copying."""
+    batch = per_image.shape[0]
+    return (p.reshape(batch, -1, *p.shape[1:]) * per_image.unsqueeze(1)).reshape(p.shape)
+
+
+class DasrBackprop(nn.Module):
+    """Excitation back-propagation (seed 004, Eqs. 1-3) of a batch of peak seeds to `stop_stride`.
+
+    Inputs: image (B,3,H,W) 0..255; seed_yx (B,S,2) int64, S seed positions on `feat` per image;
+    seed_value (B,S) the probability mass each seed starts with (0 = an unused slot). Output: maps
+    (B, S, H/s, W/s), each seed's probability summed over the channels of the stage at stride s.
+    Every seed of every image is one row (b*S + s) of every per-seed tensor.
+
+    Rules, layer by layer from `feat` down:
+    - convolution (BatchNorm folded): P(A|B) proportional to the positive part of each input's
+      contribution (A*F)+. For non-negative A (after every ReLU) this is Eq. 3 exactly, A*F+; for
+      signed A (the normalised image, EfficientNet's linear bottlenecks) negative inputs pass
+      through negative weights, so no evidence is dropped and no probability turns negative;
+    - max / average pooling: an all-ones filter on one-to-one channel pairs (seed 004, III-A);
+    - residual sum: split in proportion to each branch's positive part;
+    - ReLU / ReLU6: passed through.
+    The normaliser Z = conv(A+, F+) + conv(A-, F-) depends only on the image: it is computed once
+    per image and broadcast over that image's seeds.
+    """
+
+    def __init__(self, loaded: LoadedBackbone, program: Program, stop_stride: int) -> None:
+        super().__init__()
+        if stop_stride not in program.stage_points:
+            raise ValueError(f"stop stride {stop_stride} not in {sorted(program.stage_points)}")
+        self.normalize = _Normalize(loaded.spec.mean, loaded.spec.std)
+        self.body = _ProgramForward(program)
+        self.stop = program.stage_points[stop_stride]
+        first = program.op_index(self.stop) + 1
+        last = program.op_index(program.feat)
+        self.steps = list(range(first, last + 1))
+        for i in self.steps:
+            op = program.ops[i]
+            if isinstance(op, Conv):
+                self._register_terms(i, op.weight.clamp(min=0), op.groups, "pos")
+                if op.src in program.signed:
+                    self._register_terms(i, op.weight.clamp(max=0), op.groups, "neg")
+            elif isinstance(op, Pool):
+                channels = program.channels(op.src)
+                self._register_terms(i, torch.ones(channels, 1, op.kernel, op.kernel), channels, "pos")
+
+    def _register_terms(self, i: int, weight: torch.Tensor, groups: int, sign: str) -> None:
+        self.register_buffer(f"{sign}{i}", weight)
+        self.register_buffer(f"{sign}{i}_adjoint", adjoint_weight(weight, groups))
+
+    def _needed(self) -> set[str]:
+        ops = self.body.program.ops
+        names = {self.body.program.feat}
+        for i in self.steps:
+            op = ops[i]
+            if isinstance(op, Conv | Pool):
+                names.add(op.src)
+            elif isinstance(op, Add):
+                names.update((op.src, op.other))
+        return names
+
+    @staticmethod
+    def _seed_mass(feat: torch.Tensor, seed_yx: torch.Tensor, seed_value: torch.Tensor) -> torch.Tensor:
+        """P at `feat` (B*S, C, h, w): the seed's position, spread over channels like its activation."""
+        h, w = feat.shape[2], feat.shape[3]
+        rows = torch.arange(h, device=feat.device).reshape(1, 1, h, 1) == seed_yx[..., 0:1].unsqueeze(-1)
+        cols = torch.arange(w, device=feat.device).reshape(1, 1, 1, w) == seed_yx[..., 1:2].unsqueeze(-1)
+        at_seed = feat.clamp(min=0).unsqueeze(1) * (rows & cols).unsqueeze(2).to(feat.dtype)  # (B,S,C,h,w)
+        total = at_seed.sum((2, 3, 4), keepdim=True)
+        value = seed_value.reshape(*seed_value.shape, 1, 1, 1)
+        scale = torch.where(total > 0, value / total.clamp(min=1e-30), torch.zeros_like(total))
+        return (at_seed * scale).flatten(0, 1)
+
+    def forward(self, image: torch.Tensor, seed_yx: torch.Tensor, seed_value: torch.Tensor) -> torch.Tensor:
+        program = self.body.program
+        acts = self.body.run(self.normalize(image), self._needed())
+        probs = {program.feat: self._seed_mass(acts[program.feat], seed_yx, seed_value)}
+        for i in reversed(self.steps):
+            op = program.ops[i]
+            p_out = probs.pop(op.dst)
+            if isinstance(op, Conv | Pool):
+                _accumulate(probs, op.src, self._excite(i, op, acts[op.src], p_out))
+            elif isinstance(op, Add):
+                for name, share in zip((op.src, op.other), _positive_shares(acts[op.src], acts[op.other])):
+                    _accumulate(probs, name, _per_seed(p_out, share))
+            else:
+                _accumulate(probs, op.src, p_out)
+        maps = probs[self.stop].sum(1)
+        return maps.reshape(seed_value.shape[0], seed_value.shape[1], maps.shape[1], maps.shape[2])
+
+    def _excite(self, i: int, op: Conv | Pool, a: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
+        """P(input) of one layer; `a` is per image, `p_out` per seed."""
+        groups = op.groups if isinstance(op, Conv) else a.shape[1]
+        terms = [(a.clamp(min=0), "pos")]
+        if hasattr(self, f"neg{i}"):
+            terms.append((a.clamp(max=0), "neg"))
+        z = sum(_conv(x, getattr(self, f"{sign}{i}"), op, groups) for x, sign in terms)
+        s = _per_seed(p_out, torch.where(z > 0, 1.0 / z.clamp(min=1e-30), torch.zeros_like(z)))
+        return sum(
+            _per_seed(_adjoint(s, getattr(self, f"{sign}{i}"), getattr(self, f"{sign}{i}_adjoint"), op, groups), x)
+            for x, sign in terms
+        )
+
+
+def _positive_shares(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each summand's share of a residual sum, in proportion to its positive part (0 where both are <= 0)."""
+    a, b = a.clamp(min=0), b.clamp(min=0)
+    inv_total = torch.where(a + b > 0, 1.0 / (a + b).clamp(min=1e-30), torch.zeros_like(a))
+    return a * inv_total, b * inv_total
+
+
+def _accumulate(probs: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    probs[name] = probs[name] + value if name in probs else value

@@ -1,0 +1,163 @@
+"""`inserve export`: write a backbone's ONNX graphs and the manifest the runtime reads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inserve.export.backbones import load_backbone
+from inserve.export.checks import check_graph, parity
+from inserve.export.graphs import BackboneGraph, CamHead, DasrBackprop
+from inserve.export.programs import Program
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+MANIFEST_FORMAT = 1
+DEFAULT_STOP_STRIDE = 8
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    desc: str | None = None  # descriptor layer; None = the backbone's default
+    cam_top_n: int = 64
+    dasr_strides: Sequence[int] = (DEFAULT_STOP_STRIDE,)
+    default_stop_stride: int = DEFAULT_STOP_STRIDE
+    check: bool = True  # run onnx.checker and a torch-vs-ONNX Runtime parity check on each graph
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
+    log.info("exporting %s", path.name)
+    torch.onnx.export(
+        module.eval(),
+        args,
+        str(path),
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_shapes=dynamic,
+        dynamo=True,
+        opset_version=OPSET,
+        external_data=False,
+        verbose=False,
+    )
+
+
+def _graph_entry(path: Path, inputs: list[str], outputs: list[str], **extra: object) -> dict:
+    return {"file": path.name, "sha256": sha256(path), "inputs": inputs, "outputs": outputs, **extra}
+
+
+def export_backbone(
+    name: str,
+    out_dir: Path,
+    weights: str | Path | None = None,
+    random_init: bool = False,
+    options: ExportOptions = ExportOptions(),
+) -> Path:
+    """Export DIR/NAME/{backbone,cam_head,dasr_backprop*}.onnx and manifest.json; returns the manifest path."""
+    loaded = load_backbone(name, weights, random_init)
+    program = loaded.spec.program(loaded.model, options.desc or loaded.spec.default_desc)
+    if program.desc not in program.strides:
+        raise ValueError(f"{name} has no layer {program.desc!r}")
+    strides = sorted(set(options.dasr_strides) | {options.default_stop_stride})
+    unknown = [s for s in strides if s not in program.stage_points]
+    if unknown:
+        raise ValueError(
+            f"{name} cannot stop the DASR pass at strides {unknown}; it can at {sorted(program.stage_points)}"
+        )
+    target = Path(out_dir) / name
+    target.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    m = program.size_multiple
+    sample = torch.rand(2, 3, 2 * m, 3 * m) * 255
+    batch, rows, cols = (
+        torch.export.Dim("batch", min=1),
+        torch.export.Dim("rows", min=1),
+        torch.export.Dim("cols", min=1),
+    )
+    image_dims = {0: batch, 2: m * rows, 3: m * cols}
+
+    backbone = BackboneGraph(loaded, program).eval()
+    path = target / "backbone.onnx"
+    _export(backbone, (sample,), path, ["image"], ["feat", "desc", "logits"], {"image": image_dims})
+    with torch.no_grad():
+        feat, desc, logits = backbone(sample)
+    graphs = {"backbone": _graph_entry(path, ["image"], ["feat", "desc", "logits"])}
+
+    top_n = min(options.cam_top_n, logits.shape[1])
+    cam = CamHead(loaded, top_n).eval()
+    path = target / "cam_head.onnx"
+    feat_dims = {0: batch, 2: torch.export.Dim("feat_rows", min=1), 3: torch.export.Dim("feat_cols", min=1)}
+    _export(
+        cam,
+        (feat, logits),
+        path,
+        ["feat", "logits"],
+        ["classes", "scores", "cams"],
+        {"feat": feat_dims, "logits": {0: batch}},
+    )
+    graphs["cam_head"] = _graph_entry(path, ["feat", "logits"], ["classes", "scores", "cams"], top_n=top_n)
+
+    seeds = (torch.tensor([[[0, 0], [1, 2]], [[0, 1], [1, 1]]]), torch.tensor([[1.0, 0.5], [2.0, 0.0]]))
+    seed_dims = {0: batch, 1: torch.export.Dim("seeds", min=1)}
+    dasr_inputs = ["image", "seed_yx", "seed_value"]
+    files = {}
+    checks = [(backbone, (sample,), graphs["backbone"]), (cam, (feat, logits), graphs["cam_head"])]
+    for stride in strides:
+        module = DasrBackprop(loaded, program, stride).eval()
+        file = "dasr_backprop.onnx" if stride == options.default_stop_stride else f"dasr_backprop_s{stride}.onnx"
+        path = target / file
+        _export(
+            module,
+            (sample, *seeds),
+            path,
+            dasr_inputs,
+            ["maps"],
+            {"image": image_dims, "seed_yx": seed_dims, "seed_value": seed_dims},
+        )
+        files[str(stride)] = _graph_entry(path, dasr_inputs, ["maps"], stop_layer=program.stage_points[stride])
+        checks.append((module, (sample, *seeds), files[str(stride)]))
+    graphs["dasr_backprop"] = {"default_stride": options.default_stop_stride, "strides": files}
+
+    if options.check:
+        for module, args, entry in checks:
+            check_graph(target / entry["file"])
+            entry["parity_max_abs_error"] = parity(module, args, target / entry["file"])
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "backbone": name,
+        "weights_source": loaded.weights_source,
+        "opset": OPSET,
+        "exporter": f"torch.onnx dynamo, torch {torch.__version__}",
+        "input": {"name": "image", "layout": "NCHW", "color": "RGB", "range": [0, 255], "size_multiple": m},
+        "normalization": {"mean": list(loaded.spec.mean), "std": list(loaded.spec.std), "inside_graph": True},
+        "layers": _layers(program, feat, desc),
+        "num_classes": int(logits.shape[1]),
+        "graphs": graphs,
+    }
+    manifest_path = target / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest_path
+
+
+def _layers(program: Program, feat: torch.Tensor, desc: torch.Tensor) -> dict:
+    return {
+        "feat": {"name": program.feat, "stride": program.strides[program.feat], "channels": int(feat.shape[1])},
+        "desc": {"name": program.desc, "stride": program.strides[program.desc], "channels": int(desc.shape[1])},
+        "stage_points": {str(s): name for s, name in program.stage_points.items()},
+    }

@@ -1,0 +1,146 @@
+"""Retrieval evaluation on gnd.json datasets: mAP, mP@10 and localisation, through the serving code."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inserve.server.instance_search import InstanceSearch
+from inserve.server.search import SearchOptions
+from inserve.server.stages.nms import box_iou
+
+
+def average_precision(ranked: list[str], positives: set[str], junk: set[str]) -> float:
+    """Non-interpolated AP over the whole ranking with junk removed; unretrieved positives count 0."""
+    if not positives:
+        raise ValueError("a query needs at least one positive")
+    hits, total = 0, 0.0
+    rank = 0
+    for name in ranked:
+        if name in junk:
+            continue
+        rank += 1
+        if name in positives:
+            hits += 1
+            total += hits / rank
+    return total / len(positives)
+
+
+def precision_at(ranked: list[str], positives: set[str], junk: set[str], k: int) -> float:
+    kept = [name for name in ranked if name not in junk][:k]
+    return sum(name in positives for name in kept) / k
+
+
+@dataclass(frozen=True)
+class Query:
+    image: str
+    box: tuple[float, float, float, float] | None
+    positives: set[str]
+    junk: set[str]
+    boxes: dict[str, tuple[float, float, float, float]]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    root: Path
+    images: list[str]
+    queries: list[Query]
+
+    @staticmethod
+    def load(root: Path) -> Dataset:
+        """Read DATASET/gnd.json (see ../shared/data/README.md); images live under DATASET/images/."""
+        root = Path(root)
+        gnd = json.loads((root / "gnd.json").read_text())
+        queries = [
+            Query(
+                q["image"],
+                tuple(q["box"]) if q.get("box") else None,
+                set(q["positives"]),
+                set(q.get("junk", [])),
+                {k: tuple(v) for k, v in (q.get("boxes") or {}).items()},
+            )
+            for q in gnd["queries"]
+        ]
+        return Dataset(gnd.get("name", root.name), root, list(gnd["images"]), queries)
+
+    def path(self, image: str) -> Path:
+        return self.root / "images" / image
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    dataset: str
+    recipe: str
+    map: float
+    mp10: float
+    loc_iou50: float | None
+    images: int
+    queries: int
+    seconds: float
+    index_seconds: float
+
+    def as_json(self) -> dict:
+        return {
+            "map": self.map,
+            "mp10": self.mp10,
+            "loc_iou50": self.loc_iou50,
+            "images": self.images,
+            "queries": self.queries,
+            "seconds": self.seconds,
+            "dataset": self.dataset,
+            "recipe": self.recipe,
+            "index_seconds": self.index_seconds,
+        }
+
+
+def evaluate(
+    service: InstanceSearch,
+    dataset: Dataset,
+    recipe: str,
+    options: SearchOptions = SearchOptions(),
+    progress: Callable[[str, int, int], None] | None = None,
+    batch: int = 8,
+) -> EvalResult:
+    """Index the dataset's images into `service` (an empty data directory), then run every query."""
+    start = time.perf_counter()
+    for first in range(0, len(dataset.images), batch):
+        names = dataset.images[first : first + batch]
+        inputs = [service.load(dataset.path(name).read_bytes()) for name in names]
+        for name, inp, described in zip(names, inputs, service.describe(inputs)):
+            service.store(name, inp, described, source=str(dataset.path(name)))
+        if progress:
+            progress("index", first + len(names), len(dataset.images))
+    service.relearn_whitening()
+    index_seconds = time.perf_counter() - start
+    aps, p10s, located, with_box = [], [], 0, 0
+    for n, q in enumerate(dataset.queries):
+        hits = service.search(dataset.path(q.image).read_bytes(), q.box, len(dataset.images), recipe, options)
+        ranked = [h.image.external_id for h in hits]
+        aps.append(average_precision(ranked, q.positives, q.junk))
+        p10s.append(precision_at(ranked, q.positives, q.junk, 10))
+        found = {h.image.external_id: h.box for h in hits}
+        for name, truth in q.boxes.items():
+            with_box += 1
+            box = found.get(name)
+            if box is not None and box_iou(np.array(box), np.array(truth))[0, 0] >= 0.5:
+                located += 1
+        if progress:
+            progress("search", n + 1, len(dataset.queries))
+    has_boxes = with_box > 0 and service.recipes[recipe].search_kind == "region"
+    return EvalResult(
+        dataset.name,
+        recipe,
+        float(np.mean(aps)),
+        float(np.mean(p10s)),
+        located / with_box if has_boxes else None,
+        len(dataset.images),
+        len(dataset.queries),
+        time.perf_counter() - start,
+        index_seconds,
+    )

@@ -1,0 +1,136 @@
+"""Decoding untrusted image bytes and fitting images to the network's input grid."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from inserve.server.config import ImageConfig
+
+Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours (ImageConfig.max_pixels), checked before decoding
+
+
+class ImageError(ValueError):
+    """The bytes are not an image this service can index; the message says why."""
+
+
+def decode_image(data: bytes, config: ImageConfig) -> Image.Image:
+    """RGB image from encoded bytes: any mode (CMYK, 16-bit, grey, palette, alpha), EXIF orientation applied."""
+    if not data:
+        raise ImageError("empty image: no bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > config.max_pixels:
+                raise ImageError(
+                    f"image too large: {width}x{height} = {width * height} pixels, limit {config.max_pixels}"
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except ImageError:
+        raise
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise ImageError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+    _check_geometry(image.size, config)
+    return _to_rgb(image)
+
+
+def _check_geometry(size: tuple[int, int], config: ImageConfig) -> None:
+    width, height = size
+    if min(width, height) < config.min_side:
+        raise ImageError(f"image too small: {width}x{height}, each side must be at least {config.min_side} pixels")
+    aspect = max(width, height) / min(width, height)
+    if aspect > config.max_aspect:
+        raise ImageError(f"extreme aspect ratio {width}x{height} ({aspect:.1f}:1), at most {config.max_aspect:g}:1")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = array.max() if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        span = max(array.max() - array.min(), 1e-12)
+        image = Image.fromarray(((array - array.min()) / span * 255.0).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class NetworkInput:
+    """An image resized for the network: pixels (3,H,W) float32 0..255 and the scale back to the original."""
+
+    pixels: np.ndarray
+    width: int  # original size
+    height: int
+    thumbnail: bytes = b""  # JPEG kept with the index entry, for result pictures
+
+    @property
+    def scale_x(self) -> float:
+        return self.pixels.shape[2] / self.width
+
+    @property
+    def scale_y(self) -> float:
+        return self.pixels.shape[1] / self.height
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes (N,4) in network pixels -> original pixels, clipped to the image."""
+        scale = np.array([self.scale_x, self.scale_y, self.scale_x, self.scale_y], dtype=np.float32)
+        out = boxes / scale
+        return np.clip(out, 0, [self.width, self.height, self.width, self.height]).astype(np.float32)
+
+    def to_network(self, boxes: np.ndarray) -> np.ndarray:
+        scale = np.array([self.scale_x, self.scale_y, self.scale_x, self.scale_y], dtype=np.float32)
+        return (np.asarray(boxes, dtype=np.float32) * scale).astype(np.float32)
+
+
+def network_size(width: int, height: int, long_side: int, multiple: int) -> tuple[int, int]:
+    """Long side to `long_side`, both sides rounded to the nearest multiple of `multiple` (the network's
+    total stride, so every layer sees whole cells); the aspect ratio moves by at most multiple/2 pixels."""
+    scale = long_side / max(width, height)
+    return (
+        max(multiple, multiple * round(width * scale / multiple)),
+        max(multiple, multiple * round(height * scale / multiple)),
+    )
+
+
+def thumbnail_jpeg(image: Image.Image, side: int) -> bytes:
+    if side <= 0:
+        return b""
+    small = image.copy()
+    small.thumbnail((side, side), Image.BILINEAR)
+    out = io.BytesIO()
+    small.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def prepare(image: Image.Image, long_side: int, multiple: int, thumbnail_side: int = 0) -> NetworkInput:
+    width, height = image.size
+    size = network_size(width, height, long_side, multiple)
+    resized = image.resize(size, Image.BICUBIC) if size != image.size else image
+    pixels = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1)
+    return NetworkInput(np.ascontiguousarray(pixels), width, height, thumbnail_jpeg(image, thumbnail_side))
+
+
+def validate_box(box: tuple[float, float, float, float], width: int, height: int) -> tuple[float, float, float, float]:
+    """A query box in original pixels, clipped to the image; refuses boxes that cannot mean a region."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise ImageError(f"box has a non-finite coordinate: {box}")
+    if x2 <= x1 or y2 <= y1:
+        raise ImageError(f"box must have x1 < x2 and y1 < y2, got ({x1}, {y1}, {x2}, {y2})")
+    cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
+    if cx2 - cx1 < 1 or cy2 - cy1 < 1:
+        raise ImageError(f"box ({x1}, {y1}, {x2}, {y2}) lies outside the {width}x{height} image")
+    return cx1, cy1, cx2, cy2

@@ -1,0 +1,372 @@
+"""SQLite (WAL) holds everything indexed: images, raw vectors with their boxes, whitenings.
+
+It is the source of truth: the HNSW graphs are caches rebuilt or caught up from it at start, so
+an acknowledged write is durable once its transaction commits.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inserve.server.stages.whitening import Whitening
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    external_id TEXT NOT NULL UNIQUE,
+    source TEXT NOT NULL DEFAULT '',
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    thumbnail BLOB,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS spaces (
+    recipe TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    whitening_version INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (recipe, kind)
+);
+CREATE TABLE IF NOT EXISTS vectors (
+    label INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    recipe TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    x1 REAL, y1 REAL, x2 REAL, y2 REAL,
+    score REAL NOT NULL DEFAULT 0,
+    raw BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS vectors_by_image ON vectors(image_id);
+CREATE INDEX IF NOT EXISTS vectors_by_space ON vectors(recipe, kind, label);
+CREATE TABLE IF NOT EXISTS whitenings (
+    recipe TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    dims INTEGER NOT NULL,
+    learned_from INTEGER NOT NULL,
+    mean BLOB NOT NULL,
+    projection BLOB NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (recipe, kind, version)
+);
+"""
+
+
+class DuplicateId(KeyError):
+    """An image with this external id is already indexed."""
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: int
+    external_id: str
+    source: str
+    width: int
+    height: int
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class VectorRow:
+    label: int
+    image_id: int
+    box: tuple[float, float, float, float] | None
+    score: float
+
+
+@dataclass(frozen=True)
+class NewVectors:
+    """Vectors of one (recipe, kind) for one image; boxes (N, 4) in original pixels or None."""
+
+    recipe: str
+    kind: str
+    raw: np.ndarray  # (N, D) float32
+    boxes: np.ndarray | None = None
+    scores: np.ndarray | None = None
+
+
+class MetadataStore:
+    """Thread-safe access to the SQLite file; one writer at a time, readers in parallel (WAL)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        with self._transaction() as db:
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                db.execute(statement)
+            found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if found is None:
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(found[0]) != SCHEMA_VERSION:
+                raise RuntimeError(f"{path} has schema version {found[0]}, this inserve reads {SCHEMA_VERSION}")
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            db.execute("PRAGMA foreign_keys = ON")
+            self._local.db = db
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._write_lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def add_image(
+        self,
+        external_id: str,
+        source: str,
+        width: int,
+        height: int,
+        metadata: dict[str, str],
+        vectors: Iterable[NewVectors],
+        replace: bool = False,
+        thumbnail: bytes = b"",
+    ) -> tuple[int, dict[tuple[str, str], np.ndarray], list[int]]:
+        """Insert an image and its vectors in one transaction.
+
+        Returns the image's row id, the new labels per (recipe, kind), and the labels the replaced image
+        had (empty unless `replace`).
+        """
+        with self._transaction() as db:
+            old = db.execute("SELECT id FROM images WHERE external_id = ?", (external_id,)).fetchone()
+            removed: list[int] = []
+            if old is not None:
+                if not replace:
+                    raise DuplicateId(external_id)
+                removed = [r[0] for r in db.execute("SELECT label FROM vectors WHERE image_id = ?", (old[0],))]
+                db.execute("DELETE FROM images WHERE id = ?", (old[0],))
+            cursor = db.execute(
+                "INSERT INTO images (external_id, source, width, height, metadata, thumbnail, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    external_id,
+                    source,
+                    width,
+                    height,
+                    json.dumps(metadata, sort_keys=True),
+                    thumbnail or None,
+                    time.time(),
+                ),
+            )
+            image_id = int(cursor.lastrowid)
+            labels: dict[tuple[str, str], np.ndarray] = {}
+            for v in vectors:
+                raw = np.ascontiguousarray(v.raw, dtype=np.float32).reshape(len(v.raw), -1)
+                self._ensure_space(db, v.recipe, v.kind, raw.shape[1])
+                new = []
+                for i, row in enumerate(raw):
+                    box = (None,) * 4 if v.boxes is None else tuple(float(c) for c in v.boxes[i])
+                    score = 0.0 if v.scores is None else float(v.scores[i])
+                    cursor = db.execute(
+                        "INSERT INTO vectors (image_id, recipe, kind, x1, y1, x2, y2, score, raw)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (image_id, v.recipe, v.kind, *box, score, row.tobytes()),
+                    )
+                    new.append(cursor.lastrowid)
+                labels[(v.recipe, v.kind)] = np.asarray(new, dtype=np.int64)
+        return image_id, labels, removed
+
+    @staticmethod
+    def _ensure_space(db: sqlite3.Connection, recipe: str, kind: str, dim: int) -> None:
+        row = db.execute("SELECT dim FROM spaces WHERE recipe = ? AND kind = ?", (recipe, kind)).fetchone()
+        if row is None:
+            db.execute("INSERT INTO spaces (recipe, kind, dim) VALUES (?, ?, ?)", (recipe, kind, dim))
+        elif row[0] != dim:
+            raise ValueError(f"{recipe}/{kind} vectors have {row[0]} dimensions in this index, got {dim}")
+
+    def delete_images(self, external_ids: list[str]) -> tuple[list[int], list[str]]:
+        """Delete images and their vectors; returns the labels removed and the ids not found."""
+        labels: list[int] = []
+        missing: list[str] = []
+        with self._transaction() as db:
+            for external_id in external_ids:
+                row = db.execute("SELECT id FROM images WHERE external_id = ?", (external_id,)).fetchone()
+                if row is None:
+                    missing.append(external_id)
+                    continue
+                labels += [r[0] for r in db.execute("SELECT label FROM vectors WHERE image_id = ?", (row[0],))]
+                db.execute("DELETE FROM images WHERE id = ?", (row[0],))
+        return labels, missing
+
+    def has_image(self, external_id: str) -> bool:
+        row = self._db().execute("SELECT 1 FROM images WHERE external_id = ?", (external_id,)).fetchone()
+        return row is not None
+
+    def spaces(self) -> list[tuple[str, str, int, int]]:
+        """(recipe, kind, raw dim, whitening version) of every vector space."""
+        return [tuple(r) for r in self._db().execute("SELECT recipe, kind, dim, whitening_version FROM spaces")]
+
+    def vectors(self, recipe: str, kind: str, after_label: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (N,) and raw vectors (N, D) of a space, in label order, those with label > after_label."""
+        rows = (
+            self._db()
+            .execute(
+                "SELECT label, raw FROM vectors WHERE recipe = ? AND kind = ? AND label > ? ORDER BY label",
+                (recipe, kind, after_label),
+            )
+            .fetchall()
+        )
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        raw = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+        return labels, raw
+
+    def labels(self, recipe: str, kind: str) -> np.ndarray:
+        rows = self._db().execute("SELECT label FROM vectors WHERE recipe = ? AND kind = ?", (recipe, kind))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def vector_rows(self, labels: Iterable[int]) -> dict[int, VectorRow]:
+        labels = [int(v) for v in labels]
+        found: dict[int, VectorRow] = {}
+        for start in range(0, len(labels), 900):
+            chunk = labels[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            for label, image_id, x1, y1, x2, y2, score in self._db().execute(
+                f"SELECT label, image_id, x1, y1, x2, y2, score FROM vectors WHERE label IN ({marks})", chunk
+            ):
+                box = None if x1 is None else (x1, y1, x2, y2)
+                found[label] = VectorRow(label, image_id, box, score)
+        return found
+
+    def raw_vectors(self, labels: Iterable[int]) -> dict[int, np.ndarray]:
+        labels = [int(v) for v in labels]
+        found: dict[int, np.ndarray] = {}
+        for start in range(0, len(labels), 900):
+            chunk = labels[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            for label, raw in self._db().execute(f"SELECT label, raw FROM vectors WHERE label IN ({marks})", chunk):
+                found[label] = np.frombuffer(raw, dtype=np.float32)
+        return found
+
+    def image_rows(self, image_ids: Iterable[int]) -> dict[int, ImageRow]:
+        ids = [int(v) for v in image_ids]
+        found: dict[int, ImageRow] = {}
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            for row in self._db().execute(
+                f"SELECT id, external_id, source, width, height, metadata FROM images WHERE id IN ({marks})", chunk
+            ):
+                found[row[0]] = ImageRow(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+        return found
+
+    def thumbnails(self, image_ids: Iterable[int]) -> dict[int, bytes]:
+        ids = [int(v) for v in image_ids]
+        found: dict[int, bytes] = {}
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            for image_id, thumbnail in self._db().execute(
+                f"SELECT id, thumbnail FROM images WHERE id IN ({marks}) AND thumbnail IS NOT NULL", chunk
+            ):
+                found[image_id] = thumbnail
+        return found
+
+    def image_by_external_id(self, external_id: str) -> ImageRow | None:
+        row = (
+            self._db()
+            .execute(
+                "SELECT id, external_id, source, width, height, metadata FROM images WHERE external_id = ?",
+                (external_id,),
+            )
+            .fetchone()
+        )
+        return None if row is None else ImageRow(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+
+    def count_images(self) -> int:
+        return int(self._db().execute("SELECT COUNT(*) FROM images").fetchone()[0])
+
+    def count_vectors(self, recipe: str | None = None, kind: str | None = None) -> int:
+        sql, args = "SELECT COUNT(*) FROM vectors WHERE 1 = 1", []
+        if recipe is not None:
+            sql, args = sql + " AND recipe = ?", [*args, recipe]
+        if kind is not None:
+            sql, args = sql + " AND kind = ?", [*args, kind]
+        return int(self._db().execute(sql, args).fetchone()[0])
+
+    def save_whitening(self, recipe: str, kind: str, whitening: Whitening, learned_from: int) -> int:
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM whitenings WHERE recipe = ? AND kind = ?", (recipe, kind)
+            ).fetchone()
+            version = int(row[0]) + 1
+            db.execute(
+                "INSERT INTO whitenings VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    recipe,
+                    kind,
+                    version,
+                    whitening.dims,
+                    learned_from,
+                    whitening.mean.astype(np.float32).tobytes(),
+                    whitening.projection.astype(np.float32).tobytes(),
+                    time.time(),
+                ),
+            )
+            db.execute("UPDATE spaces SET whitening_version = ? WHERE recipe = ? AND kind = ?", (version, recipe, kind))
+        return version
+
+    def whitening(self, recipe: str, kind: str) -> tuple[int, Whitening | None]:
+        """The space's current whitening version and whitening (0, None when not whitened)."""
+        row = (
+            self._db()
+            .execute(
+                "SELECT w.version, w.dims, w.mean, w.projection FROM spaces s JOIN whitenings w"
+                " ON w.recipe = s.recipe AND w.kind = s.kind AND w.version = s.whitening_version"
+                " WHERE s.recipe = ? AND s.kind = ?",
+                (recipe, kind),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return 0, None
+        mean = np.frombuffer(row[2], dtype=np.float32)
+        projection = np.frombuffer(row[3], dtype=np.float32).reshape(row[1], len(mean))
+        return int(row[0]), Whitening(mean, projection)
+
+    def close(self) -> None:
+        """Close every thread's connection (after the last use from any thread)."""
+        with self._connections_lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+        self._local = threading.local()

@@ -1,0 +1,144 @@
+"""One hnswlib graph per (recipe, kind), saved as atomic snapshots next to the SQLite file."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from inserve.server.config import IndexConfig
+from inserve.server.stages.pooling import l2_normalize
+from inserve.server.stages.whitening import Whitening
+
+
+class VectorSpace:
+    """Cosine kNN over l2-normalised vectors (whitened when a whitening is set), labels = SQLite labels."""
+
+    def __init__(self, dim: int, config: IndexConfig, whitening: Whitening | None, version: int) -> None:
+        self.raw_dim = dim
+        self.whitening = whitening
+        self.version = version
+        self.config = config
+        self.max_label = 0
+        self._lock = threading.RLock()
+        self._graph = self._new_graph(1024)
+        self._live = 0
+
+    @property
+    def dim(self) -> int:
+        return self.whitening.dims if self.whitening is not None else self.raw_dim
+
+    def _new_graph(self, capacity: int) -> hnswlib.Index:
+        graph = hnswlib.Index(space="ip", dim=self.dim)
+        graph.init_index(max_elements=capacity, ef_construction=self.config.ef_construction, M=self.config.hnsw_m)
+        graph.set_ef(self.config.ef_search)
+        return graph
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
+        return self.whitening.apply(raw) if self.whitening is not None else l2_normalize(raw)
+
+    def __len__(self) -> int:
+        return self._live
+
+    def add(self, labels: np.ndarray, raw: np.ndarray) -> None:
+        if len(labels) == 0:
+            return
+        vectors = self.transform(raw)
+        with self._lock:
+            needed = self._graph.get_current_count() + len(labels)
+            if needed > self._graph.get_max_elements():
+                self._graph.resize_index(max(needed, 2 * self._graph.get_max_elements()))
+            self._graph.add_items(vectors, labels.astype(np.uint64))
+            self._live += len(labels)
+            self.max_label = max(self.max_label, int(labels.max()))
+
+    def remove(self, labels: list[int] | np.ndarray) -> None:
+        with self._lock:
+            for label in labels:
+                try:
+                    self._graph.mark_deleted(int(label))
+                    self._live -= 1
+                except RuntimeError:  # not in this graph, or deleted already
+                    continue
+
+    def knn(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and cosine similarities of the k nearest vectors to a transformed query, best first."""
+        query = np.atleast_2d(np.asarray(query, dtype=np.float32))
+        with self._lock:
+            k = min(k, self._live)
+            if k <= 0:
+                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+            self._graph.set_ef(max(self.config.ef_search, k))
+            labels, distances = self._graph.knn_query(query, k=k)
+        return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
+
+    def save(self, path: Path) -> None:
+        """Write the graph and its sidecar atomically (temp file, fsync, rename)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            tmp = path.with_suffix(".hnsw.tmp")
+            self._graph.save_index(str(tmp))
+            _fsync_replace(tmp, path.with_suffix(".hnsw"))
+            sidecar = {
+                "whitening_version": self.version,
+                "max_label": self.max_label,
+                "dim": self.dim,
+                "raw_dim": self.raw_dim,
+                "live": self._live,
+            }
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(sidecar))
+            _fsync_replace(tmp, path.with_suffix(".json"))
+
+    def load(self, path: Path) -> bool:
+        """Load a snapshot written for this whitening version; False when there is none that fits."""
+        graph_file, sidecar_file = path.with_suffix(".hnsw"), path.with_suffix(".json")
+        if not (graph_file.exists() and sidecar_file.exists()):
+            return False
+        try:
+            sidecar = json.loads(sidecar_file.read_text())
+        except (OSError, ValueError):
+            return False
+        if (sidecar.get("whitening_version"), sidecar.get("dim"), sidecar.get("raw_dim")) != (
+            self.version,
+            self.dim,
+            self.raw_dim,
+        ):
+            return False
+        graph = hnswlib.Index(space="ip", dim=self.dim)
+        try:
+            graph.load_index(str(graph_file))
+        except RuntimeError:
+            return False
+        graph.set_ef(self.config.ef_search)
+        with self._lock:
+            self._graph = graph
+            self.max_label = int(sidecar["max_label"])
+        return True
+
+    def reconcile(self, live_labels: np.ndarray) -> None:
+        """After catching up with SQLite: drop what SQLite no longer holds; count what it does."""
+        with self._lock:
+            stale = set(int(v) for v in self._graph.get_ids_list()) - set(int(v) for v in live_labels)
+            for label in stale:
+                try:
+                    self._graph.mark_deleted(label)
+                except RuntimeError:  # deleted before the snapshot was written
+                    continue
+            self._live = len(live_labels)
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    directory = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,105 @@
+"""The exported graphs of one backbone, opened as engines, and what its manifest says about them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from inserve.engines import Engine, EngineOptions, open_engine
+
+MANIFEST_FORMAT = 1
+
+
+class ModelsError(RuntimeError):
+    """The models directory is missing, incomplete or does not match its manifest."""
+
+
+def locate_manifest(models: Path, backbone: str) -> Path:
+    """`models` is what `inserve export --out` wrote (holding NAME/manifest.json) or NAME itself."""
+    for candidate in (Path(models) / backbone / "manifest.json", Path(models) / "manifest.json"):
+        if candidate.is_file():
+            return candidate
+    raise ModelsError(
+        f"no exported {backbone} under {models}: run `inserve export --backbone {backbone} --out {models}`"
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ModelBundle:
+    """Backbone, CAM head and DASR back-propagation engines; the latter two open on first use."""
+
+    def __init__(self, manifest_path: Path, options: EngineOptions = EngineOptions(), verify: bool = True) -> None:
+        self.directory = manifest_path.parent
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != MANIFEST_FORMAT:
+            raise ModelsError(
+                f"{manifest_path}: manifest format {self.manifest.get('format')}, expected {MANIFEST_FORMAT}"
+            )
+        self.options = options
+        self.verify = verify
+        self._engines: dict[str, Engine] = {}
+        self._lock = threading.Lock()
+        self.backbone = self._engine(self.manifest["graphs"]["backbone"])
+
+    @classmethod
+    def open(cls, models: Path, backbone: str, options: EngineOptions = EngineOptions()) -> ModelBundle:
+        return cls(locate_manifest(models, backbone), options)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["backbone"]
+
+    @property
+    def size_multiple(self) -> int:
+        return int(self.manifest["input"]["size_multiple"])
+
+    def layer(self, which: str) -> dict:
+        """`feat` or `desc`: name, stride, channels."""
+        return self.manifest["layers"][which]
+
+    @property
+    def stop_strides(self) -> list[int]:
+        return sorted(int(s) for s in self.manifest["graphs"]["dasr_backprop"]["strides"])
+
+    @property
+    def default_stop_stride(self) -> int:
+        return int(self.manifest["graphs"]["dasr_backprop"]["default_stride"])
+
+    def _engine(self, entry: dict) -> Engine:
+        with self._lock:
+            if entry["file"] not in self._engines:
+                path = self.directory / entry["file"]
+                if not path.is_file():
+                    raise ModelsError(f"{path} is missing; export the backbone again")
+                if self.verify and _sha256(path) != entry["sha256"]:
+                    raise ModelsError(f"{path} does not match the sha256 in its manifest; export it again")
+                self._engines[entry["file"]] = open_engine(path, self.options)
+            return self._engines[entry["file"]]
+
+    def features(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """pixels (B, 3, H, W) 0..255 -> feat, desc, logits."""
+        return self.backbone.run({"image": pixels})
+
+    def cams(self, feat: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
+        """-> classes (B, N), scores (B, N), cams (B, N, h, w) of the top-N classes."""
+        return self._engine(self.manifest["graphs"]["cam_head"]).run({"feat": feat, "logits": logits})
+
+    def backprop(self, stride: int) -> Engine:
+        strides = self.manifest["graphs"]["dasr_backprop"]["strides"]
+        if str(stride) not in strides:
+            raise ModelsError(
+                f"DASR back-propagation to stride {stride} was not exported (have {self.stop_strides}); "
+                f"export with --dasr-strides {stride}"
+            )
+        return self._engine(strides[str(stride)])

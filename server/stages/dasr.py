@@ -1,0 +1,78 @@
+"""DASR and DASR* region sources: peaks of the mean activation map, back-propagated by the exported graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from inserve.engines import Engine
+from inserve.server.config import DasrConfig
+from inserve.server.stages.nms import nms
+from inserve.server.stages.peaks import above_mean, local_maxima, mean_activation
+from inserve.server.stages.shapes import map_boxes
+
+PEAK_FINDERS = {"dasr": local_maxima, "dasr_star": above_mean}
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Boxes (N, 4) in network-input pixels, best first, with their peak activation as score."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+
+    @staticmethod
+    def empty() -> Regions:
+        return Regions(np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=np.float32))
+
+
+def backpropagate_seeds(engine: Engine, pixels: np.ndarray, seeds: list[np.ndarray], per_run: int) -> list[np.ndarray]:
+    """Probability maps (n_b, h, w) for each image's seeds (n_b, 2), all images in as few runs as fit.
+
+    Every run takes the whole batch and up to `per_run` seed rows in total; images with fewer seeds
+    than a run's slots fill them with zero-valued seeds, whose maps are dropped.
+    """
+    batch = len(seeds)
+    width = max(1, per_run // batch)
+    most = max((len(s) for s in seeds), default=0)
+    maps: list[list[np.ndarray]] = [[] for _ in seeds]
+    for start in range(0, most, width):
+        slots = min(width, most - start)
+        yx = np.zeros((batch, slots, 2), dtype=np.int64)
+        value = np.zeros((batch, slots), dtype=np.float32)
+        for b, s in enumerate(seeds):
+            chunk = s[start : start + slots]
+            yx[b, : len(chunk)] = chunk
+            value[b, : len(chunk)] = 1.0
+        out = engine.run({"image": pixels, "seed_yx": yx, "seed_value": value}, ["maps"])["maps"]
+        for b, s in enumerate(seeds):
+            maps[b].append(out[b, : max(0, min(slots, len(s) - start))])
+    return [np.concatenate(m) if m else np.zeros((0, 1, 1), dtype=np.float32) for m in maps]
+
+
+def dasr_regions(
+    engine: Engine, stride: int, pixels: np.ndarray, feat: np.ndarray, peaks: str, config: DasrConfig
+) -> list[Regions]:
+    """Regions of a batch of same-size images: pixels (B, 3, H, W), feat (B, C, h, w).
+
+    `dasr` back-propagates the 3x3 local maxima of the mean activation map and keeps a region per
+    peak; `dasr_star` back-propagates every location above the map's mean and keeps the regions
+    that survive NMS at IoU `config.nms_iou`, best activation first.
+    """
+    height, width = pixels.shape[2], pixels.shape[3]
+    activations = [mean_activation(f) for f in feat]
+    seeds = [PEAK_FINDERS[peaks](a) for a in activations]
+    maps = backpropagate_seeds(engine, pixels, seeds, config.seeds_per_run)
+    regions = []
+    for activation, positions, image_maps in zip(activations, seeds, maps):
+        if len(positions) == 0:
+            regions.append(Regions.empty())
+            continue
+        scores = activation[positions[:, 0], positions[:, 1]].astype(np.float32)
+        boxes, valid = map_boxes(image_maps, stride, config.tau, config.shape, width, height)
+        boxes, scores = boxes[valid], scores[valid]
+        keep = nms(boxes, scores, config.nms_iou) if peaks == "dasr_star" else np.argsort(-scores, kind="stable")
+        keep = keep[: config.max_regions]
+        regions.append(Regions(boxes[keep], scores[keep]))
+    return regions
