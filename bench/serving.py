@@ -123,6 +123,30 @@ def video_rate(address: str, videos: list[Path]) -> list[dict]:
     return rows
 
 
+def backbone_cost(models: Path, backbone: str, long_side: int, reps: int = 3) -> dict[int, tuple[float, float]]:
+    """What bounds batching on this machine: the backbone's process CPU ms and wall ms per image at batch
+    sizes 1..8 (4:3 input at the long side, one intra-op thread so other load does not hide the cost)."""
+    from inserve.engines import EngineOptions
+    from inserve.server.models import ModelBundle
+
+    bundle = ModelBundle.open(models, backbone, EngineOptions(device="cpu", intra_op_threads=1))
+    height = long_side * 3 // 4 // 32 * 32
+    rng = np.random.default_rng(0)
+    batches = {b: rng.uniform(0, 255, (b, 3, height, long_side)).astype(np.float32) for b in (1, 2, 4, 8)}
+    cpu: dict[int, list[float]] = {b: [] for b in batches}
+    wall: dict[int, list[float]] = {b: [] for b in batches}
+    for pixels in batches.values():
+        bundle.features(pixels)
+    for _ in range(reps):
+        for b, pixels in batches.items():
+            start_cpu, start = time.process_time(), time.perf_counter()
+            for _ in range(8 // b):
+                bundle.features(pixels)
+            cpu[b].append((time.process_time() - start_cpu) / 8 * 1000)
+            wall[b].append((time.perf_counter() - start) / 8 * 1000)
+    return {b: (statistics.median(cpu[b]), statistics.median(wall[b])) for b in batches}
+
+
 def table(measures: list[Measure], configs: list[str]) -> str:
     lines = [
         "| op | clients | " + " | ".join(f"{c} img/s | {c} p50 ms | {c} p99 ms" for c in configs) + " | ratio |",
@@ -147,20 +171,22 @@ def main() -> int:
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--images", type=Path, required=True, help="a folder of JPEG photos")
     parser.add_argument("--videos", type=Path, default=None, help="a folder of videos for keyframes/s")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--recipe", default="gem", help="recipe the servers index with")
     parser.add_argument("--video-recipe", default="dasr_star", help="recipe for the video part")
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--calls", type=int, default=64, help="calls per measurement (after a short warm-up)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=8, help="the default batching's max_batch")
-    parser.add_argument("--max-delay-ms", type=float, default=10.0)
+    parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--long-side", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("bench/out/serving.json"))
     args = parser.parse_args()
 
     images = [p.read_bytes() for p in sorted(args.images.glob("*.jpg"))[:200]]
     clients = [int(c) for c in args.clients.split(",")]
-    common = ["--recipe", args.recipe, "--long-side", str(args.long_side), "--queue-depth", "256"]
+    common = ["--backbone", args.backbone, "--recipe", args.recipe, "--long-side", str(args.long_side)]
+    common += ["--queue-depth", "256"]
     configs = {
         "max_batch 1": [*common, "--max-batch", "1"],
         f"max_batch {args.max_batch}": [
@@ -192,10 +218,18 @@ def main() -> int:
                         )
         videos = []
         if args.videos is not None:
-            flags = ["--recipe", args.video_recipe, "--long-side", str(args.long_side)]
+            flags = ["--backbone", args.backbone, "--recipe", args.video_recipe, "--long-side", str(args.long_side)]
             with server(args.models, Path(scratch) / "video", flags) as address:
                 videos = video_rate(address, sorted(args.videos.glob("*.mp4")))
+    for v in videos:
+        v["recipe"] = args.video_recipe
+    cost = backbone_cost(args.models, args.backbone, args.long_side)
     print(table(measures, list(configs)))
+    print(f"\nBackbone alone ({args.backbone}, {args.long_side} px long side, 1 thread), per image:\n")
+    print("| batch | CPU ms | wall ms |")
+    print("| --- | --- | --- |")
+    for b, (cpu_ms, wall_ms) in cost.items():
+        print(f"| {b} | {cpu_ms:.1f} | {wall_ms:.1f} |")
     if videos:
         print(f"\nIndexVideo ({args.video_recipe}, default batching, default keyframe rules):\n")
         print("| video | frames | keyframes | regions | seconds | keyframes/s | frames/s |")
@@ -206,7 +240,8 @@ def main() -> int:
                 f"| {v['keyframes_per_s']:.2f} | {v['frames_per_s']:.1f} |"
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"measures": [asdict(m) for m in measures], "videos": videos}, indent=1))
+    result = {"measures": [asdict(m) for m in measures], "videos": videos, "backbone_cost": cost}
+    args.out.write_text(json.dumps(result, indent=1))
     return 0
 
 

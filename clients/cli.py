@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="threads running the networks")
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=8, help="images per network run (dynamic batching)")
-    p.add_argument("--max-delay-ms", type=float, default=10.0, help="how long an image waits for a batch to fill")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="how long an image waits for a batch to fill")
     p.add_argument("--queue-depth", type=int, default=64, help="images waiting; beyond it RESOURCE_EXHAUSTED")
     p.add_argument("--batch-runners", type=int, default=1, help="batches running at once")
     p.add_argument("--buckets", default="16:9,4:3,1:1,3:4", help="input shapes (W:H at the long side) to pad into")

@@ -46,7 +46,7 @@ class BatcherConfig:
     """The dynamic batcher shared by every RPC: how long images wait for company, and how many may wait."""
 
     max_batch: int = 8  # images per backbone / DASR run
-    max_delay_ms: float = 10.0  # how long the first image of a batch waits for more
+    max_delay_ms: float = 5.0  # how long the first image of a batch waits for more
     queue_depth: int = 64  # images waiting to run; beyond it new work gets RESOURCE_EXHAUSTED
     runners: int = 1  # batches run at once (each engine run uses the engine's own threads)
     # network input shapes as width:height ratios at the configured long side; every image is padded into
