@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
+from inserve.server.batcher import DynamicBatcher
 from inserve.server.config import ServerConfig
+from inserve.server.grouping import group_hits
 from inserve.server.imaging import NetworkInput
-from inserve.server.index import InstanceIndex, SpaceStats
+from inserve.server.index import InstanceIndex, NewKeyframe, SpaceStats
 from inserve.server.models import ModelBundle
-from inserve.server.pipeline import Pipeline
-from inserve.server.recipes import ImageVectors, build_recipes
-from inserve.server.search import Hit, SearchOptions, search
+from inserve.server.pipeline import DescribeJob, Pipeline
+from inserve.server.recipes import ImageVectors, QueryVector, build_recipes
+from inserve.server.search import GROUPINGS, Hit, SearchOptions, search
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +43,40 @@ class Stats:
     spaces: list[SpaceStats]
     backbone: str
     recipes: tuple[str, ...]
+    videos: int = 0
+    keyframes: int = 0
 
 
 class InstanceSearch:
+    """Every image goes through one dynamic batcher, whoever asks: RPCs, video indexing, evaluation."""
+
     def __init__(self, config: ServerConfig, models: ModelBundle | None = None) -> None:
         self.config = config
         self.models = models or ModelBundle.open(config.models, config.backbone, config.engine)
         self.recipes = build_recipes(config.recipes, config)
-        self.pipeline = Pipeline(self.models, self.recipes, config.image)
+        self.pipeline = Pipeline(self.models, self.recipes, config.image, config.batcher.buckets)
         self.index = InstanceIndex(config.data_dir, config.index)
+        self.batcher = DynamicBatcher(self.pipeline.run, self.pipeline.job_bucket, config.batcher)
         self._whitening = threading.Lock()
 
     def load(self, data: bytes) -> NetworkInput:
         return self.pipeline.load(data)
 
+    def submit_describe(
+        self, inputs: list[NetworkInput], deadline: float | None = None, wait: bool = False
+    ) -> list[Future[dict[str, ImageVectors]]]:
+        """Queue images to describe with every recipe; raises Overloaded when the queue is full (unless
+        `wait`). `deadline` in time.monotonic() seconds."""
+        return self.batcher.submit([DescribeJob(inp) for inp in inputs], deadline, wait)
+
     def describe(self, inputs: list[NetworkInput]) -> list[dict[str, ImageVectors]]:
-        return self.pipeline.describe(inputs)
+        """Blocking: describe images through the batcher, a batch's worth at a time."""
+        step = self.config.batcher.max_batch
+        described = []
+        for start in range(0, len(inputs), step):
+            futures = self.submit_describe(inputs[start : start + step], wait=True)
+            described += [future.result() for future in futures]
+        return described
 
     def store(
         self,
@@ -108,6 +129,36 @@ class InstanceSearch:
             raise RequestError(f"top_k must be between 1 and {self.config.max_top_k} (0 = default), got {top_k}")
         return top_k or self.config.default_top_k
 
+    def check_options(self, options: SearchOptions) -> None:
+        if options.query_expansion < 0 or options.query_expansion > self.config.max_top_k:
+            raise RequestError(f"query_expansion must be between 0 and {self.config.max_top_k}")
+        if options.group not in GROUPINGS:
+            raise RequestError(f"unknown grouping {options.group!r}; choose one of {GROUPINGS}")
+
+    def submit_query(
+        self,
+        inp: NetworkInput,
+        box: tuple[float, float, float, float] | None,
+        recipe: str,
+        deadline: float | None = None,
+    ) -> Future[QueryVector]:
+        """Queue a query image (box checked here: ImageError); raises Overloaded when the queue is full."""
+        (future,) = self.batcher.submit([self.pipeline.query_job(inp, box, self.recipe_name(recipe))], deadline)
+        return future
+
+    def find(self, recipe: str, query: QueryVector, top_k: int, options: SearchOptions = SearchOptions()) -> list[Hit]:
+        """Ranked hits of a query vector; grouped per video or shot on request (asking the index for more
+        hits until top_k groups are found or it has no more)."""
+        if options.group == "none":
+            return search(self.index, recipe, query, top_k, options)
+        fetch = 4 * top_k
+        while True:
+            hits = search(self.index, recipe, query, fetch, options)
+            grouped = group_hits(hits, options.group)
+            if len(grouped) >= top_k or len(hits) < fetch:
+                return grouped[:top_k]
+            fetch *= 4
+
     def search(
         self,
         data: bytes | NetworkInput,
@@ -118,11 +169,18 @@ class InstanceSearch:
     ) -> list[Hit]:
         name = self.recipe_name(recipe)
         k = self.top_k(top_k)
-        if options.query_expansion < 0 or options.query_expansion > self.config.max_top_k:
-            raise RequestError(f"query_expansion must be between 0 and {self.config.max_top_k}")
+        self.check_options(options)
         inp = data if isinstance(data, NetworkInput) else self.load(data)
-        query = self.pipeline.query(inp, box, name)
-        return search(self.index, name, query, k, options)
+        query = self.submit_query(inp, box, name).result()
+        return self.find(name, query, k, options)
+
+    def store_video(
+        self, video_id: str, keyframes: list[NewKeyframe], *, source: str = "", metadata: dict[str, str] | None = None
+    ) -> int:
+        """Replace a video's keyframes in one transaction; returns how many keyframes it had before."""
+        replaced = self.index.replace_video(video_id, keyframes, source=source, metadata=metadata)
+        self._whiten_when_due()
+        return replaced
 
     def delete(self, external_ids: list[str]) -> tuple[int, list[str]]:
         return self.index.delete(external_ids)
@@ -146,7 +204,11 @@ class InstanceSearch:
     def stats(self) -> Stats:
         spaces = self.index.stats()
         regions = sum(s.vectors for s in spaces if s.kind == "region")
-        return Stats(self.index.count_images(), regions, spaces, self.models.name, tuple(self.recipes))
+        videos, keyframes = self.index.store.count_videos()
+        return Stats(
+            self.index.count_images(), regions, spaces, self.models.name, tuple(self.recipes), videos, keyframes
+        )
 
     def close(self) -> None:
+        self.batcher.close()
         self.index.close()

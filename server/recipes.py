@@ -18,16 +18,35 @@ from inserve.server.stages.pooling import box_average, box_cells, gem
 
 @dataclass
 class FeatureBatch:
-    """Same-size images after one backbone run; recipes share it and what they derive from it."""
+    """Images of one shape bucket after one backbone run; recipes share it and what they derive from it.
+
+    `pixels` is the padded batch the engines run on: image i fills pixels[i, :, :h_i, :w_i]. Each
+    image's maps are cropped back to the cells of its own pixels (`maps[name][i]`), so no pooling or
+    peak search sees the padding; `logits` come from the graph's pooling over the padded map.
+    """
 
     inputs: list[NetworkInput]
     pixels: np.ndarray  # (B, 3, H, W)
-    maps: dict[str, np.ndarray]  # feat, desc, logits
+    maps: dict[str, list[np.ndarray]]  # feat, desc: per image (C, h_i, w_i); logits: per image (K,)
     models: ModelBundle
     derived: dict[str, object] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.inputs)
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of each image's own pixels inside the padded batch."""
+        return [(inp.pixels.shape[1], inp.pixels.shape[2]) for inp in self.inputs]
+
+    def subset(self, indices: list[int]) -> FeatureBatch:
+        """The same run restricted to some of its images (what they derive is computed again)."""
+        return FeatureBatch(
+            [self.inputs[i] for i in indices],
+            self.pixels[indices],
+            {name: [maps[i] for i in indices] for name, maps in self.maps.items()},
+            self.models,
+        )
 
 
 @dataclass(frozen=True)
@@ -102,7 +121,9 @@ class DasrRecipe(Recipe):
         if key not in batch.derived:
             stride = self.config.stop_stride or batch.models.default_stop_stride
             engine = batch.models.backprop(stride)
-            batch.derived[key] = dasr_regions(engine, stride, batch.pixels, batch.maps["feat"], self.peaks, self.config)
+            batch.derived[key] = dasr_regions(
+                engine, stride, batch.pixels, batch.maps["feat"], batch.sizes, self.peaks, self.config
+            )
         return batch.derived[key]
 
     def describe(self, batch: FeatureBatch) -> list[ImageVectors]:

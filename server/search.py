@@ -10,10 +10,13 @@ from inserve.server.index import ImageRow, InstanceIndex, VectorRow
 from inserve.server.recipes import QueryVector
 from inserve.server.stages.pooling import l2_normalize
 
+GROUPINGS = ("none", "video", "shot")
+
 
 @dataclass(frozen=True)
 class SearchOptions:
     query_expansion: int = 0  # M: average the query with its top M hits and search again (0 = off)
+    group: str = "none"  # "video": a video's best keyframe only; "shot": each shot's best keyframe only
 
 
 @dataclass(frozen=True)
