@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LITE0_STRIDES, RESNET_STRIDE, VGG_STRIDE, models_dir, photo
 from excitation_reference import eltwise_sum, excitation_rules, folded_copy, with_eltwise_sums
+from exports import LITE0_STRIDES, RESNET_STRIDE, VGG_STRIDE, backbone_dir
+from photos import photo
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
@@ -411,7 +412,7 @@ ONNX_CASES = [("efficientnet_lite0", s) for s in LITE0_STRIDES] + [("resnet50", 
 def onnx_file(request: pytest.FixtureRequest, name: str, stride: int) -> Path:
     import json
 
-    directory = models_dir(request, name)
+    directory = backbone_dir(request, name)
     manifest = json.loads((directory / "manifest.json").read_text())
     return directory / manifest["graphs"]["dasr_backprop"]["strides"][str(stride)]["file"]
 

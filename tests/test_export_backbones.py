@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import RANDOM_CAM_TOP_N, models_dir, photo
+from exports import RANDOM_CAM_TOP_N, backbone_dir
+from photos import photo
 from PIL import Image
 
 from inserve.clients.cli import main as cli
@@ -95,7 +96,7 @@ def assert_close(got: np.ndarray, expected: np.ndarray, what: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_onnx_checker_passes_on_every_graph(request: pytest.FixtureRequest, name: str) -> None:
-    directory = models_dir(request, name)
+    directory = backbone_dir(request, name)
     for file in graph_files(manifest_of(directory)):
         onnx.checker.check_model(str(directory / file), full_check=True)
 
@@ -108,7 +109,7 @@ def test_onnx_checker_passes_on_every_graph(request: pytest.FixtureRequest, name
 def test_backbone_matches_the_original_torch_model(
     request: pytest.FixtureRequest, name: str, batch: int, height: int, width: int
 ) -> None:
-    engine = open_engine(models_dir(request, name) / "backbone.onnx", EngineOptions(device="cpu"))
+    engine = open_engine(backbone_dir(request, name) / "backbone.onnx", EngineOptions(device="cpu"))
     pixels = photos_at(height, width, ("chelsea", "coffee", "rocket")[:batch])
     got = engine.run({"image": pixels})
     expected = original_outputs(name, pixels)
@@ -119,7 +120,7 @@ def test_backbone_matches_the_original_torch_model(
 
 @pytest.mark.parametrize("name", NAMES)
 def test_manifest_describes_the_export(request: pytest.FixtureRequest, name: str) -> None:
-    directory = models_dir(request, name)
+    directory = backbone_dir(request, name)
     manifest = manifest_of(directory)
     assert manifest["format"] == 1 and manifest["backbone"] == name and manifest["opset"] == 18
     for file in graph_files(manifest):
@@ -170,7 +171,7 @@ def test_real_efficientnet_lite0_sees_a_cat_in_chelsea(lite0_models: Path) -> No
 
 
 def cam_inputs(request: pytest.FixtureRequest, name: str) -> tuple[Path, np.ndarray, dict[str, np.ndarray]]:
-    directory = models_dir(request, name)
+    directory = backbone_dir(request, name)
     pixels = photos_at(96, 128, ("chelsea", "astronaut"))
     maps = open_engine(directory / "backbone.onnx", EngineOptions(device="cpu")).run({"image": pixels})
     cams = open_engine(directory / "cam_head.onnx", EngineOptions(device="cpu")).run(

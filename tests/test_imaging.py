@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import encode, photo
+from photos import encode, photo
 from PIL import Image
 
 from inserve.server.config import ImageConfig
@@ -170,7 +170,7 @@ def test_prepare_resizes_and_keeps_the_original_size() -> None:
     inp = prepare(Image.fromarray(photo("chelsea")), 512, 32, thumbnail_side=64)
     assert inp.pixels.shape == (3, 352, 512) and inp.pixels.dtype == np.float32
     assert (inp.width, inp.height) == (451, 300)
-    assert 0 <= inp.pixels.min() and inp.pixels.max() <= 255
+    assert inp.pixels.min() >= 0 and inp.pixels.max() <= 255
     thumbnail = Image.open(io.BytesIO(inp.thumbnail))
     assert thumbnail.format == "JPEG" and max(thumbnail.size) == 64
     assert prepare(Image.fromarray(photo("chelsea")), 512, 32).thumbnail == b""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -36,7 +38,7 @@ def test_gem_large_p_approaches_max_and_grows_with_p() -> None:
     feat = rng.random((6, 5, 7)).astype(np.float32)
     np.testing.assert_allclose(gem(feat, p=500.0), mac(feat), rtol=1e-2)  # within (1/35)^(1/500) of the max
     values = [gem(feat, p) for p in (1.0, 2.0, 3.0, 10.0, 100.0)]
-    for lower, higher in zip(values, values[1:]):
+    for lower, higher in itertools.pairwise(values):
         assert np.all(higher >= lower - 1e-6)
     assert np.all(values[-1] <= mac(feat) + 1e-6)
 
