@@ -28,27 +28,43 @@ class Regions:
         return Regions(np.zeros((0, 4), dtype=np.float32), np.zeros(0, dtype=np.float32))
 
 
-def backpropagate_seeds(engine: Engine, pixels: np.ndarray, seeds: list[np.ndarray], per_run: int) -> list[np.ndarray]:
-    """Probability maps (n_b, h, w) for each image's seeds (n_b, 2), all images in as few runs as fit.
+def seed_runs(counts: list[int], per_run: int) -> list[tuple[list[int], int, int]]:
+    """How to back-propagate the seeds of a batch's images (counts[i] seeds each) in engine runs of at most
+    `per_run` seed rows: (images in the run, first seed, seed slots per image) for each run.
 
-    Every run takes the whole batch and up to `per_run` seed rows in total; images with fewer seeds
-    than a run's slots fill them with zero-valued seeds, whose maps are dropped.
+    The graph recomputes the forward pass of every image in a run, so an image should take part in as few
+    runs as when it runs alone: each image gets min(per_run, its count) slots or more per run. Images are
+    taken by seed count, most first; a group shares runs while (group size) x (its first image's slots)
+    rows fit, and an image leaves the group's runs once its seeds are done.
     """
-    batch = len(seeds)
-    width = max(1, per_run // batch)
-    most = max((len(s) for s in seeds), default=0)
+    order = sorted((i for i, n in enumerate(counts) if n > 0), key=lambda i: -counts[i])
+    runs = []
+    while order:
+        most = counts[order[0]]
+        width = min(per_run, most)
+        group, order = order[: max(1, per_run // width)], order[max(1, per_run // width) :]
+        for start in range(0, most, width):
+            runs.append(([i for i in group if counts[i] > start], start, min(width, most - start)))
+    return runs
+
+
+def backpropagate_seeds(engine: Engine, pixels: np.ndarray, seeds: list[np.ndarray], per_run: int) -> list[np.ndarray]:
+    """Probability maps (n_b, h, w) for each image's seeds (n_b, 2), in the runs `seed_runs` plans.
+
+    Images with fewer seeds than a run's slots fill them with zero-valued seeds, whose maps are dropped;
+    every seed's map depends on its own image and position only, so it is the same in any run.
+    """
     maps: list[list[np.ndarray]] = [[] for _ in seeds]
-    for start in range(0, most, width):
-        slots = min(width, most - start)
-        yx = np.zeros((batch, slots, 2), dtype=np.int64)
-        value = np.zeros((batch, slots), dtype=np.float32)
-        for b, s in enumerate(seeds):
-            chunk = s[start : start + slots]
-            yx[b, : len(chunk)] = chunk
-            value[b, : len(chunk)] = 1.0
-        out = engine.run({"image": pixels, "seed_yx": yx, "seed_value": value}, ["maps"])["maps"]
-        for b, s in enumerate(seeds):
-            maps[b].append(out[b, : max(0, min(slots, len(s) - start))])
+    for images, start, slots in seed_runs([len(s) for s in seeds], per_run):
+        yx = np.zeros((len(images), slots, 2), dtype=np.int64)
+        value = np.zeros((len(images), slots), dtype=np.float32)
+        for row, b in enumerate(images):
+            chunk = seeds[b][start : start + slots]
+            yx[row, : len(chunk)] = chunk
+            value[row, : len(chunk)] = 1.0
+        out = engine.run({"image": pixels[images], "seed_yx": yx, "seed_value": value}, ["maps"])["maps"]
+        for row, b in enumerate(images):
+            maps[b].append(out[row, : min(slots, len(seeds[b]) - start)])
     return [np.concatenate(m) if m else np.zeros((0, 1, 1), dtype=np.float32) for m in maps]
 
 
