@@ -10,9 +10,11 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DEFAULT_SERVER = "localhost:50051"
+T = TypeVar("T")
 GROUPINGS = ("none", "video", "shot")
 
 
@@ -40,7 +42,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: Path):
     """The one place where flags become a ServerConfig."""
     from inserve.engines import EngineOptions
-    from inserve.server.config import BatcherConfig, DasrConfig, ImageConfig, ServerConfig
+    from inserve.server.config import DasrConfig, ImageConfig, ServerConfig
 
     config = ServerConfig(
         data_dir=data_dir,
@@ -52,22 +54,29 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
         dasr=DasrConfig(stop_stride=args.stop_stride, shape=args.shape),
     )
     if args.command == "serve":
+        batcher = {
+            "max_batch": args.max_batch,
+            "max_delay_ms": args.max_delay_ms,
+            "queue_depth": args.queue_depth,
+            "runners": args.batch_runners,
+            "buckets": tuple(args.buckets.split(",")) if args.buckets else None,
+        }
+        video = {"media_root": args.media_root, "max_concurrent": args.max_videos}
         config = replace(
             config,
             host=args.host,
             port=args.port,
             workers=args.workers,
             max_message_bytes=args.max_message_mb << 20,
-            batcher=BatcherConfig(
-                max_batch=args.max_batch,
-                max_delay_ms=args.max_delay_ms,
-                queue_depth=args.queue_depth,
-                runners=args.batch_runners,
-                buckets=tuple(args.buckets.split(",")),
-            ),
-            video=replace(config.video, media_root=args.media_root),
+            batcher=_given(config.batcher, batcher),
+            video=_given(config.video, video),
         )
     return config
+
+
+def _given(settings: T, flags: dict[str, object]) -> T:
+    """`settings` with the flags that were given (not None); the defaults stay in server/config.py."""
+    return replace(settings, **{name: value for name, value in flags.items() if value is not None})
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -181,7 +190,7 @@ def hit_line(hit) -> str:
     box = f"[{hit.box.x1:.0f},{hit.box.y1:.0f},{hit.box.x2:.0f},{hit.box.y2:.0f}]" if hit.HasField("box") else "-"
     if hit.HasField("keyframe"):
         kf = hit.keyframe
-        where = f"{kf.video_id}  {timecode(kf.time_s)}  frame {kf.frame}  shot {kf.shot}"
+        where = f"{kf.video_id} @ {timecode(kf.time_s)}  frame {kf.frame}  shot {kf.shot}"
         return f"{hit.rank:4d}  {hit.score:.4f}  {where}  {box}  {hit.source}"
     return f"{hit.rank:4d}  {hit.score:.4f}  {hit.id}  {box}  {hit.source}"
 
@@ -216,7 +225,7 @@ def show_results(query_path: Path, data: bytes, box, hits, out: Path) -> None:
     for hit in hits:
         picture = open_image(hit.thumbnail, "" if hit.HasField("keyframe") else hit.source)
         hit_box = (hit.box.x1, hit.box.y1, hit.box.x2, hit.box.y2) if hit.HasField("box") else None
-        name = f"{hit.keyframe.video_id} {timecode(hit.keyframe.time_s)}" if hit.HasField("keyframe") else hit.id
+        name = f"{hit.keyframe.video_id} @ {timecode(hit.keyframe.time_s)}" if hit.HasField("keyframe") else hit.id
         tiles.append(Tile(picture, hit.width, hit.height, hit_box, f"#{hit.rank} {hit.score:.3f}\n{name}", HIT_COLOUR))
     render_results(tiles).save(out)
 
@@ -227,7 +236,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     with InstanceSearchClient(args.server, timeout=args.timeout) as client:
         stats = client.stats()
     print(f"backbone {stats.backbone}, recipes {', '.join(stats.recipes)} (default {stats.default_recipe})")
-    print(f"images {stats.images}, regions {stats.regions}")
+    videos = f" ({stats.keyframes} of them keyframes of {stats.videos} videos)" if stats.videos else ""
+    print(f"images {stats.images}{videos}, regions {stats.regions}")
     for s in stats.indexes:
         print(f"  {s.recipe}/{s.kind}: {s.vectors} vectors, {s.dim} dims, whitening v{s.whitening_version}")
     return 0
@@ -317,12 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="dasr_star", help="recipe(s) to index with, comma-separated; first = default")
     p.add_argument("--workers", type=int, default=2, help="threads running the networks")
     p.add_argument("--max-message-mb", type=int, default=64)
-    p.add_argument("--max-batch", type=int, default=8, help="images per network run (dynamic batching)")
-    p.add_argument("--max-delay-ms", type=float, default=5.0, help="how long an image waits for a batch to fill")
-    p.add_argument("--queue-depth", type=int, default=64, help="images waiting; beyond it RESOURCE_EXHAUSTED")
-    p.add_argument("--batch-runners", type=int, default=1, help="batches running at once")
-    p.add_argument("--buckets", default="16:9,4:3,1:1,3:4", help="input shapes (W:H at the long side) to pad into")
+    batching = "(default: BatcherConfig in server/config.py)"
+    p.add_argument("--max-batch", type=int, default=None, help=f"images per network run {batching}")
+    p.add_argument("--max-delay-ms", type=float, default=None, help=f"how long an image waits for company {batching}")
+    p.add_argument("--queue-depth", type=int, default=None, help=f"images waiting, beyond: busy {batching}")
+    p.add_argument("--batch-runners", type=int, default=None, help=f"batches running at once {batching}")
+    p.add_argument("--buckets", default=None, help=f"input shapes (W:H at the long side) to pad into {batching}")
     p.add_argument("--media-root", type=Path, default=None, help="IndexVideo may read server files under this folder")
+    p.add_argument("--max-videos", type=int, default=None, help="videos indexing at once (default: VideoConfig)")
     _add_model_flags(p)
     p.set_defaults(fn=cmd_serve)
 

@@ -43,7 +43,15 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class BatcherConfig:
-    """The dynamic batcher shared by every RPC: how long images wait for company, and how many may wait."""
+    """The dynamic batcher shared by every RPC: how long images wait for company, and how many may wait.
+
+    Limits: at most `queue_depth` images wait for the networks, over all RPCs; an IndexImages or Search
+    call (or a SearchStream query) that would go beyond it gets RESOURCE_EXHAUSTED at once, while video
+    keyframes wait for room (their video was admitted already). One stream has at most `stream_window`
+    requests in flight. A batch holds at most `max_batch` images of one shape bucket and closes
+    `max_delay_ms` after its first image arrived. On a CPU, per-image backbone cost does not fall with the
+    batch size (bench/README.md), so max_batch 1 serves as fast there; batching pays on GPUs.
+    """
 
     max_batch: int = 8  # images per backbone / DASR run
     max_delay_ms: float = 5.0  # how long the first image of a batch waits for more
@@ -57,7 +65,14 @@ class BatcherConfig:
 
 @dataclass(frozen=True)
 class VideoConfig:
-    """Video keyframe indexing: where server-side files may be read from, and keyframe selection defaults."""
+    """Video keyframe indexing: where server-side files may be read from, and keyframe selection defaults.
+
+    Limits: IndexVideo reads server files under `media_root` only (anything else, through `..` or a
+    symlink too, is PERMISSION_DENIED; None = uploads only); an upload beyond `max_upload_bytes` and a
+    video beyond `max_concurrent` indexing at once get RESOURCE_EXHAUSTED; frames larger than
+    ImageConfig.max_pixels are INVALID_ARGUMENT. The selection defaults below apply unless a request's
+    KeyframeOptions override them.
+    """
 
     media_root: Path | None = None  # IndexVideo may name files under this folder only (None = uploads only)
     max_upload_bytes: int = 2 << 30
@@ -67,6 +82,7 @@ class VideoConfig:
     max_interval_s: float = 2.0  # and at most this far apart within a shot
     iframes_only: bool = False  # consider only the codec's intra frames (decodes much less)
     histogram_side: int = 64  # frames are shrunk to this many pixels on the long side for the histogram
+    progress_interval_s: float = 0.25  # IndexVideo sends progress at most this often (and once when done)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,6 @@ from inserve.server.recipes import ImageVectors
 from inserve.server.video.decode import VideoError, decode_video
 from inserve.server.video.keyframes import KeyframeSelector, SelectionRules, colour_histogram
 
-PROGRESS_EVERY_S = 0.25
-
 
 @dataclass(frozen=True)
 class VideoProgress:
@@ -115,7 +113,7 @@ def index_video(
                 duration_s=frame.time_s,
             )
             collect(block=len(in_flight) > 2 * step)
-            if time.monotonic() - reported >= PROGRESS_EVERY_S:
+            if time.monotonic() - reported >= core.config.video.progress_interval_s:
                 progress(state)
                 reported = time.monotonic()
         if batch:

@@ -179,7 +179,7 @@ def test_the_cli_indexes_videos_and_prints_time_codes(server, tmp_path: Path, me
     )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert any("object  00:00:0" in line and "frame " in line and "shot 0" in line for line in lines[:3]), lines
+    assert any("object @ 00:00:0" in line and "frame " in line and "shot 0" in line for line in lines[:3]), lines
     assert show.stat().st_size > 1000
     client_ids = {line.split()[2] for line in lines[:3]}
     assert {"object", "scenes", "cli-scenes.mp4"} >= client_ids
