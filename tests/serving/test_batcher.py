@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from concurrent.futures import wait
+from concurrent.futures import Future, wait
 
 import pytest
 
@@ -160,3 +161,31 @@ def test_close_runs_what_is_queued_then_refuses() -> None:
 def test_config_must_let_a_batch_fit_the_queue() -> None:
     with pytest.raises(ValueError, match="max_batch <= queue_depth"):
         batcher(Recorder(), max_batch=8, queue_depth=4)
+
+
+def test_cancelling_the_awaiting_call_frees_its_place_in_the_queue() -> None:
+    """What the servicer relies on: a handler awaits its job through asyncio.wrap_future, and gRPC cancels the
+    handler when its call is cancelled; the job must then leave the queue at once, not when a runner reaches it."""
+    run = Recorder(hold=True)
+    b = batcher(run, max_batch=1, max_delay_ms=0, queue_depth=2)
+
+    async def cancel_one() -> Future:
+        (future,) = b.submit([("land", 1)])
+        awaiting = asyncio.ensure_future(asyncio.wrap_future(future))
+        await asyncio.sleep(0.01)
+        assert b.depth == 1
+        awaiting.cancel()
+        await asyncio.sleep(0)
+        return future
+
+    try:
+        b.submit([("land", 0)])
+        assert run.started.wait(5)
+        future = asyncio.run(cancel_one())
+        assert future.cancelled() and b.depth == 0
+        b.submit([("land", 2), ("land", 3)])  # both places are free although the runner is still busy
+        run.release.set()
+    finally:
+        run.release.set()
+        b.close()
+    assert ("land", 1) not in [job for batch in run.batches for job in batch]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -95,9 +96,9 @@ def test_a_bad_query_gets_its_error_and_the_stream_goes_on(server) -> None:
     assert responses[0].hits[0].id == responses[3].hits[0].id == "coffee"
 
 
-async def flood(address: str, image: bytes, calls: int) -> list[tuple[grpc.StatusCode, str]]:
+async def flood(address: str, image: bytes, calls: int, timeout: float = 120) -> list[tuple[grpc.StatusCode, str]]:
     """`calls` concurrent searches: (status, details) of each."""
-    async with AsyncInstanceSearchClient(address, timeout=120) as client:
+    async with AsyncInstanceSearchClient(address, timeout=timeout) as client:
 
         async def one() -> tuple[grpc.StatusCode, str]:
             try:
@@ -142,3 +143,49 @@ def test_cancelled_streams_leave_the_server_serving(server) -> None:
             list(responses)
         assert caught.value.code() == grpc.StatusCode.CANCELLED
         assert client.search(image, top_k=1)[0].id == "rocket"
+
+
+def batches_run(server) -> int:
+    """Batches the server's batcher has run so far (its debug log), once it has gone quiet."""
+    count, quiet_since = -1, time.monotonic()
+    while time.monotonic() - quiet_since < 1.0:
+        now = sum("batcher: batch of" in line for line in list(server.output))
+        if now != count:
+            count, quiet_since = now, time.monotonic()
+        time.sleep(0.1)
+    return count
+
+
+async def cancel_after_first(address: str, image: bytes, calls: int) -> None:
+    """`calls` concurrent searches; the moment one is answered, the others are cancelled."""
+    async with AsyncInstanceSearchClient(address, timeout=120) as client:
+        tasks = [asyncio.ensure_future(client.search(image, top_k=1)) for _ in range(calls)]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        assert [t.result()[0].id for t in done] == ["astronaut"] * len(done)
+
+
+def test_cancelled_and_expired_calls_leave_the_queue_unrun(models_dir: Path, tmp_path: Path) -> None:
+    """One image per batch at 512 px: 48 queued searches take well over a second. Cancelling them after the
+    first answer, or giving them a 0.3 s deadline, must free the queue: most never reach the network."""
+    calls = 48
+    flags = ["--recipe", "gem", "--max-batch", "1", "--max-delay-ms", "0", "--queue-depth", "64", "--long-side", "512"]
+    with running_server(models_dir, tmp_path / "data", *flags, log_level="DEBUG") as running:
+        image = jpeg(PHOTOS["astronaut"])
+        with InstanceSearchClient(running.address, timeout=60) as client:
+            client.wait_ready()
+            list(client.index_images([ImageItem("astronaut", image)]))
+            before = batches_run(running)
+            asyncio.run(cancel_after_first(running.address, image, calls))
+            cancelled_ran = batches_run(running) - before
+            assert cancelled_ran < calls // 2, f"{cancelled_ran} of {calls} cancelled searches still ran"
+
+            before = batches_run(running)
+            outcome = asyncio.run(flood(running.address, image, calls, timeout=0.3))
+            expired_ran = batches_run(running) - before
+            codes = [code for code, _ in outcome]
+            assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
+            assert expired_ran <= codes.count(grpc.StatusCode.OK) + calls // 4, (expired_ran, codes)
+            assert client.search(image, top_k=1)[0].id == "astronaut"
