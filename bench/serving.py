@@ -1,11 +1,13 @@
 """Serving benchmark: IndexImages and Search over real gRPC on loopback, dynamic batching on and off.
 
-For each server configuration (max_batch 1, and the default batching) a real `inserve serve` process is
-started; N concurrent asyncio clients (N = 1, 4, 8, 16) each send one image per call, IndexImages then
-Search, and every call's latency is recorded. The configurations alternate for several rounds so that
-other load on the machine hits both alike; the table gives medians over rounds and the throughput
-ratio of the default batching to max_batch 1. A last part indexes the videos of a folder through
-IndexVideo and reports keyframes/s.
+For each server configuration (max_batch 1, and the server's default batching, plus any --config given) a
+real `inserve serve` process is started; N concurrent asyncio clients (N = 1, 4, 8, 16) each send one image
+per call, IndexImages then Search, and every call's latency is recorded. The configurations take turns (in
+reversed order every other round) so that other load on the machine hits them alike; the table gives medians
+over rounds and each configuration's throughput relative to the first. From the servers' batcher log it also
+gives the mean batch size and how busy the batch runner was (near 100 %: the networks bound throughput, and
+batching can only help when the per-image cost of a batch is lower, which the backbone table below
+measures). A last part indexes each video of a folder through IndexVideo: keyframes/s.
 
     python bench/serving.py --models /tmp/models --images /work/shared/data/holidays-dev/images \
         --videos /work/shared/data/videos
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import signal
 import statistics
@@ -33,6 +36,8 @@ import numpy as np
 
 from inserve.clients.client import AsyncInstanceSearchClient, ImageItem, InstanceSearchClient, VideoItem
 
+BATCH_LINE = re.compile(r"batch of (\d+) ran in ([\d.]+) ms")
+
 
 @dataclass(frozen=True)
 class Measure:
@@ -44,30 +49,42 @@ class Measure:
     seconds: float
     p50_ms: float
     p99_ms: float
+    mean_batch: float  # images per network run
+    busy: float  # fraction of the wall time the batch runner was running the networks
 
     @property
     def throughput(self) -> float:
         return self.images / self.seconds
 
 
+@dataclass
+class Server:
+    address: str
+    log: list[str]  # the server's output so far (its batcher logs every batch at DEBUG)
+
+
 @contextmanager
-def server(models: Path, data_dir: Path, flags: list[str]) -> Iterator[str]:
-    command = [sys.executable, "-m", "inserve.clients.cli", "serve", "--port", "0", "--host", "127.0.0.1"]
-    command += ["--models", str(models), "--data-dir", str(data_dir), *flags]
+def server(models: Path, data_dir: Path, flags: list[str]) -> Iterator[Server]:
+    command = [sys.executable, "-m", "inserve.clients.cli", "--log-level", "DEBUG", "serve"]
+    command += ["--port", "0", "--host", "127.0.0.1", "--models", str(models), "--data-dir", str(data_dir), *flags]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        log: list[str] = []
         address = None
         for line in process.stdout:
+            log.append(line)
             found = re.search(r"listening on port (\d+)", line)
             if found:
                 address = f"127.0.0.1:{found.group(1)}"
                 break
         if address is None:
-            raise RuntimeError("the server did not start")
-        threading.Thread(target=lambda: process.stdout.read(), daemon=True).start()
+            raise RuntimeError("the server did not start:\n" + "".join(log[-20:]))
+        threading.Thread(
+            target=lambda: log.extend(line for line in process.stdout if "batch of" in line), daemon=True
+        ).start()
         with InstanceSearchClient(address) as client:
             client.wait_ready()
-        yield address
+        yield Server(address, log)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(120)
@@ -95,11 +112,33 @@ async def run_clients(address: str, op: str, images: list[bytes], clients: int, 
         return time.perf_counter() - start, latencies
 
 
-def measure(address: str, config: str, op: str, images: list[bytes], clients: int, calls: int, rnd: int) -> Measure:
-    asyncio.run(run_clients(address, op, images, clients, min(calls, 2 * clients), f"warm-{config}-{clients}-{rnd}"))
-    seconds, latencies = asyncio.run(run_clients(address, op, images, clients, calls, f"{config}-{clients}-{rnd}"))
+def batches(log: list[str], since: int) -> list[tuple[int, float]]:
+    """(images, run ms) of every batch logged after line `since`."""
+    return [(int(m.group(1)), float(m.group(2))) for line in log[since:] if (m := BATCH_LINE.search(line))]
+
+
+def measure(srv: Server, config: str, op: str, images: list[bytes], clients: int, calls: int, rnd: int) -> Measure:
+    asyncio.run(
+        run_clients(srv.address, op, images, clients, min(calls, 2 * clients), f"warm-{config}-{clients}-{rnd}")
+    )
+    time.sleep(0.2)  # the warm-up's batch lines are in the log
+    since = len(srv.log)
+    seconds, latencies = asyncio.run(run_clients(srv.address, op, images, clients, calls, f"{config}-{clients}-{rnd}"))
+    time.sleep(0.2)
+    ran = batches(srv.log, since)
     ms = np.array(latencies) * 1000
-    return Measure(config, op, clients, rnd, calls, seconds, float(np.percentile(ms, 50)), float(np.percentile(ms, 99)))
+    return Measure(
+        config,
+        op,
+        clients,
+        rnd,
+        calls,
+        seconds,
+        float(np.percentile(ms, 50)),
+        float(np.percentile(ms, 99)),
+        sum(n for n, _ in ran) / max(1, len(ran)),
+        min(1.0, sum(t for _, t in ran) / 1000 / seconds),
+    )
 
 
 def video_rate(address: str, videos: list[Path]) -> list[dict]:
@@ -123,46 +162,51 @@ def video_rate(address: str, videos: list[Path]) -> list[dict]:
     return rows
 
 
-def backbone_cost(models: Path, backbone: str, long_side: int, reps: int = 3) -> dict[int, tuple[float, float]]:
-    """What bounds batching on this machine: the backbone's process CPU ms and wall ms per image at batch
-    sizes 1..8 (4:3 input at the long side, one intra-op thread so other load does not hide the cost)."""
+def backbone_cost(models: Path, backbone: str, long_side: int, reps: int = 5) -> dict[str, dict[int, float]]:
+    """What bounds batching on this machine: the backbone's wall ms per image at batch sizes 1..8 (4:3 input
+    at the long side), with one intra-op thread and with the runtime's default; sizes interleaved, medians."""
     from inserve.engines import EngineOptions
     from inserve.server.models import ModelBundle
 
-    bundle = ModelBundle.open(models, backbone, EngineOptions(device="cpu", intra_op_threads=1))
     height = long_side * 3 // 4 // 32 * 32
     rng = np.random.default_rng(0)
-    batches = {b: rng.uniform(0, 255, (b, 3, height, long_side)).astype(np.float32) for b in (1, 2, 4, 8)}
-    cpu: dict[int, list[float]] = {b: [] for b in batches}
-    wall: dict[int, list[float]] = {b: [] for b in batches}
-    for pixels in batches.values():
-        bundle.features(pixels)
-    for _ in range(reps):
-        for b, pixels in batches.items():
-            start_cpu, start = time.process_time(), time.perf_counter()
-            for _ in range(8 // b):
-                bundle.features(pixels)
-            cpu[b].append((time.process_time() - start_cpu) / 8 * 1000)
-            wall[b].append((time.perf_counter() - start) / 8 * 1000)
-    return {b: (statistics.median(cpu[b]), statistics.median(wall[b])) for b in batches}
+    inputs = {b: rng.uniform(0, 255, (b, 3, height, long_side)).astype(np.float32) for b in (1, 2, 4, 8)}
+    cost = {}
+    for name, threads in (("1 thread", 1), ("default threads", 0)):
+        bundle = ModelBundle.open(models, backbone, EngineOptions(device="cpu", intra_op_threads=threads))
+        for pixels in inputs.values():
+            bundle.features(pixels)
+        per_image: dict[int, list[float]] = {b: [] for b in inputs}
+        for _ in range(reps):
+            for b, pixels in inputs.items():
+                start = time.perf_counter()
+                for _ in range(8 // b):
+                    bundle.features(pixels)
+                per_image[b].append((time.perf_counter() - start) / 8 * 1000)
+        cost[name] = {b: statistics.median(v) for b, v in per_image.items()}
+    return cost
 
 
 def table(measures: list[Measure], configs: list[str]) -> str:
+    head = " | ".join(f"{c} img/s | p50 ms | p99 ms | batch | busy" for c in configs)
+    ratios = [f"{c} / {configs[0]}" for c in configs[1:]]
     lines = [
-        "| op | clients | " + " | ".join(f"{c} img/s | {c} p50 ms | {c} p99 ms" for c in configs) + " | ratio |",
-        "| --- | --- | " + " | ".join("--- | --- | ---" for _ in configs) + " | --- |",
+        f"| op | clients | {head} | " + " | ".join(ratios) + " |",
+        "| --- | --- |" + " --- |" * (5 * len(configs) + len(ratios)),
     ]
     for op in ("index", "search"):
         for clients in sorted({m.clients for m in measures}):
             cells, rates = [], []
             for config in configs:
                 ms = [m for m in measures if (m.op, m.clients, m.config) == (op, clients, config)]
-                rate = statistics.median(m.throughput for m in ms)
-                rates.append(rate)
+                rates.append(statistics.median(m.throughput for m in ms))
                 p50 = statistics.median(m.p50_ms for m in ms)
                 p99 = statistics.median(m.p99_ms for m in ms)
-                cells.append(f"{rate:.1f} | {p50:.0f} | {p99:.0f}")
-            lines.append(f"| {op} | {clients} | " + " | ".join(cells) + f" | {rates[-1] / rates[0]:.2f}x |")
+                size = statistics.median(m.mean_batch for m in ms)
+                busy = statistics.median(m.busy for m in ms)
+                cells.append(f"{rates[-1]:.1f} | {p50:.0f} | {p99:.0f} | {size:.1f} | {100 * busy:.0f} %")
+            ratio = " | ".join(f"{rate / rates[0]:.2f}x" for rate in rates[1:])
+            lines.append(f"| {op} | {clients} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines)
 
 
@@ -172,75 +216,94 @@ def main() -> int:
     parser.add_argument("--images", type=Path, required=True, help="a folder of JPEG photos")
     parser.add_argument("--videos", type=Path, default=None, help="a folder of videos for keyframes/s")
     parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--recipe", default="gem", help="recipe the servers index with")
-    parser.add_argument("--video-recipe", default="dasr_star", help="recipe for the video part")
+    parser.add_argument("--recipe", default="gem", help="recipe the image servers index with")
+    parser.add_argument("--video-recipes", default="gem,dasr_star", help="one video server per recipe")
     parser.add_argument("--clients", default="1,4,8,16")
-    parser.add_argument("--calls", type=int, default=64, help="calls per measurement (after a short warm-up)")
+    parser.add_argument("--calls", type=int, default=48, help="calls per measurement (after a short warm-up)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-batch", type=int, default=8, help="the default batching's max_batch")
-    parser.add_argument("--max-delay-ms", type=float, default=5.0)
     parser.add_argument("--long-side", type=int, default=512)
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="another server configuration, e.g. 'default, 1 thread=--threads 1' (repeatable)",
+    )
+    parser.add_argument("--no-backbone", action="store_true", help="skip the backbone-alone table")
     parser.add_argument("--out", type=Path, default=Path("bench/out/serving.json"))
     args = parser.parse_args()
 
     images = [p.read_bytes() for p in sorted(args.images.glob("*.jpg"))[:200]]
     clients = [int(c) for c in args.clients.split(",")]
-    common = ["--backbone", args.backbone, "--recipe", args.recipe, "--long-side", str(args.long_side)]
-    common += ["--queue-depth", "256"]
-    configs = {
-        "max_batch 1": [*common, "--max-batch", "1"],
-        f"max_batch {args.max_batch}": [
-            *common,
-            "--max-batch",
-            str(args.max_batch),
-            "--max-delay-ms",
-            str(args.max_delay_ms),
-        ],
-    }
+    common = ["--backbone", args.backbone, "--long-side", str(args.long_side), "--queue-depth", "256"]
+    configs = {"max_batch 1": ["--max-batch", "1"], "default": []}  # default: BatcherConfig as it ships
+    for spec in args.config:
+        name, _, flags = spec.partition("=")
+        configs[name.strip()] = flags.split()
+    started, load = time.perf_counter(), [os.getloadavg()[0]]
     measures: list[Measure] = []
     with tempfile.TemporaryDirectory(prefix="inserve-bench-") as scratch, ExitStack() as servers:
         # every configuration's server is up at once (an idle one costs nothing) and the measurements
-        # alternate between them, so that load from elsewhere on the machine falls on both alike
-        addresses = {
-            config: servers.enter_context(server(args.models, Path(scratch) / str(i), flags))
+        # alternate between them, so that load from elsewhere on the machine falls on all alike
+        running = {
+            config: servers.enter_context(
+                server(args.models, Path(scratch) / str(i), [*common, "--recipe", args.recipe, *flags])
+            )
             for i, (config, flags) in enumerate(configs.items())
         }
         for rnd in range(args.rounds):
             for op in ("index", "search"):
                 for n in clients:
-                    for config, address in addresses.items():
-                        m = measure(address, config, op, images, n, args.calls, rnd)
+                    order = list(running.items())
+                    for config, srv in order[:: 1 if rnd % 2 == 0 else -1]:  # neither always goes first
+                        m = measure(srv, config, op, images, n, args.calls, rnd)
                         measures.append(m)
+                        load.append(os.getloadavg()[0])
                         print(
                             f"round {rnd} {config:12s} {op:6s} {n:2d} clients: {m.throughput:6.1f} img/s "
-                            f"p50 {m.p50_ms:6.0f} ms p99 {m.p99_ms:6.0f} ms",
+                            f"p50 {m.p50_ms:6.0f} ms p99 {m.p99_ms:6.0f} ms batch {m.mean_batch:.1f} "
+                            f"busy {100 * m.busy:.0f} %",
                             file=sys.stderr,
                         )
+        servers.close()
         videos = []
         if args.videos is not None:
-            flags = ["--backbone", args.backbone, "--recipe", args.video_recipe, "--long-side", str(args.long_side)]
-            with server(args.models, Path(scratch) / "video", flags) as address:
-                videos = video_rate(address, sorted(args.videos.glob("*.mp4")))
-    for v in videos:
-        v["recipe"] = args.video_recipe
-    cost = backbone_cost(args.models, args.backbone, args.long_side)
+            for recipe in args.video_recipes.split(","):
+                with server(args.models, Path(scratch) / f"video-{recipe}", [*common, "--recipe", recipe]) as srv:
+                    videos += [
+                        {"recipe": recipe, **row} for row in video_rate(srv.address, sorted(args.videos.glob("*.mp4")))
+                    ]
+    cost = {} if args.no_backbone else backbone_cost(args.models, args.backbone, args.long_side)
+    what = f"{args.recipe}, {args.backbone}, long side {args.long_side}"
+    print(f"\nIndexImages and Search ({what}), medians of {args.rounds} rounds of {args.calls} calls:\n")
     print(table(measures, list(configs)))
-    print(f"\nBackbone alone ({args.backbone}, {args.long_side} px long side, 1 thread), per image:\n")
-    print("| batch | CPU ms | wall ms |")
-    print("| --- | --- | --- |")
-    for b, (cpu_ms, wall_ms) in cost.items():
-        print(f"| {b} | {cpu_ms:.1f} | {wall_ms:.1f} |")
+    if cost:
+        print(f"\nBackbone alone ({args.backbone}, {args.long_side} px 4:3 input), wall ms per image:\n")
+        print("| batch | " + " | ".join(cost) + " |")
+        print("| --- |" + " --- |" * len(cost))
+        for b in next(iter(cost.values())):
+            print(f"| {b} | " + " | ".join(f"{per_image[b]:.1f}" for per_image in cost.values()) + " |")
     if videos:
-        print(f"\nIndexVideo ({args.video_recipe}, default batching, default keyframe rules):\n")
-        print("| video | frames | keyframes | regions | seconds | keyframes/s | frames/s |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("\nIndexVideo (default batching, default keyframe rules, whole upload to final commit):\n")
+        print("| video | recipe | frames | keyframes | regions | seconds | keyframes/s | frames/s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for v in videos:
             print(
-                f"| {v['video']} | {v['frames']} | {v['keyframes']} | {v['regions']} | {v['seconds']:.1f} "
-                f"| {v['keyframes_per_s']:.2f} | {v['frames_per_s']:.1f} |"
+                f"| {v['video']} | {v['recipe']} | {v['frames']} | {v['keyframes']} | {v['regions']} "
+                f"| {v['seconds']:.1f} | {v['keyframes_per_s']:.2f} | {v['frames_per_s']:.1f} |"
             )
+    print(
+        f"\n({time.perf_counter() - started:.0f} s in all; {os.cpu_count()} CPUs, 1-minute load average "
+        f"{min(load):.1f}-{max(load):.1f} during the image part, other processes included)"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"measures": [asdict(m) for m in measures], "videos": videos, "backbone_cost": cost}
+    result = {
+        "load_average": load,
+        "configs": configs,
+        "measures": [asdict(m) for m in measures],
+        "videos": videos,
+        "backbone_cost": cost,
+    }
     args.out.write_text(json.dumps(result, indent=1))
     return 0
 
