@@ -67,9 +67,11 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return code, f"{what}: {message}" if what else message
 
 
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline in time.monotonic() seconds (None = none)."""
+def deadline_of(context: grpc.aio.ServicerContext, limit_s: float | None = None) -> float | None:
+    """The call's deadline in time.monotonic() seconds, at most `limit_s` from now (None = none)."""
     remaining = context.time_remaining()
+    if limit_s is not None:
+        remaining = limit_s if remaining is None else min(remaining, limit_s)
     return None if remaining is None else time.monotonic() + remaining
 
 
@@ -109,6 +111,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         self.core = core
         self.executor = executor
         self.window = core.config.batcher.stream_window
+        self.request_limit_s = core.config.limits.request_deadline_s  # per image or query, even on a stream
         self._videos = threading.BoundedSemaphore(core.config.video.max_concurrent)
 
     async def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -118,9 +121,8 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
     async def IndexImages(
         self, request_iterator: AsyncIterator[pb.IndexImageRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.IndexImageAck]:
-        deadline = deadline_of(context)
-
         async def describe(_: int, request: pb.IndexImageRequest) -> tuple:
+            deadline = deadline_of(context, self.request_limit_s)
             try:
                 check_id(request.id)
                 if not request.replace and self.core.index.contains(request.id):
@@ -166,7 +168,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
 
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SearchHit]:
         try:
-            hits = await self._search(request, deadline_of(context))
+            hits = await self._search(request, deadline_of(context, self.request_limit_s))
         except REQUEST_ERRORS as exc:
             await context.abort(*status_of(Failed("search", exc)))
         for hit in hits:
@@ -175,11 +177,9 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
     async def SearchStream(
         self, request_iterator: AsyncIterator[pb.SearchStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SearchStreamResponse]:
-        deadline = deadline_of(context)
-
         async def answer(index: int, request: pb.SearchStreamRequest) -> pb.SearchStreamResponse:
             try:
-                hits = await self._search(request.query, deadline)
+                hits = await self._search(request.query, deadline_of(context, self.request_limit_s))
             except REQUEST_ERRORS as exc:
                 code, message = status_of(exc)
                 return pb.SearchStreamResponse(index=index, tag=request.tag, error_code=code.value[0], error=message)
@@ -280,6 +280,11 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         if not request.ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "delete: no ids given")
+        try:
+            for external_id in request.ids:
+                check_id(external_id)
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"delete: {exc}")
         deleted, missing = await self._run(self.core.delete, list(request.ids))
         return pb.DeleteResponse(deleted=deleted, missing=missing)
 
