@@ -17,6 +17,8 @@ class ImageConfig:
     min_side: int = 16
     max_aspect: float = 12.0
     thumbnail_side: int = 256  # JPEG thumbnail stored per image for result pictures (0 = none)
+    # decoders untrusted bytes may reach (Pillow's names); every other format is refused unread
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # JPEG includes MPO (phones)
 
 
 @dataclass(frozen=True)
