@@ -27,6 +27,7 @@ def decode_image(data: bytes, config: ImageConfig) -> Image.Image:
     """
     if not data:
         raise ImageError("empty image: no bytes")
+    image = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns of damaged metadata it skips; the pixels are checked
@@ -46,7 +47,8 @@ def decode_image(data: bytes, config: ImageConfig) -> Image.Image:
             f"cannot decode image ({len(data)} bytes): not an image in a supported format ({kinds})"
         ) from exc
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise ImageError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+        damaged = f"damaged {image.format} data: " if image is not None and image.format else ""
+        raise ImageError(f"cannot decode image ({len(data)} bytes): {damaged}{exc}") from exc
     _check_geometry(image.size, config)
     try:
         return _to_rgb(image)

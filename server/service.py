@@ -32,6 +32,7 @@ from inserve.v1 import inserve_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MAX_ID_LENGTH = 512
+MAX_DETAILS = 2000  # characters of a status message
 T = TypeVar("T")
 
 GROUPINGS = {pb.GROUPING_NONE: "none", pb.GROUPING_VIDEO: "video", pb.GROUPING_SHOT: "shot"}
@@ -59,12 +60,26 @@ class Failed(Exception):
         self.what, self.error = what, error
 
 
+def shown(external_id: str, limit: int = 64) -> str:
+    """An id quoted for a message, cut short when long (the status details echo it to the caller)."""
+    return repr(external_id) if len(external_id) <= limit else f"{external_id[:limit]!r}... ({len(external_id)} chars)"
+
+
+def elided(message: str, limit: int = MAX_DETAILS) -> str:
+    """At most `limit` characters: the start and the end (where the reason is) of a longer message. Status
+    details travel as trailing metadata, which the client refuses beyond a few KiB."""
+    if len(message) <= limit:
+        return message
+    half = (limit - 5) // 2
+    return f"{message[:half]} ... {message[-half:]}"
+
+
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status code and message for a request error (wrapped in Failed or not)."""
     error, what = (exc.error, exc.what) if isinstance(exc, Failed) else (exc, "")
     code = next(code for kind, code in STATUS if isinstance(error, kind))
     message = "already indexed (set replace to re-index)" if isinstance(error, DuplicateId) else str(error)
-    return code, f"{what}: {message}" if what else message
+    return code, elided(f"{what}: {message}" if what else message)
 
 
 def deadline_of(context: grpc.aio.ServicerContext, limit_s: float | None = None) -> float | None:
@@ -131,7 +146,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
                 (future,) = self.core.submit_describe([inp], deadline)
                 return request, inp, await asyncio.wrap_future(future)
             except REQUEST_ERRORS as exc:
-                raise Failed(f"image {request.id!r}", exc) from exc
+                raise Failed(f"image {shown(request.id)}", exc) from exc
 
         try:
             async with aclosing(ordered(request_iterator, describe, self.window)) as described:
@@ -147,7 +162,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
                             replace=request.replace,
                         )
                     except DuplicateId as exc:
-                        raise Failed(f"image {request.id!r}", exc) from exc
+                        raise Failed(f"image {shown(request.id)}", exc) from exc
                     yield ack_message(indexed)
         except Failed as exc:
             await context.abort(*status_of(exc))
@@ -197,7 +212,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         if first is None or first.WhichOneof("part") != "header":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the video header")
         header = first.header
-        what = f"video {header.video_id!r}"
+        what = f"video {shown(header.video_id)}"
         if not self._videos.acquire(blocking=False):
             limit = self.core.config.video.max_concurrent
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}: {limit} videos are indexing; retry later")

@@ -129,5 +129,5 @@ def test_query_boxes_are_a_region_of_the_image_or_refused(box: tuple[float, ...]
         assert str(exc)
         return
     assert all(math.isfinite(v) for v in (x1, y1, x2, y2))
-    assert 0 <= x1 and x2 <= width and 0 <= y1 and y2 <= height
+    assert x1 >= 0 and x2 <= width and y1 >= 0 and y2 <= height
     assert x2 - x1 >= 1 and y2 - y1 >= 1
