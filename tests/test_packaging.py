@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,27 +25,14 @@ def test_the_editable_install_imports_from_outside_the_repo(tmp_path: Path) -> N
 
 
 def test_a_regular_install_builds_the_stubs_into_the_installed_package(tmp_path: Path) -> None:
-    target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            target,
-            ".",
-        ],
-        cwd=REPO,
-        check=True,
-        timeout=600,
-        capture_output=True,
-    )
-    assert (
-        not list((target / "inserve" / "v1").glob("*.proto"))
-        or (target / "inserve" / "v1" / "inserve_pb2.py").is_file()
-    )
+    """Installs a copy of the tracked files (a clean checkout), so the build leaves the repo untouched."""
+    checkout, target = tmp_path / "checkout", tmp_path / "site"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        if (REPO / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, checkout / name)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--target", target, "."], cwd=checkout, check=True, timeout=600, capture_output=True)
+    assert (target / "inserve" / "v1" / "inserve_pb2_grpc.py").is_file()
     assert imported_from(tmp_path, f"PYTHONPATH={target}").is_relative_to(target)
