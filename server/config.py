@@ -84,7 +84,7 @@ class LimitsConfig:
     max_streams_per_connection: int = 32  # HTTP/2 streams one client connection may open at once
     # the longest a request (a Search, each image of an IndexImages stream, each query of a SearchStream)
     # may wait in the server; a client deadline that comes sooner wins (None = the client's only)
-    request_deadline_s: float | None = 60.0
+    request_deadline_s: float | None = 120.0
     shutdown_grace_s: float = 30.0  # on SIGTERM, how long calls in flight may take to finish
 
 
