@@ -18,6 +18,7 @@ __all__ = ["DuplicateId", "ImageRow", "InstanceIndex", "NewKeyframe", "NewVector
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class SpaceStats:
     recipe: str
