@@ -18,8 +18,6 @@ __all__ = ["DuplicateId", "ImageRow", "InstanceIndex", "NewKeyframe", "NewVector
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_EVERY = 20_000  # vectors added before the graphs are snapshot again
-
 
 @dataclass(frozen=True)
 class SpaceStats:
@@ -107,7 +105,7 @@ class InstanceIndex:
                 self._spaces[key] = VectorSpace(v.raw.shape[1], self.config, None, 0)
             self._spaces[key].add(labels[key], v.raw)
             self._added_since_snapshot += len(labels[key])
-        if self._added_since_snapshot >= SNAPSHOT_EVERY:
+        if self._added_since_snapshot >= self.config.snapshot_every:
             self.snapshot()
 
     def delete(self, external_ids: list[str]) -> tuple[int, list[str]]:

@@ -172,7 +172,7 @@ def test_cancelled_and_expired_calls_leave_the_queue_unrun(models_dir: Path, tmp
     first answer, or giving them a 0.3 s deadline, must free the queue: most never reach the network."""
     calls = 48
     flags = ["--recipe", "gem", "--max-batch", "1", "--max-delay-ms", "0", "--queue-depth", "64", "--long-side", "512"]
-    with running_server(models_dir, tmp_path / "data", *flags, log_level="DEBUG") as running:
+    with running_server(models_dir, tmp_path / "data", *flags, global_flags=("--log-level", "DEBUG")) as running:
         image = jpeg(PHOTOS["astronaut"])
         with InstanceSearchClient(running.address, timeout=60) as client:
             client.wait_ready()
