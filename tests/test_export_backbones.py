@@ -34,7 +34,7 @@ REL = 1e-4
 NAMES = ["efficientnet_lite0", "resnet50", "vgg16"]
 EXPECTED_LAYERS = {
     # feat (name, stride, channels), desc (name, stride, channels)
-    "efficientnet_lite0": (("head", 32, 1280), ("blocks.10", 16, 112)),
+    "efficientnet_lite0": (("head", 32, 1280), ("blocks.12", 32, 192)),
     "resnet50": (("layer4.2", 32, 2048), ("layer4.0", 32, 2048)),
     "vgg16": (("conv5_3", 16, 512), ("conv5_1", 16, 512)),
 }
@@ -69,7 +69,7 @@ def original_outputs(name: str, pixels: np.ndarray) -> dict[str, np.ndarray]:
     elif name == "vgg16":
         feat_module, desc_module = model.features[29], model.features[25]  # ReLUs after conv5_3 and conv5_1
     else:
-        feat_module, desc_module = None, model._blocks[10]
+        feat_module, desc_module = None, model._blocks[12]
     hooks = [desc_module.register_forward_hook(lambda m, i, o: captured.setdefault("desc", o.clone()))]
     if feat_module is not None:
         hooks.append(feat_module.register_forward_hook(lambda m, i, o: captured.setdefault("feat", o.clone())))
