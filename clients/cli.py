@@ -409,11 +409,17 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     import grpc
 
+    from inserve.engines import EngineUnavailable
+    from inserve.server.models import ModelsError
+
     try:
         return args.fn(args)
     except grpc.RpcError as exc:  # refused calls the command does not explain itself (auth, limits...)
         print(f"inserve {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except (ModelsError, EngineUnavailable, FileNotFoundError) as exc:  # no export, no such dataset, no device
+        print(f"inserve {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -67,3 +67,15 @@ def test_stats_and_delete(server, indexed) -> None:
 def test_errors_are_one_line_and_a_nonzero_exit(server, indexed, photo_dir: Path) -> None:
     bad = inserve("search", "--server", server.address, str(photo_dir / "notes.txt"))
     assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_missing_models_are_one_line_naming_the_export_command(tmp_path: Path) -> None:
+    (tmp_path / "gnd.json").write_text('{"images": [], "queries": []}')
+    done = inserve("eval", str(tmp_path), "--models", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "run `inserve export --backbone efficientnet_lite0" in done.stderr
+
+
+def test_a_missing_dataset_is_one_line(tmp_path: Path) -> None:
+    done = inserve("eval", str(tmp_path / "no-dataset"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "gnd.json" in done.stderr
