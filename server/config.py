@@ -32,6 +32,46 @@ class DasrConfig:
 
 
 @dataclass(frozen=True)
+class CamConfig:
+    """Seed 001: class-weighted convolutional features."""
+
+    mode: str = "offline"  # "offline" (OfA: each image's own top classes) or "online" (OnA: the query's)
+    classes: int = 32  # N_C: class vectors summed (at most the CAM head's top-N)
+    pca_classes: int = 16  # N_pca: each image's first N class vectors train the class-vector whitening
+    rerank_classes: int = 2  # classes whose mean CAM gives the re-ranking boxes
+    thresholds: tuple[float, ...] = (0.01, 0.1, 0.2, 0.3, 0.4)  # fractions of the CAM's maximum
+
+
+@dataclass(frozen=True)
+class ClustersConfig:
+    """Seed 003: max-pooling over normalized-cut clusters of feature-map locations."""
+
+    pca_dims: int = 5  # C: local vectors are PCA-reduced to this many dimensions before clustering (4-7)
+    feature_clusters: tuple[int, ...] = (5, 20)  # one normalized cut per count
+    colour_clusters: int = 5
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """torchvision Faster R-CNN exported by `inserve export --detector`; no weights ship with inserve."""
+
+    path: Path | None = None  # detector.onnx, or the folder `inserve export --detector` wrote
+    proposals: int = 100  # RPN proposals kept per image as DeepVision regions
+    top_k: int = 2  # detections cropped per image by deep_region (seed 002: K = 2)
+
+
+@dataclass(frozen=True)
+class RegionRecipeConfig:
+    """DeepVision (seed 000), deep region CNN (seed 002) and DASR*+VLAD (seed 004) settings."""
+
+    deep_region_source: str = "detector"  # "detector" (seed 002) or "dasr_star" (its top-K regions instead)
+    deep_region_fusion: str = "concat"  # "concat", "mean" or "max" of the K crop embeddings
+    crop_size: int = 224  # crops are warped to crop_size x crop_size before re-embedding
+    vlad_k: int = 4  # codebook size (seed 004)
+    vlad_alpha: float = 0.5  # power-law exponent
+
+
+@dataclass(frozen=True)
 class IndexConfig:
     hnsw_m: int = 16
     ef_construction: int = 200
@@ -57,6 +97,10 @@ class ServerConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     dasr: DasrConfig = field(default_factory=DasrConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    clusters: ClustersConfig = field(default_factory=ClustersConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    regions: RegionRecipeConfig = field(default_factory=RegionRecipeConfig)
 
     @property
     def default_recipe(self) -> str:

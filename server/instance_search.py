@@ -15,7 +15,14 @@ from inserve.server.imaging import NetworkInput
 from inserve.server.index import InstanceIndex, SpaceStats
 from inserve.server.models import ModelBundle
 from inserve.server.pipeline import Pipeline
-from inserve.server.recipes import ImageVectors, build_recipes
+from inserve.server.recipes import (
+    ImageVectors,
+    QueryVector,
+    Recipe,
+    RecipeUnavailable,
+    build_recipes,
+    recipe_specs,
+)
 from inserve.server.search import Hit, SearchOptions, search
 
 log = logging.getLogger(__name__)
@@ -23,6 +30,10 @@ log = logging.getLogger(__name__)
 
 class RequestError(ValueError):
     """A request that cannot be served as asked (unknown recipe, bad top_k...); the message says why."""
+
+
+class UnavailableError(RequestError):
+    """The recipe asked for cannot run on this server (no detector file, no codebook...): what is missing."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +58,16 @@ class InstanceSearch:
         self.config = config
         self.models = models or ModelBundle.open(config.models, config.backbone, config.engine)
         self.recipes = build_recipes(config.recipes, config)
-        self.pipeline = Pipeline(self.models, self.recipes, config.image)
-        self.index = InstanceIndex(config.data_dir, config.index)
+        self.unavailable: dict[str, str] = {}
+        for name, recipe in self.recipes.items():
+            try:
+                recipe.check()
+            except RecipeUnavailable as exc:
+                self.unavailable[name] = str(exc)
+                log.warning("recipe %s is unavailable (the others are served): %s", name, exc)
+        available = {name: r for name, r in self.recipes.items() if name not in self.unavailable}
+        self.pipeline = Pipeline(self.models, available, config.image)
+        self.index = InstanceIndex(config.data_dir, config.index, recipe_specs(self.recipes))
         self._whitening = threading.Lock()
 
     def load(self, data: bytes) -> NetworkInput:
@@ -91,17 +110,34 @@ class InstanceSearch:
         if not self._whitening.acquire(blocking=False):
             return
         try:
-            for space in self.index.stats():
+            for space in self._parts_first():
                 if self.index.whitening_due(space.recipe, space.kind):
                     self.index.learn_whitening(space.recipe, space.kind)
         finally:
             self._whitening.release()
 
+    def _parts_first(self) -> list:
+        """Space stats with aggregates last: an aggregate is rebuilt whenever its parts' whitening changes."""
+        return sorted(self.index.stats(), key=lambda s: self.index.spec(s.recipe, s.kind).aggregate is not None)
+
     def recipe_name(self, recipe: str) -> str:
         name = recipe or self.config.default_recipe
         if name not in self.recipes:
             raise RequestError(f"unknown recipe {name!r}; this server indexes with {list(self.recipes)}")
+        if name in self.unavailable:
+            raise UnavailableError(f"recipe {name} is unavailable on this server: {self.unavailable[name]}")
         return name
+
+    def search_options(self, recipe: Recipe, options: SearchOptions) -> SearchOptions:
+        """The request's options with the recipe's defaults filled in, checked."""
+        rerank = recipe.default_rerank if options.rerank_top is None else options.rerank_top
+        expansion = recipe.default_query_expansion if options.query_expansion is None else options.query_expansion
+        for label, value in (("query_expansion", expansion), ("rerank_top", rerank)):
+            if value < 0 or value > self.config.max_top_k:
+                raise RequestError(f"{label} must be between 0 and {self.config.max_top_k}, got {value}")
+        if rerank and recipe.rerank_kind is None:
+            raise RequestError(f"recipe {recipe.name} stores no regions: spatial re-ranking needs a recipe that does")
+        return SearchOptions(query_expansion=expansion, rerank_top=rerank)
 
     def top_k(self, top_k: int) -> int:
         if top_k < 0 or top_k > self.config.max_top_k:
@@ -118,11 +154,34 @@ class InstanceSearch:
     ) -> list[Hit]:
         name = self.recipe_name(recipe)
         k = self.top_k(top_k)
-        if options.query_expansion < 0 or options.query_expansion > self.config.max_top_k:
-            raise RequestError(f"query_expansion must be between 0 and {self.config.max_top_k}")
+        options = self.search_options(self.recipes[name], options)
+        self._check_learned(name)
         inp = data if isinstance(data, NetworkInput) else self.load(data)
-        query = self.pipeline.query(inp, box, name)
-        return search(self.index, name, query, k, options)
+        return self.search_vector(name, self.pipeline.query(inp, box, name), k, options)
+
+    def query_vectors(
+        self, data: bytes | NetworkInput, box: tuple[float, float, float, float] | None, recipes: list[str]
+    ) -> dict[str, QueryVector]:
+        """One query image described by several recipes with one backbone run (the quality bench compares
+        recipes and options on the same queries this way)."""
+        names = [self.recipe_name(r) for r in recipes]
+        inp = data if isinstance(data, NetworkInput) else self.load(data)
+        return self.pipeline.queries(inp, box, names)
+
+    def search_vector(self, recipe: str, query: QueryVector, top_k: int, options: SearchOptions) -> list[Hit]:
+        """Search with a recipe's query vector; options None fields take the recipe's defaults."""
+        chosen = self.recipes[self.recipe_name(recipe)]
+        options = self.search_options(chosen, options)
+        self._check_learned(chosen.name)
+        return search(self.index, chosen.name, query, top_k, options, chosen.rerank_kind, chosen.region_source)
+
+    def _check_learned(self, name: str) -> None:
+        for model in self.recipes[name].learned_models:
+            if self.index.learned(name, model) is None:
+                raise UnavailableError(
+                    f"recipe {name} needs a {model} learned on other data: run `inserve learn-codebook "
+                    f"--data-dir {self.config.data_dir} --from DIR` (DIR: another data directory or image folder)"
+                )
 
     def delete(self, external_ids: list[str]) -> tuple[int, list[str]]:
         return self.index.delete(external_ids)
@@ -132,14 +191,14 @@ class InstanceSearch:
         with self._whitening:
             return {
                 (s.recipe, s.kind): self.index.learn_whitening(s.recipe, s.kind)
-                for s in self.index.stats()
-                if recipe in (None, s.recipe) and s.vectors >= 2
+                for s in self._parts_first()
+                if recipe in (None, s.recipe) and s.vectors >= 2 and self.index.spec(s.recipe, s.kind).whiten
             }
 
     def relearn_whitening(self) -> None:
         """Learn whitening from all vectors of every space that holds enough of them (batch indexing)."""
         with self._whitening:
-            for s in self.index.stats():
+            for s in self._parts_first():
                 if self.index.can_whiten(s.recipe, s.kind):
                     self.index.learn_whitening(s.recipe, s.kind)
 

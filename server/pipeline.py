@@ -50,8 +50,14 @@ class Pipeline:
 
     def query(self, inp: NetworkInput, box: tuple[float, float, float, float] | None, recipe: str) -> QueryVector:
         """Query vector of an image and an optional box in original pixels."""
+        return self.queries(inp, box, [recipe])[recipe]
+
+    def queries(
+        self, inp: NetworkInput, box: tuple[float, float, float, float] | None, recipes: list[str]
+    ) -> dict[str, QueryVector]:
+        """Query vectors of several recipes from one backbone run (and shared region sources)."""
         net_box = None
         if box is not None:
             net_box = inp.to_network(np.array(validate_box(box, inp.width, inp.height), dtype=np.float32))
         ((_, batch),) = self.batches([inp])
-        return self.recipes[recipe].query(batch, net_box)
+        return {name: self.recipes[name].query(batch, net_box) for name in recipes}

@@ -12,7 +12,7 @@ import grpc
 
 from inserve.server.imaging import ImageError
 from inserve.server.index import DuplicateId
-from inserve.server.instance_search import InstanceSearch, RequestError
+from inserve.server.instance_search import InstanceSearch, RequestError, UnavailableError
 from inserve.server.search import Hit, SearchOptions
 from inserve.v1 import inserve_pb2 as pb
 from inserve.v1 import inserve_pb2_grpc as pb_grpc
@@ -91,8 +91,11 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SearchHit]:
         try:
             box = _box(request.box) if request.HasField("box") else None
-            options = SearchOptions(query_expansion=request.options.query_expansion)
-            hits = await self._run(self.core.search, request.image, box, request.top_k, request.recipe, options)
+            hits = await self._run(
+                self.core.search, request.image, box, request.top_k, request.recipe, search_options(request.options)
+            )
+        except UnavailableError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"search: {exc}")
         except (ImageError, RequestError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"search: {exc}")
         thumbnails = self.core.index.store.thumbnails([h.image.id for h in hits]) if request.thumbnails else {}
@@ -113,6 +116,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
             backbone=stats.backbone,
             default_recipe=self.core.config.default_recipe,
             recipes=list(stats.recipes),
+            unavailable=self.core.unavailable,
             indexes=[
                 pb.VectorIndexStats(
                     recipe=s.recipe, kind=s.kind, vectors=s.vectors, dim=s.dim, whitening_version=s.whitening_version
@@ -120,6 +124,14 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
                 for s in stats.spaces
             ],
         )
+
+
+def search_options(message: pb.SearchOptions) -> SearchOptions:
+    """Absent fields stay None: the recipe's defaults apply."""
+    return SearchOptions(
+        query_expansion=message.query_expansion if message.HasField("query_expansion") else None,
+        rerank_top=message.rerank_top if message.HasField("rerank_top") else None,
+    )
 
 
 def hit_message(rank: int, hit: Hit, thumbnail: bytes = b"") -> pb.SearchHit:
@@ -133,6 +145,7 @@ def hit_message(rank: int, hit: Hit, thumbnail: bytes = b"") -> pb.SearchHit:
         height=hit.image.height,
         region_score=hit.region_score,
         thumbnail=thumbnail,
+        region_source=hit.region_source,
     )
     if hit.box is not None:
         message.box.CopyFrom(box_message(hit.box))
