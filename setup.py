@@ -21,8 +21,14 @@ class BuildPyWithStubs(build_py):
         out = PROTOS if self.editable_mode else Path(self.build_lib)
         sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
         well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-        args = [f"-I{PROTOS}", f"-I{well_known}", f"--python_out={out}", f"--pyi_out={out}",
-                f"--grpc_python_out={out}", *sources]
+        args = [
+            f"-I{PROTOS}",
+            f"-I{well_known}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            *sources,
+        ]
         if protoc.main(["protoc", *args]) != 0:
             raise SystemExit("protoc failed on " + " ".join(sources))
 

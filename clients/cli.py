@@ -13,6 +13,7 @@ from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DEFAULT_SERVER = "localhost:50051"
+GROUPINGS = ("none", "video", "shot")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -46,6 +47,7 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
     """The one place where flags become a ServerConfig."""
     from inserve.engines import EngineOptions
     from inserve.server.config import (
+        BatcherConfig,
         CamConfig,
         DasrConfig,
         DetectorConfig,
@@ -70,7 +72,19 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
     )
     if args.command == "serve":
         config = replace(
-            config, host=args.host, port=args.port, workers=args.workers, max_message_bytes=args.max_message_mb << 20
+            config,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            max_message_bytes=args.max_message_mb << 20,
+            batcher=BatcherConfig(
+                max_batch=args.max_batch,
+                max_delay_ms=args.max_delay_ms,
+                queue_depth=args.queue_depth,
+                runners=args.batch_runners,
+                buckets=tuple(args.buckets.split(",")),
+            ),
+            video=replace(config.video, media_root=args.media_root),
         )
     return config
 
@@ -161,6 +175,57 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_video(args: argparse.Namespace) -> int:
+    import grpc
+    from tqdm import tqdm
+
+    from inserve.clients.client import InstanceSearchClient, VideoItem
+
+    videos = [
+        VideoItem(
+            args.id_prefix + (Path(name).name if args.on_server else name.name),
+            file=None if args.on_server else name,
+            server_path=str(name) if args.on_server else "",
+            scene_threshold=args.scene_threshold,
+            min_interval_s=args.min_interval,
+            max_interval_s=args.max_interval,
+            iframes_only=args.iframes_only or None,
+        )
+        for name in args.files
+    ]
+    with InstanceSearchClient(args.server, timeout=args.timeout) as client:
+        for video in videos:
+            with tqdm(desc=video.id, unit="frame", disable=args.quiet, file=sys.stderr) as bar:
+                try:
+                    for progress in client.index_video(video):
+                        bar.update(progress.frames_decoded - bar.n)
+                        bar.set_postfix(keyframes=progress.keyframes_indexed, regions=progress.regions, refresh=False)
+                        last = progress
+                except grpc.RpcError as exc:
+                    print(f"inserve index-video: {video.id}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                    return 1
+            replaced = f", replaced {last.replaced} earlier keyframes" if last.replaced else ""
+            print(
+                f"{video.id}: {last.frames_decoded} frames ({last.duration_s:.1f} s), {last.shots} shots, "
+                f"{last.keyframes_indexed} keyframes, {last.regions} regions{replaced}"
+            )
+    return 0
+
+
+def hit_line(hit) -> str:
+    """One result line; keyframe hits show their video, time code, frame and shot."""
+    from inserve.clients.render import timecode
+
+    box = f"[{hit.box.x1:.0f},{hit.box.y1:.0f},{hit.box.x2:.0f},{hit.box.y2:.0f}]" if hit.HasField("box") else "-"
+    if hit.region_source:
+        box += f" ({hit.region_source})"
+    if hit.HasField("keyframe"):
+        kf = hit.keyframe
+        where = f"{kf.video_id}  {timecode(kf.time_s)}  frame {kf.frame}  shot {kf.shot}"
+        return f"{hit.rank:4d}  {hit.score:.4f}  {where}  {box}  {hit.source}"
+    return f"{hit.rank:4d}  {hit.score:.4f}  {hit.id}  {box}  {hit.source}"
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     import grpc
 
@@ -177,14 +242,13 @@ def cmd_search(args: argparse.Namespace) -> int:
                 args.qe,
                 thumbnails=args.show is not None,
                 rerank_top=args.rerank,
+                group=args.group,
             )
         except grpc.RpcError as exc:
             print(f"inserve search: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     for hit in hits:
-        box = f"[{hit.box.x1:.0f},{hit.box.y1:.0f},{hit.box.x2:.0f},{hit.box.y2:.0f}]" if hit.HasField("box") else "-"
-        source = f" ({hit.region_source})" if hit.region_source else ""
-        print(f"{hit.rank:4d}  {hit.score:.4f}  {hit.id}  {box}{source}  {hit.source}")
+        print(hit_line(hit))
     if args.show is not None:
         show_results(args.image, data, args.box, hits, args.show)
         print(f"wrote {args.show}")
@@ -192,16 +256,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def show_results(query_path: Path, data: bytes, box, hits, out: Path) -> None:
-    from inserve.clients.render import HIT_COLOUR, QUERY_COLOUR, Tile, open_image, render_results
+    from inserve.clients.render import HIT_COLOUR, QUERY_COLOUR, Tile, open_image, render_results, timecode
 
     query = open_image(data)
     tiles = [Tile(query, query.width, query.height, box, f"query\n{query_path.name}", QUERY_COLOUR)]
     for hit in hits:
-        picture = open_image(hit.thumbnail, hit.source)
+        picture = open_image(hit.thumbnail, "" if hit.HasField("keyframe") else hit.source)
         hit_box = (hit.box.x1, hit.box.y1, hit.box.x2, hit.box.y2) if hit.HasField("box") else None
-        tiles.append(
-            Tile(picture, hit.width, hit.height, hit_box, f"#{hit.rank} {hit.score:.3f}\n{hit.id}", HIT_COLOUR)
-        )
+        name = f"{hit.keyframe.video_id} {timecode(hit.keyframe.time_s)}" if hit.HasField("keyframe") else hit.id
+        tiles.append(Tile(picture, hit.width, hit.height, hit_box, f"#{hit.rank} {hit.score:.3f}\n{name}", HIT_COLOUR))
     render_results(tiles).save(out)
 
 
@@ -370,11 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="dasr_star", help="recipe(s) to index with, comma-separated; first = default")
     p.add_argument("--workers", type=int, default=2, help="threads running the networks")
     p.add_argument("--max-message-mb", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=8, help="images per network run (dynamic batching)")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="how long an image waits for a batch to fill")
+    p.add_argument("--queue-depth", type=int, default=64, help="images waiting; beyond it RESOURCE_EXHAUSTED")
+    p.add_argument("--batch-runners", type=int, default=1, help="batches running at once")
+    p.add_argument("--buckets", default="16:9,4:3,1:1,3:4", help="input shapes (W:H at the long side) to pad into")
+    p.add_argument("--media-root", type=Path, default=None, help="IndexVideo may read server files under this folder")
     _add_model_flags(p)
     p.set_defaults(fn=cmd_serve)
 
     for name, fn, text in (
         ("index", cmd_index, "index image files and folders"),
+        ("index-video", cmd_index_video, "index the keyframes of video files"),
         ("search", cmd_search, "search with a query image"),
         ("stats", cmd_stats, "what the server holds"),
         ("delete", cmd_delete, "delete images by id"),
@@ -388,6 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--replace", action="store_true", help="re-index ids that are already indexed")
             p.add_argument("--id-prefix", default="")
             p.add_argument("--quiet", action="store_true")
+        elif name == "index-video":
+            p.add_argument("files", type=Path, nargs="+", help="video files (ids = file names; re-indexing replaces)")
+            p.add_argument("--on-server", action="store_true", help="the files are paths under the server's media root")
+            p.add_argument("--id-prefix", default="")
+            p.add_argument("--scene-threshold", type=float, default=None, help="shot cut: chi-square distance 0..1")
+            p.add_argument("--min-interval", type=float, default=None, help="seconds between keyframes, at least")
+            p.add_argument("--max-interval", type=float, default=None, help="seconds between keyframes, at most")
+            p.add_argument("--iframes-only", action="store_true", help="keyframes among the codec's I-frames only")
+            p.add_argument("--quiet", action="store_true")
         elif name == "search":
             p.add_argument("image", type=Path)
             p.add_argument("--box", type=_box, default=None, help="x1,y1,x2,y2 in the query's pixels")
@@ -398,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--rerank", type=int, default=None, help="spatially re-rank the top N (default: recipe's)")
             p.add_argument("--show", type=Path, default=None, help="write the query and hits with boxes to this PNG")
+            p.add_argument("--group", choices=GROUPINGS, default="none", help="one hit per video or per shot")
         elif name == "delete":
             p.add_argument("ids", nargs="+")
 

@@ -12,8 +12,10 @@ from inserve.v1 import inserve_pb2 as pb
 from inserve.v1 import inserve_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+VIDEO_CHUNK_BYTES = 1 << 20
 
 Box = tuple[float, float, float, float]
+GROUPINGS = {"none": pb.GROUPING_NONE, "video": pb.GROUPING_VIDEO, "shot": pb.GROUPING_SHOT}
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,39 @@ class ImageItem:
         )
 
 
+@dataclass(frozen=True)
+class VideoItem:
+    """One video to index: a local file streamed in chunks, or a path on the server under its media root."""
+
+    id: str
+    file: Path | None = None
+    server_path: str = ""
+    source: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    scene_threshold: float | None = None  # None = the server's default, as the three below
+    min_interval_s: float | None = None
+    max_interval_s: float | None = None
+    iframes_only: bool | None = None
+
+    def header(self) -> pb.VideoHeader:
+        options = pb.KeyframeOptions()
+        for name in ("scene_threshold", "min_interval_s", "max_interval_s", "iframes_only"):
+            if getattr(self, name) is not None:
+                setattr(options, name, getattr(self, name))
+        source = self.source or (str(self.file) if self.file is not None else "")
+        return pb.VideoHeader(
+            video_id=self.id, path=self.server_path, source=source, metadata=self.metadata, options=options
+        )
+
+    def messages(self, chunk_bytes: int = VIDEO_CHUNK_BYTES) -> Iterator[pb.IndexVideoRequest]:
+        """The header, then the file's chunks (none when the server reads the file itself)."""
+        yield pb.IndexVideoRequest(header=self.header())
+        if self.file is not None and not self.server_path:
+            with Path(self.file).open("rb") as f:
+                while chunk := f.read(chunk_bytes):
+                    yield pb.IndexVideoRequest(chunk=chunk)
+
+
 def search_request(
     image: bytes,
     box: Box | None = None,
@@ -45,6 +80,7 @@ def search_request(
     query_expansion: int | None = None,
     thumbnails: bool = False,
     rerank_top: int | None = None,
+    group: str = "none",
 ) -> pb.SearchRequest:
     """query_expansion / rerank_top: None = the recipe's default, 0 = off."""
     request = pb.SearchRequest(
@@ -52,11 +88,15 @@ def search_request(
         top_k=top_k,
         recipe=recipe,
         thumbnails=thumbnails,
-        options=pb.SearchOptions(query_expansion=query_expansion, rerank_top=rerank_top),
+        options=pb.SearchOptions(query_expansion=query_expansion, rerank_top=rerank_top, group=GROUPINGS[group]),
     )
     if box is not None:
         request.box.CopyFrom(pb.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]))
     return request
+
+
+def _stream_request(query: pb.SearchRequest | pb.SearchStreamRequest) -> pb.SearchStreamRequest:
+    return query if isinstance(query, pb.SearchStreamRequest) else pb.SearchStreamRequest(query=query)
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -86,10 +126,22 @@ class InstanceSearchClient:
         query_expansion: int | None = None,
         thumbnails: bool = False,
         rerank_top: int | None = None,
+        group: str = "none",
     ) -> list[pb.SearchHit]:
         """query_expansion (M) and rerank_top (N): None = the recipe's default, 0 = off."""
-        request = search_request(image, box, top_k, recipe, query_expansion, thumbnails, rerank_top)
+        request = search_request(image, box, top_k, recipe, query_expansion, thumbnails, rerank_top, group)
         return list(self.stub.Search(request, timeout=self.timeout))
+
+    def search_stream(
+        self, queries: Iterable[pb.SearchRequest | pb.SearchStreamRequest]
+    ) -> Iterator[pb.SearchStreamResponse]:
+        """One response per query, in order (build queries with search_request); queries are sent as
+        they are produced, so a live source can feed the stream."""
+        return self.stub.SearchStream((_stream_request(q) for q in queries), timeout=self.timeout)
+
+    def index_video(self, video: VideoItem, chunk_bytes: int = VIDEO_CHUNK_BYTES) -> Iterator[pb.IndexVideoProgress]:
+        """Progress messages; the last has done = true. Raises grpc.RpcError when the server refuses."""
+        return self.stub.IndexVideo(video.messages(chunk_bytes), timeout=self.timeout)
 
     def delete(self, ids: list[str]) -> pb.DeleteResponse:
         return self.stub.Delete(pb.DeleteRequest(ids=ids), timeout=self.timeout)
@@ -143,9 +195,26 @@ class AsyncInstanceSearchClient:
         query_expansion: int | None = None,
         thumbnails: bool = False,
         rerank_top: int | None = None,
+        group: str = "none",
     ) -> list[pb.SearchHit]:
-        request = search_request(image, box, top_k, recipe, query_expansion, thumbnails, rerank_top)
+        request = search_request(image, box, top_k, recipe, query_expansion, thumbnails, rerank_top, group)
         return [hit async for hit in self.stub.Search(request, timeout=self.timeout)]
+
+    async def search_stream(
+        self, queries: AsyncIterable[pb.SearchRequest | pb.SearchStreamRequest]
+    ) -> AsyncIterator[pb.SearchStreamResponse]:
+        async def messages() -> AsyncIterator[pb.SearchStreamRequest]:
+            async for query in queries:
+                yield _stream_request(query)
+
+        async for response in self.stub.SearchStream(messages(), timeout=self.timeout):
+            yield response
+
+    async def index_video(
+        self, video: VideoItem, chunk_bytes: int = VIDEO_CHUNK_BYTES
+    ) -> AsyncIterator[pb.IndexVideoProgress]:
+        async for progress in self.stub.IndexVideo(video.messages(chunk_bytes), timeout=self.timeout):
+            yield progress
 
     async def delete(self, ids: list[str]) -> pb.DeleteResponse:
         return await self.stub.Delete(pb.DeleteRequest(ids=ids), timeout=self.timeout)

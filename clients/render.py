@@ -24,6 +24,15 @@ class Tile:
     colour: tuple[int, int, int]
 
 
+def timecode(seconds: float) -> str:
+    """HH:MM:SS.mmm"""
+    millis = round(max(0.0, seconds) * 1000)
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}.{millis:03d}"
+
+
 def open_image(data: bytes | None, source: str = "") -> Image.Image | None:
     """The hit's thumbnail, else its source file when this machine can read it."""
     if data:

@@ -123,10 +123,21 @@ def load_backbone(name: str, weights: str | Path | None = None, random_init: boo
         path = Path(weights)
         if not path.is_file():
             raise WeightsError(f"weights file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch.load raises pickle, zip and runtime errors for files it cannot read
+            raise WeightsError(
+                f"{path} is not a state-dict file torch can load ({type(exc).__name__}); "
+                "expected torchvision's format, as written by torch.save(model.state_dict(), PATH)"
+            ) from exc
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        if not isinstance(state, dict):
+            raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict of {name}")
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # tensors whose shapes do not fit
+            raise WeightsError(f"{path} does not fit {name}: {exc}") from exc
         if missing or unexpected:
             raise WeightsError(
                 f"{path} does not fit {name}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"

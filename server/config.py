@@ -82,6 +82,34 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class BatcherConfig:
+    """The dynamic batcher shared by every RPC: how long images wait for company, and how many may wait."""
+
+    max_batch: int = 8  # images per backbone / DASR run
+    max_delay_ms: float = 5.0  # how long the first image of a batch waits for more
+    queue_depth: int = 64  # images waiting to run; beyond it new work gets RESOURCE_EXHAUSTED
+    runners: int = 1  # batches run at once (each engine run uses the engine's own threads)
+    # network input shapes as width:height ratios at the configured long side; every image is padded into
+    # the smallest that holds it, alone or batched, so its vectors do not depend on its company
+    buckets: tuple[str, ...] = ("16:9", "4:3", "1:1", "3:4")  # wide (video), landscape, square, portrait
+    stream_window: int = 8  # requests of one stream (IndexImages, SearchStream) in flight at once
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """Video keyframe indexing: where server-side files may be read from, and keyframe selection defaults."""
+
+    media_root: Path | None = None  # IndexVideo may name files under this folder only (None = uploads only)
+    max_upload_bytes: int = 2 << 30
+    max_concurrent: int = 2  # videos indexing at once; more get RESOURCE_EXHAUSTED
+    scene_threshold: float = 0.3  # chi-square distance of 8x8x8 RGB histograms that starts a new shot
+    min_interval_s: float = 0.5  # keyframes at least this far apart
+    max_interval_s: float = 2.0  # and at most this far apart within a shot
+    iframes_only: bool = False  # consider only the codec's intra frames (decodes much less)
+    histogram_side: int = 64  # frames are shrunk to this many pixels on the long side for the histogram
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     data_dir: Path = Path("data")
     models: Path = Path("models")
@@ -97,6 +125,8 @@ class ServerConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     dasr: DasrConfig = field(default_factory=DasrConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     clusters: ClustersConfig = field(default_factory=ClustersConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)

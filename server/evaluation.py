@@ -152,7 +152,7 @@ def run_query_set(
         vectors = service.query_vectors(dataset.path(q.image).read_bytes(), q.box, recipes)
         for (recipe, options), score in zip(configs, scores):
             start = time.perf_counter()
-            hits = service.search_vector(recipe, vectors[recipe], len(dataset.images), options)
+            hits = service.find(recipe, vectors[recipe], len(dataset.images), options)
             score.seconds += time.perf_counter() - start
             score.add(q, hits)
         if progress:

@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
+from inserve.server.batcher import DynamicBatcher
 from inserve.server.config import ServerConfig
+from inserve.server.grouping import group_hits
 from inserve.server.imaging import NetworkInput
-from inserve.server.index import InstanceIndex, SpaceStats
+from inserve.server.index import InstanceIndex, NewKeyframe, SpaceStats
 from inserve.server.models import ModelBundle
-from inserve.server.pipeline import Pipeline
+from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import (
     ImageVectors,
     QueryVector,
-    Recipe,
     RecipeUnavailable,
     build_recipes,
     recipe_specs,
 )
-from inserve.server.search import Hit, SearchOptions, search
+from inserve.server.search import GROUPINGS, Hit, SearchOptions, search
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,13 @@ class Stats:
     spaces: list[SpaceStats]
     backbone: str
     recipes: tuple[str, ...]
+    videos: int = 0
+    keyframes: int = 0
 
 
 class InstanceSearch:
+    """Every image goes through one dynamic batcher, whoever asks: RPCs, video indexing, evaluation."""
+
     def __init__(self, config: ServerConfig, models: ModelBundle | None = None) -> None:
         self.config = config
         self.models = models or ModelBundle.open(config.models, config.backbone, config.engine)
@@ -66,15 +72,29 @@ class InstanceSearch:
                 self.unavailable[name] = str(exc)
                 log.warning("recipe %s is unavailable (the others are served): %s", name, exc)
         available = {name: r for name, r in self.recipes.items() if name not in self.unavailable}
-        self.pipeline = Pipeline(self.models, available, config.image)
+        self.pipeline = Pipeline(self.models, available, config.image, config.batcher.buckets)
         self.index = InstanceIndex(config.data_dir, config.index, recipe_specs(self.recipes))
+        self.batcher = DynamicBatcher(self.pipeline.run, self.pipeline.job_bucket, config.batcher)
         self._whitening = threading.Lock()
 
     def load(self, data: bytes) -> NetworkInput:
         return self.pipeline.load(data)
 
+    def submit_describe(
+        self, inputs: list[NetworkInput], deadline: float | None = None, wait: bool = False
+    ) -> list[Future[dict[str, ImageVectors]]]:
+        """Queue images to describe with every recipe; raises Overloaded when the queue is full (unless
+        `wait`). `deadline` in time.monotonic() seconds."""
+        return self.batcher.submit([DescribeJob(inp) for inp in inputs], deadline, wait)
+
     def describe(self, inputs: list[NetworkInput]) -> list[dict[str, ImageVectors]]:
-        return self.pipeline.describe(inputs)
+        """Blocking: describe images through the batcher, a batch's worth at a time."""
+        step = self.config.batcher.max_batch
+        described = []
+        for start in range(0, len(inputs), step):
+            futures = self.submit_describe(inputs[start : start + step], wait=True)
+            described += [future.result() for future in futures]
+        return described
 
     def store(
         self,
@@ -128,21 +148,64 @@ class InstanceSearch:
             raise UnavailableError(f"recipe {name} is unavailable on this server: {self.unavailable[name]}")
         return name
 
-    def search_options(self, recipe: Recipe, options: SearchOptions) -> SearchOptions:
-        """The request's options with the recipe's defaults filled in, checked."""
-        rerank = recipe.default_rerank if options.rerank_top is None else options.rerank_top
-        expansion = recipe.default_query_expansion if options.query_expansion is None else options.query_expansion
-        for label, value in (("query_expansion", expansion), ("rerank_top", rerank)):
-            if value < 0 or value > self.config.max_top_k:
-                raise RequestError(f"{label} must be between 0 and {self.config.max_top_k}, got {value}")
-        if rerank and recipe.rerank_kind is None:
-            raise RequestError(f"recipe {recipe.name} stores no regions: spatial re-ranking needs a recipe that does")
-        return SearchOptions(query_expansion=expansion, rerank_top=rerank)
-
     def top_k(self, top_k: int) -> int:
         if top_k < 0 or top_k > self.config.max_top_k:
             raise RequestError(f"top_k must be between 1 and {self.config.max_top_k} (0 = default), got {top_k}")
         return top_k or self.config.default_top_k
+
+    def search_options(self, recipe: str, options: SearchOptions) -> SearchOptions:
+        """The request's options checked, with the recipe's defaults filled in (no None left); raises
+        UnavailableError when the recipe needs a model that this index lacks."""
+        chosen = self.recipes[recipe]
+        rerank = chosen.default_rerank if options.rerank_top is None else options.rerank_top
+        expansion = chosen.default_query_expansion if options.query_expansion is None else options.query_expansion
+        for label, value in (("query_expansion", expansion), ("rerank_top", rerank)):
+            if value < 0 or value > self.config.max_top_k:
+                raise RequestError(f"{label} must be between 0 and {self.config.max_top_k}, got {value}")
+        if rerank and chosen.rerank_kind is None:
+            raise RequestError(f"recipe {recipe} stores no regions: spatial re-ranking needs a recipe that does")
+        if options.group not in GROUPINGS:
+            raise RequestError(f"unknown grouping {options.group!r}; choose one of {GROUPINGS}")
+        self._check_learned(recipe)
+        return SearchOptions(query_expansion=expansion, rerank_top=rerank, group=options.group)
+
+    def _check_learned(self, name: str) -> None:
+        for model in self.recipes[name].learned_models:
+            if self.index.learned(name, model) is None:
+                raise UnavailableError(
+                    f"recipe {name} needs a {model} learned on other data: run `inserve learn-codebook "
+                    f"--data-dir {self.config.data_dir} --from DIR` (DIR: another data directory or image folder)"
+                )
+
+    def submit_query(
+        self,
+        inp: NetworkInput,
+        box: tuple[float, float, float, float] | None,
+        recipe: str,
+        deadline: float | None = None,
+    ) -> Future[QueryVector]:
+        """Queue a query image (box checked here: ImageError); raises Overloaded when the queue is full."""
+        (future,) = self.batcher.submit([self.pipeline.query_job(inp, box, self.recipe_name(recipe))], deadline)
+        return future
+
+    def find(self, recipe: str, query: QueryVector, top_k: int, options: SearchOptions = SearchOptions()) -> list[Hit]:
+        """Ranked hits of a query vector; grouped per video or shot on request (asking the index for more
+        hits until top_k groups are found or it has no more). Options None fields take the recipe's defaults."""
+        options = self.search_options(recipe, options)
+        chosen = self.recipes[recipe]
+
+        def ranked(k: int) -> list[Hit]:
+            return search(self.index, recipe, query, k, options, chosen.rerank_kind, chosen.region_source)
+
+        if options.group == "none":
+            return ranked(top_k)
+        fetch = 4 * top_k
+        while True:
+            hits = ranked(fetch)
+            grouped = group_hits(hits, options.group)
+            if len(grouped) >= top_k or len(hits) < fetch:
+                return grouped[:top_k]
+            fetch *= 4
 
     def search(
         self,
@@ -154,34 +217,27 @@ class InstanceSearch:
     ) -> list[Hit]:
         name = self.recipe_name(recipe)
         k = self.top_k(top_k)
-        options = self.search_options(self.recipes[name], options)
-        self._check_learned(name)
+        options = self.search_options(name, options)
         inp = data if isinstance(data, NetworkInput) else self.load(data)
-        return self.search_vector(name, self.pipeline.query(inp, box, name), k, options)
+        query = self.submit_query(inp, box, name).result()
+        return self.find(name, query, k, options)
 
     def query_vectors(
         self, data: bytes | NetworkInput, box: tuple[float, float, float, float] | None, recipes: list[str]
     ) -> dict[str, QueryVector]:
-        """One query image described by several recipes with one backbone run (the quality bench compares
-        recipes and options on the same queries this way)."""
+        """One query image described by several recipes with one backbone run, outside the batcher (the
+        quality bench compares recipes and options on the same queries this way)."""
         names = [self.recipe_name(r) for r in recipes]
         inp = data if isinstance(data, NetworkInput) else self.load(data)
         return self.pipeline.queries(inp, box, names)
 
-    def search_vector(self, recipe: str, query: QueryVector, top_k: int, options: SearchOptions) -> list[Hit]:
-        """Search with a recipe's query vector; options None fields take the recipe's defaults."""
-        chosen = self.recipes[self.recipe_name(recipe)]
-        options = self.search_options(chosen, options)
-        self._check_learned(chosen.name)
-        return search(self.index, chosen.name, query, top_k, options, chosen.rerank_kind, chosen.region_source)
-
-    def _check_learned(self, name: str) -> None:
-        for model in self.recipes[name].learned_models:
-            if self.index.learned(name, model) is None:
-                raise UnavailableError(
-                    f"recipe {name} needs a {model} learned on other data: run `inserve learn-codebook "
-                    f"--data-dir {self.config.data_dir} --from DIR` (DIR: another data directory or image folder)"
-                )
+    def store_video(
+        self, video_id: str, keyframes: list[NewKeyframe], *, source: str = "", metadata: dict[str, str] | None = None
+    ) -> int:
+        """Replace a video's keyframes in one transaction; returns how many keyframes it had before."""
+        replaced = self.index.replace_video(video_id, keyframes, source=source, metadata=metadata)
+        self._whiten_when_due()
+        return replaced
 
     def delete(self, external_ids: list[str]) -> tuple[int, list[str]]:
         return self.index.delete(external_ids)
@@ -205,7 +261,11 @@ class InstanceSearch:
     def stats(self) -> Stats:
         spaces = self.index.stats()
         regions = sum(s.vectors for s in spaces if s.kind == "region")
-        return Stats(self.index.count_images(), regions, spaces, self.models.name, tuple(self.recipes))
+        videos, keyframes = self.index.store.count_videos()
+        return Stats(
+            self.index.count_images(), regions, spaces, self.models.name, tuple(self.recipes), videos, keyframes
+        )
 
     def close(self) -> None:
+        self.batcher.close()
         self.index.close()

@@ -64,6 +64,14 @@ class ModelBundle:
     def size_multiple(self) -> int:
         return int(self.manifest["input"]["size_multiple"])
 
+    @property
+    def pad_value(self) -> np.ndarray:
+        """Per-channel pixel value that the graph's normalisation maps to zero: what padding is filled with."""
+        normalization = self.manifest.get("normalization", {})
+        if not normalization.get("inside_graph", False):
+            return np.zeros(3, dtype=np.float32)
+        return np.asarray(normalization["mean"], dtype=np.float32)
+
     def layer(self, which: str) -> dict:
         """`feat` or `desc`: name, stride, channels."""
         return self.manifest["layers"][which]

@@ -1,63 +1,114 @@
-"""Images in, index vectors and query vectors out: decode, resize, one backbone run per batch, recipes."""
+"""Images in, index vectors and query vectors out: decode, resize, one backbone run per bucket batch, recipes.
+
+Every image runs padded into its shape bucket, alone or not, so its vectors are the same whichever
+images share its batch; the dynamic batcher calls `run` with the jobs of one bucket.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
-from inserve.server.config import ImageConfig
+from inserve.server.config import BatcherConfig, ImageConfig
 from inserve.server.imaging import NetworkInput, decode_image, prepare, validate_box
 from inserve.server.models import ModelBundle
 from inserve.server.recipes import FeatureBatch, ImageVectors, QueryVector, Recipe
+from inserve.server.stages.buckets import Shape, bucket_shapes, choose_bucket, crop_map, pad_batch
+
+
+@dataclass(frozen=True)
+class DescribeJob:
+    """Describe an image for the index with some recipes (None = all of the pipeline's)."""
+
+    inp: NetworkInput
+    recipes: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class QueryJob:
+    """The query vector of an image under one recipe; `box` in network pixels, None = the whole image."""
+
+    inp: NetworkInput
+    recipe: str
+    box: np.ndarray | None = None
+
+
+Job = DescribeJob | QueryJob
 
 
 class Pipeline:
-    def __init__(self, models: ModelBundle, recipes: dict[str, Recipe], image: ImageConfig, max_batch: int = 8) -> None:
+    def __init__(
+        self,
+        models: ModelBundle,
+        recipes: dict[str, Recipe],
+        image: ImageConfig,
+        buckets: tuple[str, ...] = BatcherConfig.buckets,
+    ) -> None:
         self.models = models
         self.recipes = recipes
         self.image = image
-        self.max_batch = max_batch
+        self.shapes = bucket_shapes(buckets, image.long_side, models.size_multiple)
 
     def load(self, data: bytes) -> NetworkInput:
         """Decoded, checked and resized; raises ImageError with the reason."""
-        image = decode_image(data, self.image)
+        return self.prepare(decode_image(data, self.image))
+
+    def prepare(self, image: Image.Image) -> NetworkInput:
+        """A decoded RGB image (a photo, a video frame) resized for the network."""
         return prepare(image, self.image.long_side, self.models.size_multiple, self.image.thumbnail_side)
 
-    def batches(self, inputs: list[NetworkInput]) -> list[tuple[list[int], FeatureBatch]]:
-        """Group images by network size and run the backbone once per group of up to max_batch."""
-        by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, inp in enumerate(inputs):
-            by_size[inp.pixels.shape].append(i)
-        out = []
-        for indices in by_size.values():
-            for start in range(0, len(indices), self.max_batch):
-                chunk = indices[start : start + self.max_batch]
-                pixels = np.stack([inputs[i].pixels for i in chunk])
-                maps = self.models.features(pixels)
-                out.append((chunk, FeatureBatch([inputs[i] for i in chunk], pixels, maps, self.models)))
-        return out
+    def bucket(self, inp: NetworkInput) -> Shape:
+        return choose_bucket(inp.pixels.shape[1], inp.pixels.shape[2], self.shapes)
 
-    def describe(self, inputs: list[NetworkInput], recipes: list[str] | None = None) -> list[dict[str, ImageVectors]]:
-        """For each image, its vectors under each recipe (all the pipeline's recipes by default)."""
-        names = list(self.recipes) if recipes is None else recipes
-        described: list[dict[str, ImageVectors]] = [{} for _ in inputs]
-        for indices, batch in self.batches(inputs):
+    def job_bucket(self, job: Job) -> Shape:
+        return self.bucket(job.inp)
+
+    def features(self, inputs: list[NetworkInput]) -> FeatureBatch:
+        """One backbone run over images of one bucket; every map cropped back to each image's own cells."""
+        shape = self.bucket(inputs[0])
+        if any(self.bucket(inp) != shape for inp in inputs):
+            raise ValueError("features() takes images of one shape bucket")
+        pixels = pad_batch([inp.pixels for inp in inputs], shape, self.models.pad_value)
+        maps = self.models.features(pixels)
+        cropped = {
+            name: [crop_map(m, (inp.pixels.shape[1], inp.pixels.shape[2]), shape[0]) for m, inp in zip(out, inputs)]
+            if out.ndim == 4
+            else list(out)
+            for name, out in maps.items()
+        }
+        return FeatureBatch(inputs, pixels, cropped, self.models)
+
+    def run(self, jobs: list[Job]) -> list[dict[str, ImageVectors] | QueryVector]:
+        """Jobs of one bucket in one backbone run (and one DASR run for those to describe), results in order."""
+        batch = self.features([job.inp for job in jobs])
+        results: list[dict[str, ImageVectors] | QueryVector] = [{} for _ in jobs]
+        describe = [i for i, job in enumerate(jobs) if isinstance(job, DescribeJob)]
+        if describe:
+            sub = batch if len(describe) == len(jobs) else batch.subset(describe)
+            names = {name: None for i in describe for name in (jobs[i].recipes or self.recipes)}
             for name in names:
-                for i, vectors in zip(indices, self.recipes[name].describe(batch)):
-                    described[i][name] = vectors
-        return described
+                for i, vectors in zip(describe, self.recipes[name].describe(sub)):
+                    if jobs[i].recipes is None or name in jobs[i].recipes:
+                        results[i][name] = vectors
+        for i, job in enumerate(jobs):
+            if isinstance(job, QueryJob):
+                results[i] = self.recipes[job.recipe].query(batch.subset([i]), job.box)
+        return results
 
-    def query(self, inp: NetworkInput, box: tuple[float, float, float, float] | None, recipe: str) -> QueryVector:
-        """Query vector of an image and an optional box in original pixels."""
-        return self.queries(inp, box, [recipe])[recipe]
+    def query_job(self, inp: NetworkInput, box: tuple[float, float, float, float] | None, recipe: str) -> QueryJob:
+        """Validates a query box in original pixels (ImageError) and maps it to network pixels."""
+        net_box = None
+        if box is not None:
+            net_box = inp.to_network(np.array(validate_box(box, inp.width, inp.height), dtype=np.float32))
+        return QueryJob(inp, recipe, net_box)
 
     def queries(
         self, inp: NetworkInput, box: tuple[float, float, float, float] | None, recipes: list[str]
     ) -> dict[str, QueryVector]:
-        """Query vectors of several recipes from one backbone run (and shared region sources)."""
-        net_box = None
-        if box is not None:
-            net_box = inp.to_network(np.array(validate_box(box, inp.width, inp.height), dtype=np.float32))
-        ((_, batch),) = self.batches([inp])
-        return {name: self.recipes[name].query(batch, net_box) for name in recipes}
+        """Query vectors of several recipes from one backbone run (and shared region sources), as `run` would
+        give each of them alone."""
+        job = self.query_job(inp, box, recipes[0])
+        batch = self.features([inp])
+        return {name: self.recipes[name].query(batch, job.box) for name in recipes}

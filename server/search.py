@@ -11,6 +11,8 @@ from inserve.server.index import ImageRow, InstanceIndex, VectorRow
 from inserve.server.recipes import QueryVector
 from inserve.server.stages.matching import best_region, expand_query, rerank_order
 
+GROUPINGS = ("none", "video", "shot")
+
 
 @dataclass(frozen=True)
 class SearchOptions:
@@ -18,6 +20,7 @@ class SearchOptions:
 
     query_expansion: int | None = None  # M: average the query with its top M hits and search again (0 = off)
     rerank_top: int | None = None  # N: re-score the top N images by their best-matching region (0 = off)
+    group: str = "none"  # "video": a video's best keyframe only; "shot": each shot's best keyframe only
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from contextlib import aclosing
+from dataclasses import asdict
+from typing import BinaryIO, TypeVar
 
 import grpc
 
+from inserve.server.batcher import BatcherClosed, DeadlineExceeded, Overloaded
+from inserve.server.config import VideoConfig
 from inserve.server.imaging import ImageError
 from inserve.server.index import DuplicateId
-from inserve.server.instance_search import InstanceSearch, RequestError, UnavailableError
+from inserve.server.instance_search import Indexed, InstanceSearch, RequestError, UnavailableError
 from inserve.server.search import Hit, SearchOptions
+from inserve.server.streams import ordered
+from inserve.server.video.decode import VideoError
+from inserve.server.video.indexer import VideoProgress, index_video
+from inserve.server.video.keyframes import SelectionRules
+from inserve.server.video.media import MediaAccessDenied, open_media
 from inserve.v1 import inserve_pb2 as pb
 from inserve.v1 import inserve_pb2_grpc as pb_grpc
 
@@ -21,6 +33,58 @@ log = logging.getLogger(__name__)
 
 MAX_ID_LENGTH = 512
 T = TypeVar("T")
+
+GROUPINGS = {pb.GROUPING_NONE: "none", pb.GROUPING_VIDEO: "video", pb.GROUPING_SHOT: "shot"}
+
+# What a request can go wrong with, and the status code that says so.
+STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (DuplicateId, grpc.StatusCode.ALREADY_EXISTS),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (BatcherClosed, grpc.StatusCode.UNAVAILABLE),
+    (MediaAccessDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (FileNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (UnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (VideoError, grpc.StatusCode.INVALID_ARGUMENT),
+    (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+REQUEST_ERRORS = tuple(kind for kind, _ in STATUS)
+
+
+class Failed(Exception):
+    """A request error with what it concerned (`image 'x'`), for the status message."""
+
+    def __init__(self, what: str, error: Exception) -> None:
+        super().__init__(f"{what}: {error}")
+        self.what, self.error = what, error
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and message for a request error (wrapped in Failed or not)."""
+    error, what = (exc.error, exc.what) if isinstance(exc, Failed) else (exc, "")
+    code = next(code for kind, code in STATUS if isinstance(error, kind))
+    message = "already indexed (set replace to re-index)" if isinstance(error, DuplicateId) else str(error)
+    return code, f"{what}: {message}" if what else message
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline in time.monotonic() seconds (None = none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def selection_rules(config: VideoConfig, options: pb.KeyframeOptions) -> SelectionRules:
+    """The server's keyframe selection defaults with what the request overrides."""
+    try:
+        return SelectionRules(
+            options.scene_threshold if options.HasField("scene_threshold") else config.scene_threshold,
+            options.min_interval_s if options.HasField("min_interval_s") else config.min_interval_s,
+            options.max_interval_s if options.HasField("max_interval_s") else config.max_interval_s,
+            options.iframes_only if options.HasField("iframes_only") else config.iframes_only,
+        )
+    except ValueError as exc:
+        raise RequestError(str(exc)) from exc
 
 
 def _box(message: pb.Box) -> tuple[float, float, float, float]:
@@ -39,68 +103,179 @@ def check_id(external_id: str) -> None:
 
 
 class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
+    """Decoding and index writes run in `executor`; the networks run in the core's shared batcher, which
+    the handlers await without holding a thread, so every concurrent call can join a batch."""
+
     def __init__(self, core: InstanceSearch, executor: ThreadPoolExecutor) -> None:
         self.core = core
         self.executor = executor
+        self.window = core.config.batcher.stream_window
+        self._videos = threading.BoundedSemaphore(core.config.video.max_concurrent)
 
     async def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
 
-    async def _abort_on_bad_input(self, context: grpc.aio.ServicerContext, exc: Exception, what: str) -> None:
-        if isinstance(exc, DuplicateId):
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"{what}: already indexed (set replace to re-index)")
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {exc}")
-
     async def IndexImages(
         self, request_iterator: AsyncIterator[pb.IndexImageRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.IndexImageAck]:
-        seen: set[str] = set()
-        async for request in request_iterator:
-            what = f"image {request.id!r}"
+        deadline = deadline_of(context)
+
+        async def describe(_: int, request: pb.IndexImageRequest) -> tuple:
             try:
                 check_id(request.id)
-                if request.id in seen and not request.replace:
-                    raise DuplicateId(request.id)
                 if not request.replace and self.core.index.contains(request.id):
                     raise DuplicateId(request.id)
-                indexed = await self._run(
-                    self.core.index_image,
-                    request.id,
-                    request.image,
-                    source=request.source,
-                    metadata=dict(request.metadata),
-                    replace=request.replace,
-                )
-            except (ImageError, RequestError, DuplicateId) as exc:
-                await self._abort_on_bad_input(context, exc, what)
-            seen.add(request.id)
-            regions = [
-                pb.Region(box=box_message(box), score=float(score))
-                for described in indexed.described.values()
-                for box, score in zip(described.regions.boxes, described.regions.scores)
-            ]
-            yield pb.IndexImageAck(
-                id=indexed.external_id,
-                width=indexed.width,
-                height=indexed.height,
-                regions=regions,
-                recipes=list(indexed.described),
-            )
+                inp = await self._run(self.core.load, request.image)
+                (future,) = self.core.submit_describe([inp], deadline)
+                return request, inp, await asyncio.wrap_future(future)
+            except REQUEST_ERRORS as exc:
+                raise Failed(f"image {request.id!r}", exc) from exc
+
+        try:
+            async with aclosing(ordered(request_iterator, describe, self.window)) as described:
+                async for request, inp, vectors in described:
+                    try:
+                        indexed = await self._run(
+                            self.core.store,
+                            request.id,
+                            inp,
+                            vectors,
+                            source=request.source,
+                            metadata=dict(request.metadata),
+                            replace=request.replace,
+                        )
+                    except DuplicateId as exc:
+                        raise Failed(f"image {request.id!r}", exc) from exc
+                    yield ack_message(indexed)
+        except Failed as exc:
+            await context.abort(*status_of(exc))
+
+    async def _search(self, request: pb.SearchRequest, deadline: float | None) -> list[pb.SearchHit]:
+        """One query through the batcher: its hits as messages (raises REQUEST_ERRORS)."""
+        name = self.core.recipe_name(request.recipe)
+        top_k = self.core.top_k(request.top_k)
+        options = self.core.search_options(name, search_options(request.options))
+        box = _box(request.box) if request.HasField("box") else None
+        inp = await self._run(self.core.load, request.image)
+        query = await asyncio.wrap_future(self.core.submit_query(inp, box, name, deadline))
+        hits = await self._run(self.core.find, name, query, top_k, options)
+        ids = [h.image.id for h in hits]
+        thumbnails = await self._run(self.core.index.store.thumbnails, ids) if request.thumbnails else {}
+        return [hit_message(rank, hit, thumbnails.get(hit.image.id, b"")) for rank, hit in enumerate(hits, start=1)]
 
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SearchHit]:
         try:
-            box = _box(request.box) if request.HasField("box") else None
-            hits = await self._run(
-                self.core.search, request.image, box, request.top_k, request.recipe, search_options(request.options)
-            )
-        except UnavailableError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"search: {exc}")
-        except (ImageError, RequestError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"search: {exc}")
-        thumbnails = self.core.index.store.thumbnails([h.image.id for h in hits]) if request.thumbnails else {}
-        for rank, hit in enumerate(hits, start=1):
-            yield hit_message(rank, hit, thumbnails.get(hit.image.id, b""))
+            hits = await self._search(request, deadline_of(context))
+        except REQUEST_ERRORS as exc:
+            await context.abort(*status_of(Failed("search", exc)))
+        for hit in hits:
+            yield hit
+
+    async def SearchStream(
+        self, request_iterator: AsyncIterator[pb.SearchStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SearchStreamResponse]:
+        deadline = deadline_of(context)
+
+        async def answer(index: int, request: pb.SearchStreamRequest) -> pb.SearchStreamResponse:
+            try:
+                hits = await self._search(request.query, deadline)
+            except REQUEST_ERRORS as exc:
+                code, message = status_of(exc)
+                return pb.SearchStreamResponse(index=index, tag=request.tag, error_code=code.value[0], error=message)
+            return pb.SearchStreamResponse(index=index, tag=request.tag, hits=hits)
+
+        async with aclosing(ordered(request_iterator, answer, self.window)) as responses:
+            async for response in responses:
+                yield response
+
+    async def IndexVideo(
+        self, request_iterator: AsyncIterator[pb.IndexVideoRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.IndexVideoProgress]:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("part") != "header":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the video header")
+        header = first.header
+        what = f"video {header.video_id!r}"
+        if not self._videos.acquire(blocking=False):
+            limit = self.core.config.video.max_concurrent
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}: {limit} videos are indexing; retry later")
+        released = False
+        try:
+            check_id(header.video_id)
+            rules = selection_rules(self.core.config.video, header.options)
+            if header.path:
+                file = await self._run(open_media, self.core.config.video.media_root, header.path)
+            else:
+                file = await self._receive(requests, self.core.config.video.max_upload_bytes)
+            released = True  # from here on the indexing thread releases the slot when it ends
+            async with aclosing(self._index_video(header, file, rules, deadline_of(context))) as updates:
+                async for progress in updates:
+                    yield progress_message(progress)
+        except REQUEST_ERRORS as exc:
+            await context.abort(*status_of(Failed(what, exc)))
+        finally:
+            if not released:
+                self._videos.release()
+
+    @staticmethod
+    async def _receive(requests: AsyncIterator[pb.IndexVideoRequest], limit: int) -> BinaryIO:
+        """The uploaded chunks in a temporary file (deleted when closed)."""
+        file = tempfile.TemporaryFile(prefix="inserve-video-")  # noqa: SIM115 (returned open, closed by the caller)
+        size = 0
+        try:
+            async for request in requests:
+                if request.WhichOneof("part") != "chunk":
+                    raise RequestError("only chunks may follow the header")
+                size += len(request.chunk)
+                if size > limit:
+                    raise Overloaded(f"upload exceeds the {limit}-byte limit for videos")
+                file.write(request.chunk)
+            if size == 0:
+                raise VideoError("no video: neither a path nor any chunk was sent")
+            file.seek(0)
+            return file
+        except BaseException:
+            file.close()
+            raise
+
+    async def _index_video(
+        self, header: pb.VideoHeader, file: BinaryIO, rules: SelectionRules, deadline: float | None
+    ) -> AsyncIterator[VideoProgress]:
+        """Runs index_video in its own thread (it may take minutes) and relays its progress."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[VideoProgress | None] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def report(update: VideoProgress | None) -> None:
+            loop.call_soon_threadsafe(updates.put_nowait, update)
+
+        def work() -> VideoProgress:
+            try:
+                with file:
+                    return index_video(
+                        self.core,
+                        header.video_id,
+                        file,
+                        rules,
+                        source=header.source or header.path,
+                        metadata=dict(header.metadata),
+                        progress=report,
+                        cancelled=cancelled,
+                        deadline=deadline,
+                    )
+            finally:
+                self._videos.release()
+                report(None)
+
+        job = loop.run_in_executor(None, work)
+        try:
+            while (update := await updates.get()) is not None:
+                yield update
+            await job
+        finally:
+            cancelled.set()
 
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         if not request.ids:
@@ -113,6 +288,8 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         return pb.Stats(
             images=stats.images,
             regions=stats.regions,
+            videos=stats.videos,
+            keyframes=stats.keyframes,
             backbone=stats.backbone,
             default_recipe=self.core.config.default_recipe,
             recipes=list(stats.recipes),
@@ -127,11 +304,33 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
 
 
 def search_options(message: pb.SearchOptions) -> SearchOptions:
-    """Absent fields stay None: the recipe's defaults apply."""
+    """Absent numbers stay None: the recipe's defaults apply."""
+    if message.group not in GROUPINGS:
+        raise RequestError(f"unknown grouping {message.group}")
     return SearchOptions(
         query_expansion=message.query_expansion if message.HasField("query_expansion") else None,
         rerank_top=message.rerank_top if message.HasField("rerank_top") else None,
+        group=GROUPINGS[message.group],
     )
+
+
+def ack_message(indexed: Indexed) -> pb.IndexImageAck:
+    regions = [
+        pb.Region(box=box_message(box), score=float(score))
+        for described in indexed.described.values()
+        for box, score in zip(described.regions.boxes, described.regions.scores)
+    ]
+    return pb.IndexImageAck(
+        id=indexed.external_id,
+        width=indexed.width,
+        height=indexed.height,
+        regions=regions,
+        recipes=list(indexed.described),
+    )
+
+
+def progress_message(progress: VideoProgress) -> pb.IndexVideoProgress:
+    return pb.IndexVideoProgress(**asdict(progress))
 
 
 def hit_message(rank: int, hit: Hit, thumbnail: bytes = b"") -> pb.SearchHit:
@@ -149,4 +348,9 @@ def hit_message(rank: int, hit: Hit, thumbnail: bytes = b"") -> pb.SearchHit:
     )
     if hit.box is not None:
         message.box.CopyFrom(box_message(hit.box))
+    image = hit.image
+    if image.video_id is not None:
+        message.keyframe.CopyFrom(
+            pb.Keyframe(video_id=image.video_id, frame=image.frame, time_s=image.time_s, shot=image.shot)
+        )
     return message

@@ -169,7 +169,7 @@ def with_eltwise_sums(model: nn.Module) -> nn.Module:
     return model
 
 
-def _first_output_into(captured: list[torch.Tensor]) -> Callable:
+def first_output_into(captured: list[torch.Tensor]) -> Callable:
     def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
         if not captured:
             captured.append(output)
@@ -193,7 +193,7 @@ def reference_maps(
         captured: list[torch.Tensor] = []
         handle = None
         if stop_module is not None:
-            handle = stop_module.register_forward_hook(_first_output_into(captured))
+            handle = stop_module.register_forward_hook(first_output_into(captured))
         inp = image[b : b + 1].clone().requires_grad_()
         with excitation_rules():
             feat = feat_fn(inp)

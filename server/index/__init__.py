@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from inserve.server.config import IndexConfig
-from inserve.server.index.store import DuplicateId, ImageRow, MetadataStore, NewVectors, VectorRow
+from inserve.server.index.store import DuplicateId, ImageRow, MetadataStore, NewKeyframe, NewVectors, VectorRow
 from inserve.server.index.vectors import VectorSpace
 from inserve.server.stages.pooling import l2_normalize
 from inserve.server.stages.whitening import pca_whiten
@@ -21,6 +21,7 @@ __all__ = [
     "DuplicateId",
     "ImageRow",
     "InstanceIndex",
+    "NewKeyframe",
     "NewVectors",
     "SpaceSpec",
     "SpaceStats",
@@ -141,18 +142,36 @@ class InstanceIndex:
             )
             for space in self._spaces.values():
                 space.remove(removed)
-            for v in vectors:
-                key = (v.recipe, v.kind)
-                if key not in self._spaces:
-                    self._spaces[key] = VectorSpace(v.raw.shape[1], self.config, None, 0, self.spec(*key).searchable)
-                self._spaces[key].add(labels[key], v.raw)
-                self._added_since_snapshot += len(labels[key])
-            for v in vectors:
-                for recipe, kind in self._aggregates(v.recipe, v.kind):
-                    self._aggregate_image(recipe, kind, labels[(v.recipe, v.kind)], v.raw)
-            if self._added_since_snapshot >= SNAPSHOT_EVERY:
-                self.snapshot()
+            self._add_vectors(vectors, labels)
         return image_id
+
+    def replace_video(
+        self, video_id: str, keyframes: list[NewKeyframe], *, source: str = "", metadata: dict[str, str] | None = None
+    ) -> int:
+        """Replace all keyframes of a video atomically (one SQLite transaction; the graphs follow under the
+        index lock, so no search sees a mix). Returns how many keyframes were replaced."""
+        with self._lock:
+            labels, removed, replaced = self.store.replace_video(video_id, source, metadata or {}, keyframes)
+            for space in self._spaces.values():
+                space.remove(removed)
+            for keyframe, keyframe_labels in zip(keyframes, labels):
+                self._add_vectors(keyframe.vectors, keyframe_labels)
+        return replaced
+
+    def _add_vectors(self, vectors: list[NewVectors], labels: dict[tuple[str, str], np.ndarray]) -> None:
+        """Committed vectors into their graphs and their images' aggregates (under the index lock); snapshots
+        when due."""
+        for v in vectors:
+            key = (v.recipe, v.kind)
+            if key not in self._spaces:
+                self._spaces[key] = VectorSpace(v.raw.shape[1], self.config, None, 0, self.spec(*key).searchable)
+            self._spaces[key].add(labels[key], v.raw)
+            self._added_since_snapshot += len(labels[key])
+        for v in vectors:
+            for recipe, kind in self._aggregates(v.recipe, v.kind):
+                self._aggregate_image(recipe, kind, labels[(v.recipe, v.kind)], v.raw)
+        if self._added_since_snapshot >= SNAPSHOT_EVERY:
+            self.snapshot()
 
     def delete(self, external_ids: list[str]) -> tuple[int, list[str]]:
         """Delete images; returns how many were deleted and the ids that were not indexed."""

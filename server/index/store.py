@@ -19,7 +19,7 @@ import numpy as np
 
 from inserve.server.stages.whitening import Whitening
 
-SCHEMA_VERSION = 2  # 2: vectors.tag, learned
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,22 +47,10 @@ CREATE TABLE IF NOT EXISTS vectors (
     kind TEXT NOT NULL,
     x1 REAL, y1 REAL, x2 REAL, y2 REAL,
     score REAL NOT NULL DEFAULT 0,
-    raw BLOB NOT NULL,
-    tag INTEGER
+    raw BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS vectors_by_image ON vectors(image_id);
 CREATE INDEX IF NOT EXISTS vectors_by_space ON vectors(recipe, kind, label);
-CREATE INDEX IF NOT EXISTS vectors_by_tag ON vectors(recipe, kind, tag);
-CREATE TABLE IF NOT EXISTS learned (
-    recipe TEXT NOT NULL,
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    shape TEXT NOT NULL,
-    data BLOB NOT NULL,
-    source TEXT NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (recipe, name, version)
-);
 CREATE TABLE IF NOT EXISTS whitenings (
     recipe TEXT NOT NULL,
     kind TEXT NOT NULL,
@@ -75,6 +63,33 @@ CREATE TABLE IF NOT EXISTS whitenings (
     PRIMARY KEY (recipe, kind, version)
 );
 """
+
+# Statements that bring a database of version N - 1 to version N; SCHEMA above is version 1.
+MIGRATIONS: dict[int, list[str]] = {
+    2: [  # video keyframes are images with the video they come from, their frame, time and shot
+        "ALTER TABLE images ADD COLUMN video_id TEXT",
+        "ALTER TABLE images ADD COLUMN frame INTEGER",
+        "ALTER TABLE images ADD COLUMN time_s REAL",
+        "ALTER TABLE images ADD COLUMN shot INTEGER",
+        "CREATE INDEX IF NOT EXISTS images_by_video ON images(video_id, shot) WHERE video_id IS NOT NULL",
+    ],
+    3: [  # a vector's tag (e.g. the class of a CAM class vector); models learned on other data (codebooks)
+        "ALTER TABLE vectors ADD COLUMN tag INTEGER",
+        "CREATE INDEX IF NOT EXISTS vectors_by_tag ON vectors(recipe, kind, tag)",
+        """CREATE TABLE IF NOT EXISTS learned (
+            recipe TEXT NOT NULL,
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            shape TEXT NOT NULL,
+            data BLOB NOT NULL,
+            source TEXT NOT NULL,
+            created REAL NOT NULL,
+            PRIMARY KEY (recipe, name, version)
+        )""",
+    ],
+}
+
+IMAGE_COLUMNS = "id, external_id, source, width, height, metadata, video_id, frame, time_s, shot"
 
 
 class DuplicateId(KeyError):
@@ -89,6 +104,15 @@ class ImageRow:
     width: int
     height: int
     metadata: dict[str, str]
+    video_id: str | None = None  # set for video keyframes, with the three below
+    frame: int | None = None
+    time_s: float | None = None
+    shot: int | None = None
+
+    @staticmethod
+    def from_row(row: tuple) -> ImageRow:
+        """From a SELECT of IMAGE_COLUMNS."""
+        return ImageRow(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), *row[6:10])
 
 
 @dataclass(frozen=True)
@@ -120,6 +144,20 @@ def _unpack(rows: list[tuple[int, int, bytes]]) -> tuple[np.ndarray, np.ndarray,
     return labels, image_ids, np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
 
 
+@dataclass(frozen=True)
+class NewKeyframe:
+    """One keyframe of a video to index: an image with its frame number, time and shot."""
+
+    external_id: str
+    frame: int
+    time_s: float
+    shot: int
+    width: int
+    height: int
+    vectors: list[NewVectors]
+    thumbnail: bytes = b""
+
+
 class MetadataStore:
     """Thread-safe access to the SQLite file; one writer at a time, readers in parallel (WAL)."""
 
@@ -131,18 +169,16 @@ class MetadataStore:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         with self._transaction() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if found is not None and int(found[0]) == 1:
-                db.execute("ALTER TABLE vectors ADD COLUMN tag INTEGER")
-                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
-                found = (str(SCHEMA_VERSION),)
             for statement in filter(str.strip, SCHEMA.split(";")):
                 db.execute(statement)
-            if found is None:
-                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(found[0]) != SCHEMA_VERSION:
-                raise RuntimeError(f"{path} has schema version {found[0]}, this inserve reads {SCHEMA_VERSION}")
+            found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = 1 if found is None else int(found[0])
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{path} has schema version {version}, this inserve reads up to {SCHEMA_VERSION}")
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -200,37 +236,92 @@ class MetadataStore:
                     raise DuplicateId(external_id)
                 removed = [r[0] for r in db.execute("SELECT label FROM vectors WHERE image_id = ?", (old[0],))]
                 db.execute("DELETE FROM images WHERE id = ?", (old[0],))
-            cursor = db.execute(
-                "INSERT INTO images (external_id, source, width, height, metadata, thumbnail, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    external_id,
-                    source,
-                    width,
-                    height,
-                    json.dumps(metadata, sort_keys=True),
-                    thumbnail or None,
-                    time.time(),
-                ),
+            image_id, labels = self._insert_image(
+                db, external_id, source, width, height, metadata, vectors, thumbnail, (None, None, None, None)
             )
-            image_id = int(cursor.lastrowid)
-            labels: dict[tuple[str, str], np.ndarray] = {}
-            for v in vectors:
-                raw = np.ascontiguousarray(v.raw, dtype=np.float32).reshape(len(v.raw), -1)
-                self._ensure_space(db, v.recipe, v.kind, raw.shape[1])
-                new = []
-                for i, row in enumerate(raw):
-                    box = (None,) * 4 if v.boxes is None else tuple(float(c) for c in v.boxes[i])
-                    score = 0.0 if v.scores is None else float(v.scores[i])
-                    tag = None if v.tags is None else int(v.tags[i])
-                    cursor = db.execute(
-                        "INSERT INTO vectors (image_id, recipe, kind, x1, y1, x2, y2, score, raw, tag)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (image_id, v.recipe, v.kind, *box, score, row.tobytes(), tag),
-                    )
-                    new.append(cursor.lastrowid)
-                labels[(v.recipe, v.kind)] = np.asarray(new, dtype=np.int64)
         return image_id, labels, removed
+
+    def replace_video(
+        self, video_id: str, source: str, metadata: dict[str, str], keyframes: list[NewKeyframe]
+    ) -> tuple[list[dict[tuple[str, str], np.ndarray]], list[int], int]:
+        """Replace every keyframe of a video in one transaction: until it commits, readers see the old ones.
+
+        Returns the new labels per (recipe, kind) of each keyframe, the labels of the keyframes removed and
+        how many keyframes were removed.
+        Raises DuplicateId when a keyframe's external id belongs to an image of something else.
+        """
+        with self._transaction() as db:
+            removed = [
+                r[0]
+                for r in db.execute(
+                    "SELECT v.label FROM vectors v JOIN images i ON i.id = v.image_id WHERE i.video_id = ?",
+                    (video_id,),
+                )
+            ]
+            replaced = db.execute("DELETE FROM images WHERE video_id = ?", (video_id,)).rowcount
+            labels = []
+            for kf in keyframes:
+                if db.execute("SELECT 1 FROM images WHERE external_id = ?", (kf.external_id,)).fetchone():
+                    raise DuplicateId(kf.external_id)
+                _, new = self._insert_image(
+                    db,
+                    kf.external_id,
+                    source,
+                    kf.width,
+                    kf.height,
+                    metadata,
+                    kf.vectors,
+                    kf.thumbnail,
+                    (video_id, kf.frame, kf.time_s, kf.shot),
+                )
+                labels.append(new)
+        return labels, removed, replaced
+
+    def _insert_image(
+        self,
+        db: sqlite3.Connection,
+        external_id: str,
+        source: str,
+        width: int,
+        height: int,
+        metadata: dict[str, str],
+        vectors: Iterable[NewVectors],
+        thumbnail: bytes,
+        video: tuple[str | None, int | None, float | None, int | None],
+    ) -> tuple[int, dict[tuple[str, str], np.ndarray]]:
+        """Insert one image row and its vectors inside the caller's transaction."""
+        cursor = db.execute(
+            "INSERT INTO images (external_id, source, width, height, metadata, thumbnail, created,"
+            " video_id, frame, time_s, shot) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                external_id,
+                source,
+                width,
+                height,
+                json.dumps(metadata, sort_keys=True),
+                thumbnail or None,
+                time.time(),
+                *video,
+            ),
+        )
+        image_id = int(cursor.lastrowid)
+        labels: dict[tuple[str, str], np.ndarray] = {}
+        for v in vectors:
+            raw = np.ascontiguousarray(v.raw, dtype=np.float32).reshape(len(v.raw), -1)
+            self._ensure_space(db, v.recipe, v.kind, raw.shape[1])
+            new = []
+            for i, row in enumerate(raw):
+                box = (None,) * 4 if v.boxes is None else tuple(float(c) for c in v.boxes[i])
+                score = 0.0 if v.scores is None else float(v.scores[i])
+                tag = None if v.tags is None else int(v.tags[i])
+                cursor = db.execute(
+                    "INSERT INTO vectors (image_id, recipe, kind, x1, y1, x2, y2, score, raw, tag)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (image_id, v.recipe, v.kind, *box, score, row.tobytes(), tag),
+                )
+                new.append(cursor.lastrowid)
+            labels[(v.recipe, v.kind)] = np.asarray(new, dtype=np.int64)
+        return image_id, labels
 
     def ensure_space(self, recipe: str, kind: str, dim: int) -> None:
         """Record a space that holds no vectors of its own (an aggregate), so that its whitening can be saved."""
@@ -250,17 +341,20 @@ class MetadataStore:
             raise ValueError(f"{recipe}/{kind} vectors have {row[0]} dimensions in this index, got {dim}")
 
     def delete_images(self, external_ids: list[str]) -> tuple[list[int], list[str]]:
-        """Delete images and their vectors; returns the labels removed and the ids not found."""
+        """Delete images (or, for a video id, all its keyframes) and their vectors; returns the labels
+        removed and the ids not found."""
         labels: list[int] = []
         missing: list[str] = []
         with self._transaction() as db:
             for external_id in external_ids:
-                row = db.execute("SELECT id FROM images WHERE external_id = ?", (external_id,)).fetchone()
-                if row is None:
+                rows = db.execute("SELECT id FROM images WHERE external_id = ?", (external_id,)).fetchall()
+                rows = rows or db.execute("SELECT id FROM images WHERE video_id = ?", (external_id,)).fetchall()
+                if not rows:
                     missing.append(external_id)
                     continue
-                labels += [r[0] for r in db.execute("SELECT label FROM vectors WHERE image_id = ?", (row[0],))]
-                db.execute("DELETE FROM images WHERE id = ?", (row[0],))
+                for (image_id,) in rows:
+                    labels += [r[0] for r in db.execute("SELECT label FROM vectors WHERE image_id = ?", (image_id,))]
+                    db.execute("DELETE FROM images WHERE id = ?", (image_id,))
         return labels, missing
 
     def has_image(self, external_id: str) -> bool:
@@ -407,10 +501,8 @@ class MetadataStore:
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
             marks = ",".join("?" * len(chunk))
-            for row in self._db().execute(
-                f"SELECT id, external_id, source, width, height, metadata FROM images WHERE id IN ({marks})", chunk
-            ):
-                found[row[0]] = ImageRow(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+            for row in self._db().execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE id IN ({marks})", chunk):
+                found[row[0]] = ImageRow.from_row(row)
         return found
 
     def thumbnails(self, image_ids: Iterable[int]) -> dict[int, bytes]:
@@ -426,15 +518,20 @@ class MetadataStore:
         return found
 
     def image_by_external_id(self, external_id: str) -> ImageRow | None:
-        row = (
-            self._db()
-            .execute(
-                "SELECT id, external_id, source, width, height, metadata FROM images WHERE external_id = ?",
-                (external_id,),
-            )
-            .fetchone()
+        row = self._db().execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE external_id = ?", (external_id,)).fetchone()
+        return None if row is None else ImageRow.from_row(row)
+
+    def keyframes(self, video_id: str) -> list[ImageRow]:
+        """A video's keyframes in time order."""
+        rows = self._db().execute(
+            f"SELECT {IMAGE_COLUMNS} FROM images WHERE video_id = ? ORDER BY time_s, frame", (video_id,)
         )
-        return None if row is None else ImageRow(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+        return [ImageRow.from_row(row) for row in rows]
+
+    def count_videos(self) -> tuple[int, int]:
+        """Videos and keyframes indexed."""
+        row = self._db().execute("SELECT COUNT(DISTINCT video_id), COUNT(video_id) FROM images").fetchone()
+        return int(row[0]), int(row[1])
 
     def count_images(self) -> int:
         return int(self._db().execute("SELECT COUNT(*) FROM images").fetchone()[0])

@@ -21,22 +21,44 @@ class RecipeUnavailable(RuntimeError):
 
 @dataclass
 class FeatureBatch:
-    """Same-size images after one backbone run; recipes share it and what they derive from it."""
+    """Images of one shape bucket after one backbone run; recipes share it and what they derive from it.
+
+    `pixels` is the padded batch the engines run on: image i fills pixels[i, :, :h_i, :w_i] (its own pixels
+    are `inputs[i].pixels`). Each image's maps are cropped back to the cells of its own pixels
+    (`maps[name][i]`), so no pooling or peak search sees the padding; `logits` come from the graph's pooling
+    over the padded map.
+    """
 
     inputs: list[NetworkInput]
     pixels: np.ndarray  # (B, 3, H, W)
-    maps: dict[str, np.ndarray]  # feat, desc, logits
+    maps: dict[str, list[np.ndarray]]  # feat, desc: per image (C, h_i, w_i); logits: per image (K,)
     models: ModelBundle
     derived: dict[str, object] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.inputs)
 
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of each image's own pixels inside the padded batch."""
+        return [(inp.pixels.shape[1], inp.pixels.shape[2]) for inp in self.inputs]
+
+    def subset(self, indices: list[int]) -> FeatureBatch:
+        """The same run restricted to some of its images (what they derive is computed again)."""
+        return FeatureBatch(
+            [self.inputs[i] for i in indices],
+            self.pixels[indices],
+            {name: [maps[i] for i in indices] for name, maps in self.maps.items()},
+            self.models,
+        )
+
     @staticmethod
     def run(models: ModelBundle, pixels: np.ndarray) -> FeatureBatch:
-        """One backbone run over same-size images (B, 3, H, W) that have no original beyond themselves."""
+        """One backbone run over same-size images (B, 3, H, W) that have no original beyond themselves and
+        no padding (crops re-embedded at their own size)."""
         inputs = [NetworkInput(np.ascontiguousarray(p), p.shape[2], p.shape[1]) for p in pixels]
-        return FeatureBatch(inputs, pixels, models.features(pixels), models)
+        maps = models.features(pixels)
+        return FeatureBatch(inputs, pixels, {name: list(out) for name, out in maps.items()}, models)
 
     def cached(self, key: str, compute: Callable[[], object]) -> object:
         """A value derived from the batch, computed once however many recipes ask for it."""
@@ -44,9 +66,17 @@ class FeatureBatch:
             self.derived[key] = compute()
         return self.derived[key]
 
-    def cams(self) -> dict[str, np.ndarray]:
-        """classes (B, N), scores (B, N), cams (B, N, h, w) of the top-N classes, at the `feat` resolution."""
-        return self.cached("cams", lambda: self.models.cams(self.maps["feat"], self.maps["logits"]))
+    def cams(self) -> list[dict[str, np.ndarray]]:
+        """Per image: classes (N,), scores (N,), cams (N, h, w) of its top-N classes, on its own `feat` cells."""
+
+        def compute() -> list[dict[str, np.ndarray]]:
+            found = []
+            for feat, logits in zip(self.maps["feat"], self.maps["logits"]):
+                out = self.models.cams(np.ascontiguousarray(feat[None]), np.ascontiguousarray(logits[None]))
+                found.append({name: value[0] for name, value in out.items()})
+            return found
+
+        return self.cached("cams", compute)
 
     def stride(self, layer: str) -> int:
         return int(self.models.layer(layer)["stride"])

@@ -59,9 +59,9 @@ class CamRecipe(Recipe):
             classes = NewVectors(
                 self.name,
                 "class",
-                cam_class_vectors(feat, cams["cams"][i][:n]),
-                scores=cams["scores"][i][:n],
-                tags=cams["classes"][i][:n],
+                cam_class_vectors(feat, cams[i]["cams"][:n]),
+                scores=cams[i]["scores"][:n],
+                tags=cams[i]["classes"][:n],
             )
             regions = boxes_of[i]
             boxes = inp.to_original(regions.boxes)
@@ -80,7 +80,7 @@ class CamRecipe(Recipe):
         n = self.config.classes
         stride = batch.stride("feat")
         feat = crop_map(batch.maps["feat"][0], box, stride)
-        parts = cam_class_vectors(feat, crop_map(cams["cams"][0][:n], box, stride))
+        parts = cam_class_vectors(feat, crop_map(cams[0]["cams"][:n], box, stride))
         region = crow_channel_weights(feat) * feat.reshape(feat.shape[0], -1).mean(axis=1)
-        tags = cams["classes"][0][:n] if self.config.mode == "online" else None
+        tags = cams[0]["classes"][:n] if self.config.mode == "online" else None
         return QueryVector("global", parts, rerank=region, tags=tags)

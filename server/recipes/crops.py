@@ -28,7 +28,7 @@ def warp_crops(pixels: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
 def crop_batch(batch: FeatureBatch, box: np.ndarray, long_side: int) -> FeatureBatch:
     """The box of a single-image batch as an image of its own: long side `long_side`, sides a multiple of
     the network's, through the backbone."""
-    patch = _crop(batch.pixels[0], box)
+    patch = _crop(batch.inputs[0].pixels, box)
     size = network_size(patch.width, patch.height, long_side, batch.models.size_multiple)
     pixels = np.asarray(patch.resize(size, Image.BICUBIC), dtype=np.float32).transpose(2, 0, 1)
     return FeatureBatch.run(batch.models, np.ascontiguousarray(pixels)[None])

@@ -30,7 +30,7 @@ CROPS_PER_RUN = 16
 
 def detections(batch: FeatureBatch, detector: Detector) -> list[Detections]:
     """The detector's output for every image of the batch (one run per image), computed once."""
-    return batch.cached("detections", lambda: [detector.detect(p) for p in batch.pixels])
+    return batch.cached("detections", lambda: [detector.detect(inp.pixels) for inp in batch.inputs])
 
 
 class DeepVisionRecipe(Recipe):
@@ -142,7 +142,7 @@ class DeepRegionRecipe(Recipe):
     def embed(self, batch: FeatureBatch, boxes: list[np.ndarray]) -> list[np.ndarray]:
         """l2-normalised GeM embeddings (n_i, C) of each image's boxes, crops batched through the backbone."""
         size = self.regions_config.crop_size
-        crops = np.concatenate([warp_crops(p, b, size) for p, b in zip(batch.pixels, boxes)])
+        crops = np.concatenate([warp_crops(p, b, size) for p, b in zip((inp.pixels for inp in batch.inputs), boxes)])
         embedded = []
         for start in range(0, len(crops), CROPS_PER_RUN):
             feats = batch.models.features(crops[start : start + CROPS_PER_RUN])["feat"]

@@ -57,7 +57,7 @@ class RegionSumRecipe(Recipe):
         raise NotImplementedError
 
     def image_parts(self, batch: FeatureBatch, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.parts(batch.maps["feat"][i], batch.pixels[i], batch.stride("feat"))
+        return self.parts(batch.maps["feat"][i], batch.inputs[i].pixels, batch.stride("feat"))
 
     def describe(self, batch: FeatureBatch) -> list[ImageVectors]:
         described = []
@@ -77,7 +77,7 @@ class RegionSumRecipe(Recipe):
             (0, 0, feat.shape[2], feat.shape[1]) if box is None else box_cells(box, stride, *feat.shape[1:])[0]
         )
         feat = feat[:, y0:y1, x0:x1]
-        pixels = batch.pixels[0][:, y0 * stride : y1 * stride, x0 * stride : x1 * stride]
+        pixels = batch.inputs[0].pixels[:, y0 * stride : y1 * stride, x0 * stride : x1 * stride]
         vectors, _ = self.parts(feat, pixels, stride)
         return QueryVector("global", vectors, rerank=feat.reshape(feat.shape[0], -1).max(axis=1))
 

@@ -22,7 +22,7 @@ def dasr(batch: FeatureBatch, peaks: str, config: DasrConfig) -> list[Regions]:
 
     def compute() -> list[Regions]:
         engine = batch.models.backprop(stride)
-        return dasr_regions(engine, stride, batch.pixels, batch.maps["feat"], peaks, config)
+        return dasr_regions(engine, stride, batch.pixels, batch.maps["feat"], batch.sizes, peaks, config)
 
     return batch.cached(f"regions:{peaks}:{config}", compute)
 
@@ -41,8 +41,8 @@ def cam_boxes(batch: FeatureBatch, classes: int, thresholds: Sequence[float]) ->
 
     def compute() -> list[Regions]:
         found = []
-        for maps in batch.cams()["cams"]:
-            heat = normalize_maps(maps[:classes]).mean(axis=0)
+        for cams in batch.cams():
+            heat = normalize_maps(cams["cams"][:classes]).mean(axis=0)
             boxes = threshold_boxes(heat, thresholds, stride)
             found.append(Regions(boxes, np.asarray(thresholds[: len(boxes)], dtype=np.float32)))
         return found
@@ -55,7 +55,7 @@ def clusters(batch: FeatureBatch, config: ClustersConfig) -> list[tuple[np.ndarr
     stride = batch.stride("feat")
     return batch.cached(
         f"clusters:{config}",
-        lambda: [cluster_masks(f, p, config, stride) for f, p in zip(batch.maps["feat"], batch.pixels)],
+        lambda: [cluster_masks(f, inp.pixels, config, stride) for f, inp in zip(batch.maps["feat"], batch.inputs)],
     )
 
 

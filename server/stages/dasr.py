@@ -8,6 +8,7 @@ import numpy as np
 
 from inserve.engines import Engine
 from inserve.server.config import DasrConfig
+from inserve.server.stages.buckets import valid_cells
 from inserve.server.stages.nms import nms
 from inserve.server.stages.peaks import above_mean, local_maxima, mean_activation
 from inserve.server.stages.shapes import map_boxes
@@ -52,25 +53,33 @@ def backpropagate_seeds(engine: Engine, pixels: np.ndarray, seeds: list[np.ndarr
 
 
 def dasr_regions(
-    engine: Engine, stride: int, pixels: np.ndarray, feat: np.ndarray, peaks: str, config: DasrConfig
+    engine: Engine,
+    stride: int,
+    pixels: np.ndarray,
+    feat: list[np.ndarray],
+    sizes: list[tuple[int, int]],
+    peaks: str,
+    config: DasrConfig,
 ) -> list[Regions]:
-    """Regions of a batch of same-size images: pixels (B, 3, H, W), feat (B, C, h, w).
+    """Regions of a padded batch: pixels (B, 3, H, W); feat[i] (C, h_i, w_i) cropped to image i's own
+    cells; sizes[i] = (height, width) of image i's pixels in the top-left corner of the batch.
 
     `dasr` back-propagates the 3x3 local maxima of the mean activation map and keeps a region per
     peak; `dasr_star` back-propagates every location above the map's mean and keeps the regions
-    that survive NMS at IoU `config.nms_iou`, best activation first.
+    that survive NMS at IoU `config.nms_iou`, best activation first. Peaks are searched and
+    probability maps thresholded inside each image's own cells only, never in the padding.
     """
-    height, width = pixels.shape[2], pixels.shape[3]
     activations = [mean_activation(f) for f in feat]
     seeds = [PEAK_FINDERS[peaks](a) for a in activations]
     maps = backpropagate_seeds(engine, pixels, seeds, config.seeds_per_run)
     regions = []
-    for activation, positions, image_maps in zip(activations, seeds, maps):
+    for activation, positions, image_maps, (height, width) in zip(activations, seeds, maps, sizes):
         if len(positions) == 0:
             regions.append(Regions.empty())
             continue
         scores = activation[positions[:, 0], positions[:, 1]].astype(np.float32)
-        boxes, valid = map_boxes(image_maps, stride, config.tau, config.shape, width, height)
+        rows, cols = valid_cells((height, width), stride)
+        boxes, valid = map_boxes(image_maps[:, :rows, :cols], stride, config.tau, config.shape, width, height)
         boxes, scores = boxes[valid], scores[valid]
         keep = nms(boxes, scores, config.nms_iou) if peaks == "dasr_star" else np.argsort(-scores, kind="stable")
         keep = keep[: config.max_regions]

