@@ -25,7 +25,7 @@ from inserve.server.config import DasrConfig
 from inserve.server.evaluation import Dataset
 from inserve.server.imaging import ImageConfig, decode_image, prepare
 from inserve.server.models import ModelBundle, locate_manifest
-from inserve.server.stages.dasr import PEAK_FINDERS, dasr_regions
+from inserve.server.stages.dasr import PEAK_FINDERS, dasr_regions, regions_from_maps, seed_maps
 from inserve.server.stages.nms import box_iou
 from inserve.server.stages.peaks import mean_activation
 
@@ -48,14 +48,18 @@ def median_ms(samples: list[float]) -> float:
 
 
 def timed(fn: Callable[..., object], *args: object, repeat: int = 1) -> float:
-    """Seconds of the fastest of `repeat` calls, after one warm-up call."""
-    fn(*args)
+    """Seconds of the fastest of `repeat` calls (warm the engine up before the first image)."""
     best = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn(*args)
         best.append(time.perf_counter() - start)
     return min(best)
+
+
+def extract(engine: object, stride: int, pixels: np.ndarray, feat: np.ndarray, config: DasrConfig) -> list:
+    """DASR* regions of one unpadded image, as the pipeline extracts them."""
+    return dasr_regions(engine, stride, pixels, [feat[0]], [pixels.shape[2:]], "dasr_star", config)
 
 
 def load_inputs(dataset: Dataset, names: list[str], multiple: int) -> list:
@@ -69,20 +73,22 @@ def cost_table(bundle: ModelBundle, inputs: list, strides: list[int], threads: i
     for stride in strides:
         engine = bundle.backprop(stride)
         config = DasrConfig(stop_stride=stride)
-        forward, extract, peaks = [], [], []
+        warm = inputs[0].pixels[None]
+        extract(engine, stride, warm, bundle.features(warm)["feat"], config)
+        forward, extraction, peaks = [], [], []
         for inp in inputs:
             pixels = inp.pixels[None]
             forward.append(timed(bundle.features, pixels, repeat=2))
             feat = bundle.features(pixels)["feat"]
             peaks.append(len(PEAK_FINDERS["dasr_star"](mean_activation(feat[0]))))
-            extract.append(timed(dasr_regions, engine, stride, pixels, feat, "dasr_star", config))
-        per_peak = [1000 * e / p for e, p in zip(extract, peaks)]
+            extraction.append(timed(extract, engine, stride, pixels, feat, config))
+        per_peak = [1000 * e / p for e, p in zip(extraction, peaks)]
         rows.append(
             {
                 "stride": stride,
                 "forward_ms": median_ms(forward),
-                "dasr_star_ms": median_ms(extract),
-                "ratio": statistics.median(e / f for e, f in zip(extract, forward)),
+                "dasr_star_ms": median_ms(extraction),
+                "ratio": statistics.median(e / f for e, f in zip(extraction, forward)),
                 "peaks": statistics.median(peaks),
                 "ms_per_peak": statistics.median(per_peak),
             }
@@ -108,7 +114,7 @@ def official_table(manifests: dict[str, Path], inputs: list, stride: int, peaks_
         program = loaded.spec.program(loaded.model, loaded.spec.default_desc)
         normalize = BackboneGraph(loaded, program).normalize
         model = with_eltwise_sums(folded_copy(loaded.model))
-        feat_fn, stop = _reference_parts(name, model, stride)
+        feat_fn, stop = reference_parts(name, model, stride)
         engine = bundle.backprop(stride)
         ours, theirs, counts = [], [], []
         for inp in inputs:
@@ -141,11 +147,14 @@ def one_backward_per_peak(feat_fn: Callable, stop: object, x: object, seeds: np.
     from excitation_reference import excitation_rules, first_output_into
 
     captured: list = []
-    hook = stop.register_forward_hook(first_output_into(captured))
     x = x.clone().requires_grad_()
+    hook = stop.register_forward_hook(first_output_into(captured)) if stop is not None else None
     with excitation_rules():
         f = feat_fn(x)
-    hook.remove()
+    if hook is None:
+        captured.append(x)
+    else:
+        hook.remove()
     for y, xx in seeds:
         seed = torch.zeros_like(f)
         column = f[0, :, y, xx].clamp(min=0).detach()
@@ -153,16 +162,17 @@ def one_backward_per_peak(feat_fn: Callable, stop: object, x: object, seeds: np.
         torch.autograd.grad(f, captured[0], seed, retain_graph=True)
 
 
-def _reference_parts(name: str, model: object, stride: int) -> tuple[Callable, object]:
+def reference_parts(name: str, model: object, stride: int) -> tuple[Callable, object | None]:
+    """The feat function and the module whose output is the stop stride's map (None: the input)."""
     if name == "resnet50":
         m = model
 
         def feat_fn(x: object) -> object:
             return m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
 
-        stops = {2: model.relu, 4: model.maxpool, 8: model.layer2[0], 16: model.layer3[0]}
+        stops = {1: None, 2: model.relu, 4: model.maxpool, 8: model.layer2[0], 16: model.layer3[0]}
         return feat_fn, stops[stride]
-    stops = {2: model._swish, 4: model._blocks[1], 8: model._blocks[3], 16: model._blocks[5]}
+    stops = {1: None, 2: model._swish, 4: model._blocks[1], 8: model._blocks[3], 16: model._blocks[5]}
     return model.extract_features, stops[stride]
 
 
@@ -173,31 +183,27 @@ def localisation_table(
     truth = {}
     for q in dataset.queries:
         truth.update(q.boxes)
+    shapes = ("moments", "official")
     rows = []
     feats = [bundle.features(inp.pixels[None])["feat"] for inp in inputs]
     for peaks in ("dasr", "dasr_star"):
         for stride in strides:
             engine = bundle.backprop(stride)
-            for shape in ("moments", "official"):
-                config = replace(DasrConfig(), stop_stride=stride, shape=shape)
-                covered, counted, regions = 0, 0, []
-                for name, inp, feat in zip(names, inputs, feats):
-                    (found,) = dasr_regions(engine, stride, inp.pixels[None], feat, peaks, config)
+            configs = {shape: replace(DasrConfig(), stop_stride=stride, shape=shape) for shape in shapes}
+            covered, regions = dict.fromkeys(shapes, 0), {shape: [] for shape in shapes}
+            counted = 0
+            for name, inp, feat in zip(names, inputs, feats):
+                (activation,), (positions,), (maps,) = seed_maps(engine, inp.pixels[None], [feat[0]], peaks, 48)
+                counted += name in truth
+                for shape, config in configs.items():
+                    found = regions_from_maps(activation, positions, maps, inp.pixels.shape[1:], stride, peaks, config)
                     boxes = inp.to_original(found.boxes)
-                    regions.append(len(boxes))
-                    if name in truth:
-                        counted += 1
-                        covered += bool(len(boxes)) and box_iou(boxes, np.array(truth[name])).max() >= 0.5
-                rows.append(
-                    {
-                        "peaks": peaks,
-                        "stride": stride,
-                        "shape": shape,
-                        "loc_iou50": covered / max(counted, 1),
-                        "regions": float(np.mean(regions)),
-                        "images": counted,
-                    }
-                )
+                    regions[shape].append(len(boxes))
+                    if name in truth and len(boxes):
+                        covered[shape] += box_iou(boxes, np.array(truth[name])).max() >= 0.5
+            for shape in shapes:
+                row = {"peaks": peaks, "stride": stride, "shape": shape, "loc_iou50": covered[shape] / max(counted, 1)}
+                rows.append(row | {"regions": float(np.mean(regions[shape])), "images": counted})
     return rows
 
 

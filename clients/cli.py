@@ -264,7 +264,7 @@ def show_results(query_path: Path, data: bytes, box, hits, out: Path) -> None:
         picture = open_image(hit.thumbnail, "" if hit.HasField("keyframe") else hit.source)
         hit_box = (hit.box.x1, hit.box.y1, hit.box.x2, hit.box.y2) if hit.HasField("box") else None
         name = f"{hit.keyframe.video_id} {timecode(hit.keyframe.time_s)}" if hit.HasField("keyframe") else hit.id
-        tiles.append(Tile(picture, hit.width, hit.height, hit_box, f"#{hit.rank} {hit.score:.3f}\n{name}", HIT_COLOUR))
+        tiles.append(Tile(picture, hit.width, hit.height, hit_box, f"#{hit.rank}  score {hit.score:.3f}\n{name}", HIT_COLOUR))
     render_results(tiles).save(out)
 
 

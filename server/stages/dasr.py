@@ -52,6 +52,38 @@ def backpropagate_seeds(engine: Engine, pixels: np.ndarray, seeds: list[np.ndarr
     return [np.concatenate(m) if m else np.zeros((0, 1, 1), dtype=np.float32) for m in maps]
 
 
+def seed_maps(
+    engine: Engine, pixels: np.ndarray, feat: list[np.ndarray], peaks: str, per_run: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Mean activation map, peak positions (n, 2) and their probability maps (n, h, w) of each image."""
+    activations = [mean_activation(f) for f in feat]
+    seeds = [PEAK_FINDERS[peaks](a) for a in activations]
+    return activations, seeds, backpropagate_seeds(engine, pixels, seeds, per_run)
+
+
+def regions_from_maps(
+    activation: np.ndarray,
+    positions: np.ndarray,
+    maps: np.ndarray,
+    size: tuple[int, int],
+    stride: int,
+    peaks: str,
+    config: DasrConfig,
+) -> Regions:
+    """One image's regions: a box per probability map (thresholded inside the image's own cells only),
+    scored by its peak's activation; `dasr_star` keeps those surviving NMS, `dasr` all of them."""
+    if len(positions) == 0:
+        return Regions.empty()
+    height, width = size
+    scores = activation[positions[:, 0], positions[:, 1]].astype(np.float32)
+    rows, cols = valid_cells((height, width), stride)
+    boxes, valid = map_boxes(maps[:, :rows, :cols], stride, config.tau, config.shape, width, height)
+    boxes, scores = boxes[valid], scores[valid]
+    keep = nms(boxes, scores, config.nms_iou) if peaks == "dasr_star" else np.argsort(-scores, kind="stable")
+    keep = keep[: config.max_regions]
+    return Regions(boxes[keep], scores[keep])
+
+
 def dasr_regions(
     engine: Engine,
     stride: int,
@@ -69,19 +101,8 @@ def dasr_regions(
     that survive NMS at IoU `config.nms_iou`, best activation first. Peaks are searched and
     probability maps thresholded inside each image's own cells only, never in the padding.
     """
-    activations = [mean_activation(f) for f in feat]
-    seeds = [PEAK_FINDERS[peaks](a) for a in activations]
-    maps = backpropagate_seeds(engine, pixels, seeds, config.seeds_per_run)
-    regions = []
-    for activation, positions, image_maps, (height, width) in zip(activations, seeds, maps, sizes):
-        if len(positions) == 0:
-            regions.append(Regions.empty())
-            continue
-        scores = activation[positions[:, 0], positions[:, 1]].astype(np.float32)
-        rows, cols = valid_cells((height, width), stride)
-        boxes, valid = map_boxes(image_maps[:, :rows, :cols], stride, config.tau, config.shape, width, height)
-        boxes, scores = boxes[valid], scores[valid]
-        keep = nms(boxes, scores, config.nms_iou) if peaks == "dasr_star" else np.argsort(-scores, kind="stable")
-        keep = keep[: config.max_regions]
-        regions.append(Regions(boxes[keep], scores[keep]))
-    return regions
+    activations, seeds, maps = seed_maps(engine, pixels, feat, peaks, config.seeds_per_run)
+    return [
+        regions_from_maps(activation, positions, image_maps, size, stride, peaks, config)
+        for activation, positions, image_maps, size in zip(activations, seeds, maps, sizes)
+    ]

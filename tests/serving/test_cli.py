@@ -1,0 +1,69 @@
+"""The CLI against a real server: index a folder, search with a box and draw the result, stats, delete."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from photos import encode, photo
+from PIL import Image
+from servers import running_server
+
+NAMES = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+def inserve(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "inserve.clients.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    with running_server(models_dir, tmp_path_factory.mktemp("data"), "--recipe", "dasr_star,gem") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for name in NAMES:
+        (folder / f"{name}.jpg").write_bytes(encode(photo(name)))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def indexed(server, photo_dir: Path) -> subprocess.CompletedProcess:
+    return inserve("index", "--server", server.address, "--quiet", str(photo_dir))
+
+
+def test_index_takes_the_images_of_a_folder(indexed: subprocess.CompletedProcess) -> None:
+    assert indexed.returncode == 0, indexed.stderr
+    assert f"indexed {len(NAMES)} images" in indexed.stdout
+
+
+def test_search_prints_ranked_hits_and_draws_them(server, photo_dir: Path, indexed, tmp_path: Path) -> None:
+    out = tmp_path / "result.png"
+    query = photo_dir / "chelsea.jpg"
+    found = inserve("search", "--server", server.address, str(query), "--box", "100,30,330,290", "--top-k", "3")
+    assert found.returncode == 0, found.stderr
+    lines = found.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].split()[:1] == ["1"] and "chelsea.jpg" in lines[0]
+    shown = inserve("search", "--server", server.address, str(query), "--box", "100,30,330,290", "--show", str(out))
+    assert shown.returncode == 0, shown.stderr
+    picture = Image.open(out)
+    assert picture.format == "PNG" and picture.width > 451
+
+
+def test_stats_and_delete(server, indexed) -> None:
+    stats = inserve("stats", "--server", server.address)
+    assert stats.returncode == 0 and f"images {len(NAMES)}" in stats.stdout and "dasr_star/region" in stats.stdout
+    deleted = inserve("delete", "--server", server.address, "rocket.jpg", "nothing.jpg")
+    assert deleted.returncode == 0 and "deleted 1; not indexed: nothing.jpg" in deleted.stdout
+
+
+def test_errors_are_one_line_and_a_nonzero_exit(server, indexed, photo_dir: Path) -> None:
+    bad = inserve("search", "--server", server.address, str(photo_dir / "notes.txt"))
+    assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr and "Traceback" not in bad.stderr
