@@ -88,6 +88,7 @@ class Pipeline:
         if describe:
             sub = batch if len(describe) == len(jobs) else batch.subset(describe)
             names = {name: None for i in describe for name in (jobs[i].recipes or self.recipes)}
+            sub.dasr_peaks = tuple(sorted({p for name in names for p in self.recipes[name].dasr_peaks}))
             for name in names:
                 for i, vectors in zip(describe, self.recipes[name].describe(sub)):
                     if jobs[i].recipes is None or name in jobs[i].recipes:

@@ -34,6 +34,8 @@ class FeatureBatch:
     maps: dict[str, list[np.ndarray]]  # feat, desc: per image (C, h_i, w_i); logits: per image (K,)
     models: ModelBundle
     derived: dict[str, object] = field(default_factory=dict)
+    # DASR peak kinds the recipes describing this batch ask for: computed together, in one back-propagation
+    dasr_peaks: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -113,6 +115,7 @@ class Recipe(ABC):
     default_rerank: int = 0  # re-rank the top N when the request does not say
     default_query_expansion: int = 0
     learned_models: tuple[str, ...] = ()  # models learned on other data that search needs (e.g. "codebook")
+    dasr_peaks: tuple[str, ...] = ()  # the DASR peak kinds ("dasr", "dasr_star") `describe` uses
 
     @abstractmethod
     def describe(self, batch: FeatureBatch) -> list[ImageVectors]:

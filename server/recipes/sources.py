@@ -9,22 +9,30 @@ import numpy as np
 from inserve.server.config import ClustersConfig, DasrConfig
 from inserve.server.recipes.base import FeatureBatch
 from inserve.server.stages.components import threshold_boxes
-from inserve.server.stages.dasr import Regions, dasr_regions
+from inserve.server.stages.dasr import Regions, dasr_region_sets
 from inserve.server.stages.ncut import colour_clusters, feature_clusters
 from inserve.server.stages.pooling import masks_to_boxes
 from inserve.server.stages.rmac import cells_to_boxes, rmac_grid
 from inserve.server.stages.weighting import normalize_maps
 
 
+def dasr_key(peaks: str, config: DasrConfig) -> str:
+    """Where a batch keeps its DASR regions (the quality bench fills it from its own cache)."""
+    return f"regions:{peaks}:{config}"
+
+
 def dasr(batch: FeatureBatch, peaks: str, config: DasrConfig) -> list[Regions]:
-    """DASR (`peaks` = "dasr") or DASR* ("dasr_star") regions of every image (seed 004)."""
-    stride = config.stop_stride or batch.models.default_stop_stride
-
-    def compute() -> list[Regions]:
+    """DASR (`peaks` = "dasr") or DASR* ("dasr_star") regions of every image (seed 004); the first call also
+    finds the other kinds the batch's recipes need (`batch.dasr_peaks`), in the same back-propagation."""
+    key = dasr_key(peaks, config)
+    if key not in batch.derived:
+        stride = config.stop_stride or batch.models.default_stop_stride
+        kinds = tuple(sorted({peaks, *batch.dasr_peaks}))
         engine = batch.models.backprop(stride)
-        return dasr_regions(engine, stride, batch.pixels, batch.maps["feat"], batch.sizes, peaks, config)
-
-    return batch.cached(f"regions:{peaks}:{config}", compute)
+        found = dasr_region_sets(engine, stride, batch.pixels, batch.maps["feat"], batch.sizes, kinds, config)
+        for kind, regions in found.items():
+            batch.derived.setdefault(dasr_key(kind, config), regions)
+    return batch.derived[key]
 
 
 def rmac(height: int, width: int, stride: int, levels: int = 3) -> tuple[np.ndarray, np.ndarray]:
