@@ -66,7 +66,10 @@ class RegionRecipeConfig:
 
     deep_region_source: str = "detector"  # "detector" (seed 002) or "dasr_star" (its top-K regions instead)
     deep_region_fusion: str = "concat"  # "concat", "mean" or "max" of the K crop embeddings
-    crop_size: int = 224  # crops are warped to crop_size x crop_size before re-embedding
+    # crop-and-re-embed (deep_region, dasr_star_crops): crops keep their aspect ratio, long side to this; the
+    # box grows by crop_margin x its size on each side first (composite-dev: margin 0 beats 0.1 and 0.2)
+    crop_long_side: int = 256
+    crop_margin: float = 0.0
     vlad_k: int = 4  # codebook size (seed 004)
     vlad_alpha: float = 0.5  # power-law exponent
 

@@ -2,7 +2,8 @@
 
 Every method of the five seed papers and the usual baselines, on the same index format:
 mac, spoc, gem, rmac, crow (baselines); cam (seed 001); deepvision (seed 000); deep_region (seed 002);
-clusters (seed 003); dasr, dasr_star, dasr_star_vlad (seed 004).
+clusters (seed 003); dasr, dasr_star, dasr_star_vlad (seed 004); dasr_star_crops (seed 004's DASR* regions
+re-embedded as seed 002 does its detections).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = [
 def _factories(config: ServerConfig) -> dict[str, Callable[[], Recipe]]:
     from inserve.server.detector import Detector
     from inserve.server.recipes.cam import CamRecipe
-    from inserve.server.recipes.dasr import DasrRecipe, DasrVladRecipe
+    from inserve.server.recipes.dasr import DasrCropsRecipe, DasrRecipe, DasrVladRecipe
     from inserve.server.recipes.detection import DeepRegionRecipe, DeepVisionRecipe
     from inserve.server.recipes.pooled import ClustersRecipe, GlobalPoolingRecipe, RmacRecipe
 
@@ -54,6 +55,7 @@ def _factories(config: ServerConfig) -> dict[str, Callable[[], Recipe]]:
         "dasr": lambda: DasrRecipe("dasr", "dasr", config.dasr),
         "dasr_star": lambda: DasrRecipe("dasr_star", "dasr_star", config.dasr),
         "dasr_star_vlad": lambda: DasrVladRecipe(config.dasr, config.regions, config.image),
+        "dasr_star_crops": lambda: DasrCropsRecipe(config.dasr, config.regions),
     }
 
 
@@ -70,6 +72,7 @@ RECIPES: tuple[str, ...] = (
     "dasr",
     "dasr_star",
     "dasr_star_vlad",
+    "dasr_star_crops",
 )
 
 

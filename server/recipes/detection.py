@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
-
 import numpy as np
 
 from inserve.server.config import DasrConfig, DetectorConfig, ImageConfig, RegionRecipeConfig
@@ -19,13 +17,12 @@ from inserve.server.recipes.base import (
     whole,
     with_whole_fallback,
 )
-from inserve.server.recipes.crops import crop_batch, warp_crops
+from inserve.server.recipes.crops import crop_batch, embed_crops
 from inserve.server.stages.dasr import Regions
-from inserve.server.stages.pooling import box_max, gem, l2_normalize, spoc
+from inserve.server.stages.pooling import box_max, l2_normalize, spoc
 
 FUSIONS = ("concat", "mean", "max")
 DEEP_REGION_SOURCES = ("detector", "dasr_star")
-CROPS_PER_RUN = 16
 
 
 def detections(batch: FeatureBatch, detector: Detector) -> list[Detections]:
@@ -53,6 +50,10 @@ class DeepVisionRecipe(Recipe):
     @property
     def region_source(self) -> str:
         return "detector_rpn" if self.detector.configured else "dasr_star"
+
+    @property
+    def dasr_peaks(self) -> tuple[str, ...]:
+        return () if self.detector.configured else ("dasr_star",)
 
     def check(self) -> None:
         if self.detector.configured:
@@ -87,9 +88,9 @@ class DeepVisionRecipe(Recipe):
 
 
 class DeepRegionRecipe(Recipe):
-    """Seed 002: the top-K (K = 2) detections of an image are cropped, warped to crop_size and re-embedded
-    with the backbone (GeM of `feat`, l2); the K embeddings are fused by concatenation, mean or max into the
-    image's global vector. An image with fewer than K boxes fills in with its whole extent. The query is
+    """Seed 002: the top-K (K = 2) detections of an image are cropped (aspect kept, long side crop_long_side)
+    and re-embedded with the backbone (GeM of `feat`, l2); the K embeddings are fused by concatenation, mean
+    or max into the image's global vector. An image with fewer than K boxes fills in with its whole extent. The query is
     treated like an image: its box (or whole image) is cropped and its own top-K boxes embedded and fused.
     The crop embeddings are also stored as regions, for spatial re-ranking and localisation.
 
@@ -116,6 +117,7 @@ class DeepRegionRecipe(Recipe):
             )
         self.detector, self.k, self.regions_config, self.dasr, self.image = detector, config.top_k, regions, dasr, image
         self.region_source = regions.deep_region_source
+        self.dasr_peaks = ("dasr_star",) if self.region_source == "dasr_star" else ()
 
     def check(self) -> None:
         if self.region_source == "detector":
@@ -140,16 +142,12 @@ class DeepRegionRecipe(Recipe):
         return padded
 
     def embed(self, batch: FeatureBatch, boxes: list[np.ndarray]) -> list[np.ndarray]:
-        """l2-normalised GeM embeddings (n_i, C) of each image's boxes, crops batched through the backbone."""
-        size = self.regions_config.crop_size
-        crops = np.concatenate([warp_crops(p, b, size) for p, b in zip((inp.pixels for inp in batch.inputs), boxes)])
-        embedded = []
-        for start in range(0, len(crops), CROPS_PER_RUN):
-            feats = batch.models.features(crops[start : start + CROPS_PER_RUN])["feat"]
-            embedded += [gem(f) for f in feats]
-        vectors = l2_normalize(np.stack(embedded))
-        bounds = np.cumsum([0, *(len(b) for b in boxes)])
-        return [vectors[a:b] for a, b in pairwise(bounds)]
+        """l2-normalised crop embeddings (n_i, C) of each image's boxes, all crops batched through the backbone."""
+        config = self.regions_config
+        pixels = [inp.pixels for inp in batch.inputs]
+        return [
+            l2_normalize(v) for v in embed_crops(batch.models, pixels, boxes, config.crop_long_side, config.crop_margin)
+        ]
 
     def fuse(self, embeddings: np.ndarray) -> np.ndarray:
         fusion = self.regions_config.deep_region_fusion
@@ -170,7 +168,7 @@ class DeepRegionRecipe(Recipe):
         return described
 
     def query(self, batch: FeatureBatch, box: np.ndarray | None) -> QueryVector:
-        inner = batch if box is None else crop_batch(batch, box, self.image.long_side)
+        inner = crop_batch(batch, box, self.image.long_side)
         boxes = self.top_boxes(inner)[0].boxes
         vectors = self.embed(inner, [np.concatenate([boxes, whole(inner.inputs[0])[None]])])[0]
         return QueryVector("global", self.fuse(vectors[:-1]), rerank=vectors[-1])
