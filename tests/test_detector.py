@@ -9,22 +9,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from photos import encode, photo
 
 from inserve.engines import EngineOptions
-from inserve.server.config import DetectorConfig
+from inserve.server.config import DetectorConfig, ImageConfig, RegionRecipeConfig, ServerConfig
 from inserve.server.detector import Detector, detector_file
+from inserve.server.instance_search import InstanceSearch
 from inserve.server.recipes import RecipeUnavailable
+from inserve.server.search import SearchOptions
 
 pytest.importorskip("torchvision")
 
-NAME = "fasterrcnn_mobilenet_v3_large_fpn"  # the smaller of the two: the export takes about a minute
+NAME = "fasterrcnn_mobilenet_v3_large_fpn"  # the smaller of the two: its export takes about 15 s
+RESNET = "fasterrcnn_resnet50_fpn"
+
+
+def _export(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from inserve.export.detector import export_detector
+
+    return export_detector(name, tmp_path_factory.mktemp("detector"), random_init=True, check=False)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from inserve.export.detector import export_detector
+    return _export(NAME, tmp_path_factory)
 
-    return export_detector(NAME, tmp_path_factory.mktemp("detector"), random_init=True, check=False)
+
+@pytest.fixture(scope="module")
+def resnet_exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(RESNET, tmp_path_factory)
 
 
 def test_refuses_without_weights() -> None:
@@ -37,12 +50,14 @@ def test_refuses_without_weights() -> None:
         load_detector(NAME, "/nonexistent/weights.pth", False, 512, 1024, 0.05)
 
 
-def test_graph_checks_and_matches_torch_at_two_sizes(exported: Path) -> None:
+@pytest.mark.parametrize(("fixture", "name"), [("exported", NAME), ("resnet_exported", RESNET)])
+def test_graph_checks_and_matches_torch_at_two_sizes(request: pytest.FixtureRequest, fixture: str, name: str) -> None:
     from inserve.export.checks import check_graph
     from inserve.export.detector import PARITY_SIZES, DetectorGraph, detector_parity, load_detector
 
+    exported = request.getfixturevalue(fixture)
     check_graph(exported)
-    model, source = load_detector(NAME, None, True, 512, 1024, 0.05)
+    model, source = load_detector(name, None, True, 512, 1024, 0.05)
     assert source.startswith("random-init")
     graph = DetectorGraph(model).eval()
     for size in PARITY_SIZES:
@@ -67,3 +82,32 @@ def test_missing_detector_names_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "fasterrcnn_resnet50_fpn" / "detector.onnx"
     with pytest.raises(RecipeUnavailable, match=str(missing)):
         Detector(DetectorConfig(path=missing), EngineOptions()).check()
+
+
+def test_detector_recipes_use_the_detector_boxes_when_one_is_configured(
+    exported: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    """With a (random) detector, deepvision re-ranks over its RPN proposals and deep_region crops its
+    detections, and hits say so; what they find means nothing with random weights."""
+    config = ServerConfig(
+        data_dir=tmp_path,
+        models=models_dir,
+        recipes=("deepvision", "deep_region"),
+        image=ImageConfig(long_side=256),
+        detector=DetectorConfig(path=exported.parent, proposals=20),
+        regions=RegionRecipeConfig(deep_region_source="detector"),
+    )
+    core = InstanceSearch(config)
+    try:
+        assert core.unavailable == {}
+        for name in ("coffee", "astronaut"):
+            core.index_image(name, encode(photo(name)))
+        assert core.index.space("deepvision", "region") is not None
+        query = encode(photo("coffee"))
+        hits = core.search(query, None, 2, "deepvision")  # its defaults: re-rank the top 100, QE 5
+        assert {h.image.external_id for h in hits} == {"coffee", "astronaut"}
+        assert all(h.region_source == "detector_rpn" and h.box is not None for h in hits)
+        hits = core.search(query, None, 2, "deep_region", SearchOptions(query_expansion=0, rerank_top=2))
+        assert all(h.region_source == "detector" and h.box is not None for h in hits)
+    finally:
+        core.close()
