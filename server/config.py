@@ -82,6 +82,8 @@ class IndexConfig:
     # learn PCA-whitening once a vector index holds this many vectors per dimension (0 = never)
     auto_whiten_per_dim: float = 4.0
     whiten_dims: int | None = None  # None = all dimensions the data supports
+    # regularised whitening: component i scaled by (lambda_i + a lambda_1)^-1/2 (stages/whitening.py); 0 = plain
+    whiten_shrinkage: float = 0.1
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ class SpaceSpec:
     searchable: bool = True  # keep an HNSW graph for first-stage kNN (else it is only read per image)
     whiten_per_image: int | None = None  # learn whitening from at most the first N vectors of each image
     whiten_dims: int | None = None  # overrides IndexConfig.whiten_dims
+    whiten_shrinkage: float | None = None  # overrides IndexConfig.whiten_shrinkage
     aggregate: Aggregate | None = None
 
 
@@ -359,7 +360,8 @@ class InstanceIndex:
             raw = self._training_vectors(recipe, kind)
             if len(raw) < 2:
                 raise ValueError(f"{recipe}/{kind} holds {len(raw)} vectors; whitening needs more")
-            whitening = pca_whiten(raw, dims or spec.whiten_dims or self.config.whiten_dims)
+            shrinkage = self.config.whiten_shrinkage if spec.whiten_shrinkage is None else spec.whiten_shrinkage
+            whitening = pca_whiten(raw, dims or spec.whiten_dims or self.config.whiten_dims, shrinkage=shrinkage)
             if spec.aggregate is not None:
                 self.store.ensure_space(recipe, kind, raw.shape[1])
             version = self.store.save_whitening(recipe, kind, whitening, len(raw))
