@@ -147,7 +147,7 @@ def run_query_set(
     """Every query under several (recipe, options) configurations; each query image goes through the
     backbone once for all of them. `seconds` of a result counts its searches, not the shared description."""
     recipes = sorted({recipe for recipe, _ in configs})
-    scores = [_Scores() for _ in configs]
+    scores = [QueryScores() for _ in configs]
     for n, q in enumerate(dataset.queries):
         vectors = service.query_vectors(dataset.path(q.image).read_bytes(), q.box, recipes)
         for (recipe, options), score in zip(configs, scores):
@@ -161,7 +161,9 @@ def run_query_set(
 
 
 @dataclass
-class _Scores:
+class QueryScores:
+    """Running AP, P@10 and localisation of one configuration over a query set."""
+
     aps: list[float] = field(default_factory=list)
     p10s: list[float] = field(default_factory=list)
     located: int = 0
