@@ -32,6 +32,11 @@ from inserve.server.stages.peaks import mean_activation
 STRIDES = (1, 2, 4, 8, 16)
 
 
+def seeds_per_run(stride: int) -> int:
+    """Seeds per engine run: a seed's tensors grow as 1/stride^2, so fewer per run at fine strides (memory)."""
+    return min(48, 6 * stride)
+
+
 def ensure_models(models: Path, backbone: str, random_init: bool) -> Path:
     try:
         return locate_manifest(models, backbone)
@@ -72,7 +77,7 @@ def cost_table(bundle: ModelBundle, inputs: list, strides: list[int], threads: i
     rows = []
     for stride in strides:
         engine = bundle.backprop(stride)
-        config = DasrConfig(stop_stride=stride)
+        config = DasrConfig(stop_stride=stride, seeds_per_run=seeds_per_run(stride))
         warm = inputs[0].pixels[None]
         extract(engine, stride, warm, bundle.features(warm)["feat"], config)
         forward, extraction, peaks = [], [], []
@@ -193,7 +198,9 @@ def localisation_table(
             covered, regions = dict.fromkeys(shapes, 0), {shape: [] for shape in shapes}
             counted = 0
             for name, inp, feat in zip(names, inputs, feats):
-                (activation,), (positions,), (maps,) = seed_maps(engine, inp.pixels[None], [feat[0]], peaks, 48)
+                (activation,), (positions,), (maps,) = seed_maps(
+                    engine, inp.pixels[None], [feat[0]], peaks, seeds_per_run(stride)
+                )
                 counted += name in truth
                 for shape, config in configs.items():
                     found = regions_from_maps(activation, positions, maps, inp.pixels.shape[1:], stride, peaks, config)

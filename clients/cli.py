@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+
+from inserve.clients.cli_flags import add_connection_flags, add_server_flags, apply_server_flags, channel_security
+from inserve.server.logs import FORMATS, configure_logging
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DEFAULT_SERVER = "localhost:50051"
@@ -86,6 +88,7 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
             ),
             video=replace(config.video, media_root=args.media_root),
         )
+        config = apply_server_flags(config, args)
     return config
 
 
@@ -136,8 +139,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from inserve.server.app import serve
+    from inserve.server.security import SecurityError
 
-    asyncio.run(serve(server_config(args, tuple(args.recipe.split(",")), args.data_dir)))
+    try:
+        asyncio.run(serve(server_config(args, tuple(args.recipe.split(",")), args.data_dir)))
+    except SecurityError as exc:
+        print(f"inserve serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -164,7 +172,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     files = list(image_files(args.paths))
     items = (ImageItem.from_path(path, args.id_prefix + name, replace=args.replace) for name, path in files)
     regions = 0
-    with InstanceSearchClient(args.server, timeout=args.timeout) as client:
+    with InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args)) as client:
         try:
             for ack in tqdm(client.index_images(items), total=len(files), unit="img", disable=args.quiet):
                 regions += len(ack.regions)
@@ -193,7 +201,7 @@ def cmd_index_video(args: argparse.Namespace) -> int:
         )
         for name in args.files
     ]
-    with InstanceSearchClient(args.server, timeout=args.timeout) as client:
+    with InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args)) as client:
         for video in videos:
             with tqdm(desc=video.id, unit="frame", disable=args.quiet, file=sys.stderr) as bar:
                 try:
@@ -232,7 +240,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from inserve.clients.client import InstanceSearchClient
 
     data = args.image.read_bytes()
-    with InstanceSearchClient(args.server, timeout=args.timeout) as client:
+    with InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args)) as client:
         try:
             hits = client.search(
                 data,
@@ -264,14 +272,15 @@ def show_results(query_path: Path, data: bytes, box, hits, out: Path) -> None:
         picture = open_image(hit.thumbnail, "" if hit.HasField("keyframe") else hit.source)
         hit_box = (hit.box.x1, hit.box.y1, hit.box.x2, hit.box.y2) if hit.HasField("box") else None
         name = f"{hit.keyframe.video_id} {timecode(hit.keyframe.time_s)}" if hit.HasField("keyframe") else hit.id
-        tiles.append(Tile(picture, hit.width, hit.height, hit_box, f"#{hit.rank}  score {hit.score:.3f}\n{name}", HIT_COLOUR))
+        caption = f"#{hit.rank}  score {hit.score:.3f}\n{name}"
+        tiles.append(Tile(picture, hit.width, hit.height, hit_box, caption, HIT_COLOUR))
     render_results(tiles).save(out)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from inserve.clients.client import InstanceSearchClient
 
-    with InstanceSearchClient(args.server, timeout=args.timeout) as client:
+    with InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args)) as client:
         stats = client.stats()
     print(f"backbone {stats.backbone}, recipes {', '.join(stats.recipes)} (default {stats.default_recipe})")
     print(f"images {stats.images}, regions {stats.regions}")
@@ -285,7 +294,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     from inserve.clients.client import InstanceSearchClient
 
-    with InstanceSearchClient(args.server, timeout=args.timeout) as client:
+    with InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args)) as client:
         response = client.delete(args.ids)
     print(f"deleted {response.deleted}" + (f"; not indexed: {', '.join(response.missing)}" if response.missing else ""))
     return 0
@@ -404,6 +413,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inserve", description="Instance-search inference service")
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-format", default="text", choices=FORMATS, help="json: one JSON object a line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a backbone or a detector to ONNX (needs the [export] extra)")
@@ -440,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", default="16:9,4:3,1:1,3:4", help="input shapes (W:H at the long side) to pad into")
     p.add_argument("--media-root", type=Path, default=None, help="IndexVideo may read server files under this folder")
     _add_model_flags(p)
+    add_server_flags(p)
     p.set_defaults(fn=cmd_serve)
 
     for name, fn, text in (
@@ -452,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--server", default=DEFAULT_SERVER)
         p.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
+        add_connection_flags(p)
         p.set_defaults(fn=fn)
         if name == "index":
             p.add_argument("paths", type=Path, nargs="+")
@@ -518,8 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.fn(args)
+    configure_logging(args.log_level, args.log_format)
+    import grpc
+
+    try:
+        return args.fn(args)
+    except grpc.RpcError as exc:  # refused calls the command does not explain itself (auth, limits...)
+        print(f"inserve {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

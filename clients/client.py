@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 
+from inserve.clients.channels import ChannelSecurity, WithMetadata, open_aio_channel, open_channel
 from inserve.v1 import inserve_pb2 as pb
 from inserve.v1 import inserve_pb2_grpc as pb_grpc
 
@@ -99,18 +100,19 @@ def _stream_request(query: pb.SearchRequest | pb.SearchStreamRequest) -> pb.Sear
     return query if isinstance(query, pb.SearchStreamRequest) else pb.SearchStreamRequest(query=query)
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
-
-
 class InstanceSearchClient:
-    """Blocking client. `timeout` is the deadline of each call in seconds (None = none)."""
+    """Blocking client. `timeout` is the deadline of each call in seconds (None = none); `security` says how
+    to reach a server with TLS or tokens."""
 
     def __init__(
-        self, address: str, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+        self,
+        address: str,
+        timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        security: ChannelSecurity = ChannelSecurity(),
     ) -> None:
-        self.channel = grpc.insecure_channel(address, options=_channel_options(max_message_bytes))
-        self.stub = pb_grpc.InstanceSearchStub(self.channel)
+        self.channel = open_channel(address, security, max_message_bytes)
+        self.stub = WithMetadata(pb_grpc.InstanceSearchStub(self.channel), security.metadata())
         self.timeout = timeout
 
     def index_images(self, items: Iterable[ImageItem]) -> Iterator[pb.IndexImageAck]:
@@ -166,10 +168,14 @@ class AsyncInstanceSearchClient:
     """asyncio client with the same calls as InstanceSearchClient."""
 
     def __init__(
-        self, address: str, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+        self,
+        address: str,
+        timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        security: ChannelSecurity = ChannelSecurity(),
     ) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
-        self.stub = pb_grpc.InstanceSearchStub(self.channel)
+        self.channel = open_aio_channel(address, security, max_message_bytes)
+        self.stub = WithMetadata(pb_grpc.InstanceSearchStub(self.channel), security.metadata())
         self.timeout = timeout
 
     async def index_images(

@@ -21,6 +21,15 @@ from inserve.engines.base import ShapeRange
 _CHUNK = 1 << 20
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, read in chunks (ONNX files run to hundreds of MB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def plan_key(
     onnx_path: Path,
     *,
@@ -30,12 +39,8 @@ def plan_key(
     profiles: Mapping[str, ShapeRange] | None,
 ) -> str:
     """sha256 (hex) over the ONNX file's bytes and every build setting that changes the plan."""
-    graph = hashlib.sha256()
-    with Path(onnx_path).open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            graph.update(chunk)
     settings = {
-        "onnx_sha256": graph.hexdigest(),
+        "onnx_sha256": file_sha256(onnx_path),
         "tensorrt": tensorrt_version,
         "gpu": gpu_name,
         "fp16": fp16,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from inserve.engines.plan_cache import file_sha256
 from inserve.export.backbones import load_backbone
 from inserve.export.checks import check_graph, parity
 from inserve.export.graphs import BackboneGraph, CamHead, DasrBackprop
@@ -33,14 +33,6 @@ class ExportOptions:
     check: bool = True  # run onnx.checker and a torch-vs-ONNX Runtime parity check on each graph
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
     log.info("exporting %s", path.name)
     torch.onnx.export(
@@ -58,7 +50,7 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 
 def _graph_entry(path: Path, inputs: list[str], outputs: list[str], **extra: object) -> dict:
-    return {"file": path.name, "sha256": sha256(path), "inputs": inputs, "outputs": outputs, **extra}
+    return {"file": path.name, "sha256": file_sha256(path), "inputs": inputs, "outputs": outputs, **extra}
 
 
 def export_backbone(

@@ -1,4 +1,5 @@
-"""Server bootstrap: the gRPC server with health and reflection, graceful stop on SIGTERM / SIGINT."""
+"""Server bootstrap: the gRPC server with health and reflection, TLS, token auth, metrics and limits;
+graceful stop on SIGTERM / SIGINT (stop taking calls, drain those in flight, snapshot, exit 0)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from grpc_reflection.v1alpha import reflection
 
 from inserve.server.config import ServerConfig
 from inserve.server.instance_search import InstanceSearch
+from inserve.server.metrics import MetricsEndpoint
+from inserve.server.security import TokenAuthInterceptor, load_tokens, server_credentials
 from inserve.server.service import InstanceSearchServicer
 from inserve.v1 import inserve_pb2 as pb
 from inserve.v1 import inserve_pb2_grpc as pb_grpc
@@ -20,44 +23,65 @@ from inserve.v1 import inserve_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InstanceSearch"].full_name
-GRACE_SECONDS = 30.0
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.limits.max_streams_per_connection),
+    ]
 
 
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT; then stop taking calls, finish those in flight, snapshot, return."""
-    core = InstanceSearch(config)
-    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="inserve-worker")
-    options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-    ]
-    server = grpc.aio.server(options=options)
-    pb_grpc.add_InstanceSearchServicer_to_server(InstanceSearchServicer(core, executor), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "inserve listening on port %d (backbone %s, recipes %s, data %s)",
-        port,
-        core.models.name,
-        ",".join(config.recipes),
-        config.data_dir,
-    )
-    print(f"inserve listening on port {port}", flush=True)
-
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    credentials = server_credentials(config.security)  # bad security settings fail before the models load
+    tokens = load_tokens(config.security.token_file) if config.security.token_file is not None else None
+
+    core = InstanceSearch(config)
+    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="inserve-worker")
+    metrics = MetricsEndpoint(config.ops, core)
+    interceptors = [metrics.interceptor] + ([TokenAuthInterceptor(tokens)] if tokens else [])
+    server = grpc.aio.server(
+        options=server_options(config),
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
+    )
+    pb_grpc.add_InstanceSearchServicer_to_server(InstanceSearchServicer(core, executor), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "inserve listening on port %d (%s%s; backbone %s, recipes %s, data %s)",
+        port,
+        "TLS" if credentials else "plaintext",
+        ", client certificates required" if config.security.tls_client_ca else "",
+        core.models.name,
+        ",".join(config.recipes),
+        config.data_dir,
+        extra={"port": port, "tls": credentials is not None, "tokens": bool(tokens)},
+    )
+    print(f"inserve listening on port {port}", flush=True)
+    if metrics.port is not None:
+        print(f"inserve metrics on port {metrics.port}", flush=True)
+
     await stopping.wait()
-    log.info("stopping: draining calls in flight (up to %.0f s)", GRACE_SECONDS)
+    grace = config.limits.shutdown_grace_s
+    log.info("stopping: no new calls; draining calls in flight (up to %.0f s)", grace)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(GRACE_SECONDS)
+    await server.stop(grace)
+    await loop.shutdown_default_executor()  # video indexing threads: cancelled with their calls, they end soon
     executor.shutdown(wait=True)
-    core.close()
+    core.close()  # runs what the batcher holds, then snapshots the graphs
+    metrics.close()
     log.info("stopped cleanly")

@@ -17,6 +17,8 @@ class ImageConfig:
     min_side: int = 16
     max_aspect: float = 12.0
     thumbnail_side: int = 256  # JPEG thumbnail stored per image for result pictures (0 = none)
+    # decoders untrusted bytes may reach (Pillow's names); every other format is refused unread
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # JPEG includes MPO (phones)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class IndexConfig:
     whiten_dims: int | None = None  # None = all dimensions the data supports
     # regularised whitening: component i scaled by (lambda_i + a lambda_1)^-1/2 (stages/whitening.py); 0 = plain
     whiten_shrinkage: float = 0.1
+    # vectors added before the graphs are snapshot again; whatever SQLite holds beyond the last snapshot is
+    # added back at start, so this trades snapshot time for start-up time, never data
+    snapshot_every: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,43 @@ class VideoConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one caller can make the server hold. The other limits live with what they bound:
+    ServerConfig.max_message_bytes, ImageConfig.max_pixels, BatcherConfig.queue_depth,
+    VideoConfig.max_upload_bytes and max_concurrent."""
+
+    max_concurrent_rpcs: int | None = 64  # calls served at once, streams included; more get RESOURCE_EXHAUSTED
+    max_streams_per_connection: int = 32  # HTTP/2 streams one client connection may open at once
+    # the longest a request (a Search, each image of an IndexImages stream, each query of a SearchStream)
+    # may wait in the server; a client deadline that comes sooner wins (None = the client's only)
+    request_deadline_s: float | None = 120.0
+    shutdown_grace_s: float = 30.0  # on SIGTERM, how long calls in flight may take to finish
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """TLS and token authentication; both off by default (plaintext, no token: for loopback and tests)."""
+
+    tls_cert: Path | None = None  # PEM server certificate chain; with tls_key, the server speaks TLS only
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle: when set, clients must present a certificate it signed
+    token_file: Path | None = None  # one accepted bearer token per line; when set, calls need one of them
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
+class OpsConfig:
+    """Operations: Prometheus metrics and the log format."""
+
+    metrics_port: int | None = None  # None = no metrics endpoint; 0 = any free port (logged)
+    metrics_host: str = "127.0.0.1"  # loopback unless told otherwise
+    log_format: str = "text"  # "text" or "json" (one JSON object a line)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     data_dir: Path = Path("data")
     models: Path = Path("models")
@@ -132,6 +174,9 @@ class ServerConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     clusters: ClustersConfig = field(default_factory=ClustersConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)

@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from inserve.server.config import ImageConfig
 
@@ -20,13 +20,18 @@ class ImageError(ValueError):
 
 
 def decode_image(data: bytes, config: ImageConfig) -> Image.Image:
-    """RGB image from encoded bytes: any mode (CMYK, 16-bit, grey, palette, alpha), EXIF orientation applied."""
+    """RGB image from encoded bytes: any mode (CMYK, 16-bit, grey, palette, alpha), EXIF orientation applied.
+
+    Only the configured formats' decoders see the bytes; the declared size is checked against the pixel
+    limit before any pixel is decoded. Anything that goes wrong is an ImageError saying what.
+    """
     if not data:
         raise ImageError("empty image: no bytes")
+    image = None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            warnings.simplefilter("ignore")  # Pillow warns of damaged metadata it skips; the pixels are checked
+            image = Image.open(io.BytesIO(data), formats=config.formats)
             width, height = image.size
             if width * height > config.max_pixels:
                 raise ImageError(
@@ -36,10 +41,19 @@ def decode_image(data: bytes, config: ImageConfig) -> Image.Image:
             image = ImageOps.exif_transpose(image)
     except ImageError:
         raise
+    except UnidentifiedImageError as exc:
+        kinds = ", ".join(config.formats)
+        raise ImageError(
+            f"cannot decode image ({len(data)} bytes): not an image in a supported format ({kinds})"
+        ) from exc
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise ImageError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+        damaged = f"damaged {image.format} data: " if image is not None and image.format else ""
+        raise ImageError(f"cannot decode image ({len(data)} bytes): {damaged}{exc}") from exc
     _check_geometry(image.size, config)
-    return _to_rgb(image)
+    try:
+        return _to_rgb(image)
+    except Exception as exc:
+        raise ImageError(f"cannot convert a {image.mode} image to RGB: {exc}") from exc
 
 
 def _check_geometry(size: tuple[int, int], config: ImageConfig) -> None:
@@ -58,8 +72,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
     elif image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
-        span = max(array.max() - array.min(), 1e-12)
-        image = Image.fromarray(((array - array.min()) / span * 255.0).astype(np.uint8), "L")
+        finite = np.isfinite(array)
+        low, high = (array[finite].min(), array[finite].max()) if finite.any() else (0.0, 0.0)
+        array = np.where(finite, array, low)
+        span = max(high - low, 1e-12)
+        image = Image.fromarray(((array - low) / span * 255.0).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

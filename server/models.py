@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from inserve.engines import Engine, EngineOptions, open_engine
+from inserve.engines.plan_cache import file_sha256
 
 MANIFEST_FORMAT = 1
 
@@ -26,14 +26,6 @@ def locate_manifest(models: Path, backbone: str) -> Path:
     raise ModelsError(
         f"no exported {backbone} under {models}: run `inserve export --backbone {backbone} --out {models}`"
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ModelBundle:
@@ -90,7 +82,7 @@ class ModelBundle:
                 path = self.directory / entry["file"]
                 if not path.is_file():
                     raise ModelsError(f"{path} is missing; export the backbone again")
-                if self.verify and _sha256(path) != entry["sha256"]:
+                if self.verify and file_sha256(path) != entry["sha256"]:
                     raise ModelsError(f"{path} does not match the sha256 in its manifest; export it again")
                 self._engines[entry["file"]] = open_engine(path, self.options)
             return self._engines[entry["file"]]

@@ -32,6 +32,7 @@ from inserve.v1 import inserve_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MAX_ID_LENGTH = 512
+MAX_DETAILS = 2000  # characters of a status message
 T = TypeVar("T")
 
 GROUPINGS = {pb.GROUPING_NONE: "none", pb.GROUPING_VIDEO: "video", pb.GROUPING_SHOT: "shot"}
@@ -60,17 +61,33 @@ class Failed(Exception):
         self.what, self.error = what, error
 
 
+def shown(external_id: str, limit: int = 64) -> str:
+    """An id quoted for a message, cut short when long (the status details echo it to the caller)."""
+    return repr(external_id) if len(external_id) <= limit else f"{external_id[:limit]!r}... ({len(external_id)} chars)"
+
+
+def elided(message: str, limit: int = MAX_DETAILS) -> str:
+    """At most `limit` characters: the start and the end (where the reason is) of a longer message. Status
+    details travel as trailing metadata, which the client refuses beyond a few KiB."""
+    if len(message) <= limit:
+        return message
+    half = (limit - 5) // 2
+    return f"{message[:half]} ... {message[-half:]}"
+
+
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status code and message for a request error (wrapped in Failed or not)."""
     error, what = (exc.error, exc.what) if isinstance(exc, Failed) else (exc, "")
     code = next(code for kind, code in STATUS if isinstance(error, kind))
     message = "already indexed (set replace to re-index)" if isinstance(error, DuplicateId) else str(error)
-    return code, f"{what}: {message}" if what else message
+    return code, elided(f"{what}: {message}" if what else message)
 
 
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline in time.monotonic() seconds (None = none)."""
+def deadline_of(context: grpc.aio.ServicerContext, limit_s: float | None = None) -> float | None:
+    """The call's deadline in time.monotonic() seconds, at most `limit_s` from now (None = none)."""
     remaining = context.time_remaining()
+    if limit_s is not None:
+        remaining = limit_s if remaining is None else min(remaining, limit_s)
     return None if remaining is None else time.monotonic() + remaining
 
 
@@ -110,6 +127,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         self.core = core
         self.executor = executor
         self.window = core.config.batcher.stream_window
+        self.request_limit_s = core.config.limits.request_deadline_s  # per image or query, even on a stream
         self._videos = threading.BoundedSemaphore(core.config.video.max_concurrent)
 
     async def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -119,9 +137,8 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
     async def IndexImages(
         self, request_iterator: AsyncIterator[pb.IndexImageRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.IndexImageAck]:
-        deadline = deadline_of(context)
-
         async def describe(_: int, request: pb.IndexImageRequest) -> tuple:
+            deadline = deadline_of(context, self.request_limit_s)
             try:
                 check_id(request.id)
                 if not request.replace and self.core.index.contains(request.id):
@@ -130,7 +147,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
                 (future,) = self.core.submit_describe([inp], deadline)
                 return request, inp, await asyncio.wrap_future(future)
             except REQUEST_ERRORS as exc:
-                raise Failed(f"image {request.id!r}", exc) from exc
+                raise Failed(f"image {shown(request.id)}", exc) from exc
 
         try:
             async with aclosing(ordered(request_iterator, describe, self.window)) as described:
@@ -146,7 +163,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
                             replace=request.replace,
                         )
                     except DuplicateId as exc:
-                        raise Failed(f"image {request.id!r}", exc) from exc
+                        raise Failed(f"image {shown(request.id)}", exc) from exc
                     yield ack_message(indexed)
         except Failed as exc:
             await context.abort(*status_of(exc))
@@ -166,7 +183,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
 
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SearchHit]:
         try:
-            hits = await self._search(request, deadline_of(context))
+            hits = await self._search(request, deadline_of(context, self.request_limit_s))
         except REQUEST_ERRORS as exc:
             await context.abort(*status_of(Failed("search", exc)))
         for hit in hits:
@@ -175,11 +192,9 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
     async def SearchStream(
         self, request_iterator: AsyncIterator[pb.SearchStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SearchStreamResponse]:
-        deadline = deadline_of(context)
-
         async def answer(index: int, request: pb.SearchStreamRequest) -> pb.SearchStreamResponse:
             try:
-                hits = await self._search(request.query, deadline)
+                hits = await self._search(request.query, deadline_of(context, self.request_limit_s))
             except REQUEST_ERRORS as exc:
                 code, message = status_of(exc)
                 return pb.SearchStreamResponse(index=index, tag=request.tag, error_code=code.value[0], error=message)
@@ -197,7 +212,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         if first is None or first.WhichOneof("part") != "header":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the video header")
         header = first.header
-        what = f"video {header.video_id!r}"
+        what = f"video {shown(header.video_id)}"
         if not self._videos.acquire(blocking=False):
             limit = self.core.config.video.max_concurrent
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}: {limit} videos are indexing; retry later")
@@ -280,6 +295,11 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         if not request.ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "delete: no ids given")
+        try:
+            for external_id in request.ids:
+                check_id(external_id)
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"delete: {exc}")
         deleted, missing = await self._run(self.core.delete, list(request.ids))
         return pb.DeleteResponse(deleted=deleted, missing=missing)
 

@@ -30,8 +30,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_EVERY = 20_000  # vectors added before the graphs are snapshot again
-
 
 Learned = Callable[[str], np.ndarray | None]  # a recipe's learned model by name (e.g. "codebook"), or None
 
@@ -171,7 +169,7 @@ class InstanceIndex:
         for v in vectors:
             for recipe, kind in self._aggregates(v.recipe, v.kind):
                 self._aggregate_image(recipe, kind, labels[(v.recipe, v.kind)], v.raw)
-        if self._added_since_snapshot >= SNAPSHOT_EVERY:
+        if self._added_since_snapshot >= self.config.snapshot_every:
             self.snapshot()
 
     def delete(self, external_ids: list[str]) -> tuple[int, list[str]]:

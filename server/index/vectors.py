@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
+import zlib
 from pathlib import Path
 
 import hnswlib
@@ -13,6 +15,8 @@ import numpy as np
 from inserve.server.config import IndexConfig
 from inserve.server.stages.pooling import l2_normalize
 from inserve.server.stages.whitening import Whitening
+
+log = logging.getLogger(__name__)
 
 
 class VectorSpace:
@@ -109,33 +113,43 @@ class VectorSpace:
             return np.asarray(self._graph.get_items([int(v) for v in labels]), dtype=np.float32).reshape(-1, self.dim)
 
     def save(self, path: Path) -> None:
-        """Write the graph and its sidecar atomically (temp file, fsync, rename)."""
+        """Write the graph and its sidecar atomically (temp file, fsync, rename). The sidecar names the
+        graph's size and CRC, so a graph and a sidecar from different snapshots (a crash between the two
+        renames) or a damaged graph file are never loaded together. A space without a graph writes nothing."""
         if self._graph is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            tmp = path.with_suffix(".hnsw.tmp")
+            tmp = _beside(path, ".hnsw.tmp")
             self._graph.save_index(str(tmp))
-            _fsync_replace(tmp, path.with_suffix(".hnsw"))
+            size, crc = _size_and_crc(tmp)
+            _fsync_replace(tmp, _beside(path, ".hnsw"))
             sidecar = {
                 "whitening_version": self.version,
                 "max_label": self.max_label,
                 "dim": self.dim,
                 "raw_dim": self.raw_dim,
                 "live": self._live,
+                "graph_bytes": size,
+                "graph_crc32": crc,
             }
-            tmp = path.with_suffix(".json.tmp")
+            tmp = _beside(path, ".json.tmp")
             tmp.write_text(json.dumps(sidecar))
-            _fsync_replace(tmp, path.with_suffix(".json"))
+            _fsync_replace(tmp, _beside(path, ".json"))
 
     def load(self, path: Path) -> bool:
         """Load a snapshot written for this whitening version; False when there is none that fits."""
-        graph_file, sidecar_file = path.with_suffix(".hnsw"), path.with_suffix(".json")
+        graph_file, sidecar_file = _beside(path, ".hnsw"), _beside(path, ".json")
+        for leftover in (_beside(path, ".hnsw.tmp"), _beside(path, ".json.tmp")):  # a save cut short
+            leftover.unlink(missing_ok=True)
         if self._graph is None or not (graph_file.exists() and sidecar_file.exists()):
             return False
         try:
             sidecar = json.loads(sidecar_file.read_text())
         except (OSError, ValueError):
+            return False
+        if _size_and_crc(graph_file) != (sidecar.get("graph_bytes"), sidecar.get("graph_crc32")):
+            log.warning("%s does not match its sidecar (size or CRC); rebuilding from SQLite", graph_file)
             return False
         if (sidecar.get("whitening_version"), sidecar.get("dim"), sidecar.get("raw_dim")) != (
             self.version,
@@ -168,6 +182,20 @@ class VectorSpace:
                 except RuntimeError:  # deleted before the snapshot was written
                     continue
             self._live = len(live_labels)
+
+
+def _beside(path: Path, suffix: str) -> Path:
+    """`graphs/gem.global` -> `graphs/gem.global.hnsw` (with_suffix would drop the kind and let two spaces
+    of one recipe overwrite each other's snapshot)."""
+    return path.with_name(path.name + suffix)
+
+
+def _size_and_crc(file: Path) -> tuple[int, int]:
+    crc, size = 0, 0
+    with file.open("rb") as f:
+        while block := f.read(1 << 20):
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return size, crc
 
 
 def _fsync_replace(tmp: Path, final: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,8 @@ class SelectionRules:
     iframes_only: bool  # only the codec's intra frames may become keyframes
 
     def __post_init__(self) -> None:
+        if math.isnan(self.min_interval_s) or math.isnan(self.max_interval_s):
+            raise ValueError(f"intervals must be numbers, got {self.min_interval_s}, {self.max_interval_s}")
         if not 0 < self.scene_threshold <= 1:
             raise ValueError(f"scene threshold must be in (0, 1], got {self.scene_threshold}")
         if self.min_interval_s < 0 or self.max_interval_s <= 0 or self.min_interval_s > self.max_interval_s:

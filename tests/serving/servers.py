@@ -25,9 +25,11 @@ class Server:
 
 
 @contextmanager
-def running_server(models: Path, data_dir: Path, *flags: str) -> Iterator[Server]:
-    """`inserve serve --port 0` in a subprocess until the block ends (SIGTERM, then wait)."""
-    command = [sys.executable, "-m", "inserve.clients.cli", "serve", "--port", "0", "--host", "127.0.0.1"]
+def running_server(models: Path, data_dir: Path, *flags: str, global_flags: tuple[str, ...] = ()) -> Iterator[Server]:
+    """`inserve [global_flags] serve --port 0 [flags]` in a subprocess until the block ends (SIGTERM, then
+    wait)."""
+    command = [sys.executable, "-m", "inserve.clients.cli", *global_flags, "serve", "--port", "0"]
+    command += ["--host", "127.0.0.1"]
     command += ["--data-dir", str(data_dir), "--models", str(models), "--long-side", str(LONG_SIDE), *flags]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

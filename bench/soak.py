@@ -1,0 +1,260 @@
+"""Soak benchmark: N concurrent clients index and search on loopback for T seconds against a real server.
+
+Each client alternates IndexImages (one new image id per call) and Search (a crop of a photo with a box)
+until the time is up; then it finishes its call in flight. The server's resident memory is sampled all
+along from /proc. The report gives requests done, errors (by status code; must be zero), p50/p99
+latency per operation, and the server's memory: idle after start, the peak in the first and the last
+quarter of the run, and VmHWM at the end, with the same figures per quarter so growth shows as a trend.
+
+    python bench/soak.py --models /tmp/models --clients 4 --seconds 120
+
+Exits 1 if any call failed. Images are scikit-image's sample photos (shifted crops and mirror images),
+so the benchmark needs no data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from inserve.clients.client import AsyncInstanceSearchClient, ImageItem, InstanceSearchClient
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "immunohistochemistry", "coins", "camera")
+
+
+def photo_pool(count: int) -> list[bytes]:
+    """`count` distinct JPEGs: shifted three-quarter crops of the sample photos, every other one mirrored."""
+    from skimage import data
+
+    pool = []
+    for i in range(count):
+        name = PHOTOS[i % len(PHOTOS)]
+        picture = np.asarray(data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)())
+        if picture.ndim == 2:
+            picture = np.repeat(picture[:, :, None], 3, axis=2)
+        height, width = picture.shape[:2]
+        step = i // len(PHOTOS)
+        x, y = (step * 13) % (width // 4), (step * 11) % (height // 4)
+        crop = picture[y : y + 3 * height // 4, x : x + 3 * width // 4, :3]
+        if step % 2:
+            crop = crop[:, ::-1]
+        out = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(crop)).save(out, format="JPEG", quality=90)
+        pool.append(out.getvalue())
+    return pool
+
+
+class MemorySampler:
+    """VmRSS of a process every `interval` seconds, with the time of each sample."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        self.pid = pid
+        self.samples: list[tuple[float, int]] = []  # (monotonic seconds, bytes)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.interval = interval
+
+    def status(self, field: str) -> int:
+        text = Path(f"/proc/{self.pid}/status").read_text()
+        return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self.status("VmRSS")))
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, start: float, end: float) -> int:
+        return max((rss for t, rss in self.samples if start <= t <= end), default=0)
+
+
+@contextmanager
+def server(models: Path, data_dir: Path, flags: list[str]) -> Iterator[tuple[str, subprocess.Popen]]:
+    command = [sys.executable, "-m", "inserve.clients.cli", "serve", "--port", "0", "--host", "127.0.0.1"]
+    command += ["--models", str(models), "--data-dir", str(data_dir), *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        address = None
+        for line in process.stdout:
+            lines.append(line)
+            found = re.search(r"inserve listening on port (\d+)", line)
+            if found:
+                address = f"127.0.0.1:{found.group(1)}"
+                break
+        if address is None:
+            raise RuntimeError("the server did not start:\n" + "".join(lines))
+        threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+        with InstanceSearchClient(address) as client:
+            client.wait_ready()
+        yield address, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(120)
+
+
+@dataclass
+class Call:
+    op: str  # index | search
+    started: float  # monotonic seconds
+    seconds: float
+    code: str = "OK"
+
+
+@dataclass
+class Run:
+    calls: list[Call] = field(default_factory=list)
+
+
+async def client_loop(address: str, pool: list[bytes], client_id: int, until: float, run: Run, timeout: float) -> None:
+    rng = random.Random(client_id)
+    async with AsyncInstanceSearchClient(address, timeout=timeout) as client:
+        n = 0
+        while time.monotonic() < until:
+            op = "index" if n % 2 == 0 else "search"
+            image = pool[rng.randrange(len(pool))]
+            started = time.monotonic()
+            code = "OK"
+            try:
+                if op == "index":
+                    async for _ in client.index_images([ImageItem(f"c{client_id}-{n}", image)]):
+                        pass
+                else:
+                    x, y = rng.uniform(0, 80), rng.uniform(0, 60)
+                    await client.search(image, box=(x, y, x + 180, y + 140), top_k=10)
+            except grpc.RpcError as exc:
+                code = exc.code().name
+            run.calls.append(Call(op, started, time.monotonic() - started, code))
+            n += 1
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    if not seconds:
+        return float("nan"), float("nan")
+    ms = np.array(seconds) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def report(
+    args: argparse.Namespace, run: Run, memory: MemorySampler, idle: int, hwm: int, t0: float, t1: float, images: int
+) -> dict:
+    mib = 1 << 20
+    quarter = (t1 - t0) / 4
+    errors = Counter(call.code for call in run.calls if call.code != "OK")
+    rows = []
+    for op in ("index", "search", "all"):
+        chosen = [c for c in run.calls if op in ("all", c.op)]
+        p50, p99 = percentiles([c.seconds for c in chosen if c.code == "OK"])
+        rows.append((op, len(chosen), sum(c.code != "OK" for c in chosen), len(chosen) / (t1 - t0), p50, p99))
+    windows = []
+    for q in range(4):
+        start, end = t0 + q * quarter, t0 + (q + 1) * quarter
+        chosen = [c for c in run.calls if start <= c.started < end]
+        p50, p99 = percentiles([c.seconds for c in chosen if c.code == "OK"])
+        windows.append((q + 1, len(chosen), p50, p99, memory.peak(start, end) / mib))
+    print(
+        f"\nsoak: {args.clients} clients, {t1 - t0:.0f} s, server flags {' '.join(args.server_flags) or '(defaults)'}"
+    )
+    print("\n| operation | requests | errors | requests/s | p50 ms | p99 ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for op, count, failed, rate, p50, p99 in rows:
+        print(f"| {op} | {count} | {failed} | {rate:.2f} | {p50:.0f} | {p99:.0f} |")
+    print("\n| quarter | requests | p50 ms | p99 ms | server peak RSS MiB |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for q, count, p50, p99, peak in windows:
+        print(f"| {q} | {count} | {p50:.0f} | {p99:.0f} | {peak:.0f} |")
+    first, last = windows[0][4], windows[-1][4]
+    print(
+        f"\nserver RSS idle after start {idle / mib:.0f} MiB; peak in the first quarter {first:.0f} MiB, in the last"
+        f" {last:.0f} MiB (growth {last - first:+.0f} MiB while the index grew to {images} images); VmHWM at the end"
+        f" {hwm / mib:.0f} MiB"
+    )
+    print("errors: " + (", ".join(f"{code} x{n}" for code, n in errors.items()) if errors else "none"))
+    return {
+        "clients": args.clients,
+        "seconds": t1 - t0,
+        "requests": len(run.calls),
+        "errors": dict(errors),
+        "operations": {
+            op: {"requests": n, "errors": e, "per_s": r, "p50_ms": p50, "p99_ms": p99} for op, n, e, r, p50, p99 in rows
+        },
+        "quarters": [
+            {"requests": n, "p50_ms": p50, "p99_ms": p99, "peak_rss_mib": peak} for _, n, p50, p99, peak in windows
+        ],
+        "rss_idle_mib": idle / mib,
+        "rss_hwm_mib": hwm / mib,
+        "images_indexed": images,
+    }
+
+
+async def soak(address: str, pool: list[bytes], args: argparse.Namespace, run: Run) -> tuple[float, float]:
+    warm = time.monotonic() + 1.0  # every client makes a call or two before the measured run
+    await asyncio.gather(
+        *(client_loop(address, pool, 1000 + c, warm, Run(), args.timeout) for c in range(args.clients))
+    )
+    t0 = time.monotonic()
+    until = t0 + args.seconds
+    await asyncio.gather(*(client_loop(address, pool, c, until, run, args.timeout) for c in range(args.clients)))
+    return t0, time.monotonic()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=120.0, help="length of the measured run (bounded)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each call")
+    parser.add_argument("--pool", type=int, default=64, help="distinct photos the clients draw from")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("server_flags", nargs="*", help="extra `inserve serve` flags, after --")
+    args = parser.parse_args()
+    if not 0 < args.seconds <= 3600:
+        parser.error("--seconds must be in (0, 3600]")
+    pool = photo_pool(args.pool)
+    run = Run()
+    with (
+        tempfile.TemporaryDirectory(prefix="inserve-soak-") as scratch,
+        server(args.models, Path(scratch), args.server_flags) as (address, process),
+    ):
+        memory = MemorySampler(process.pid)
+        idle = memory.status("VmRSS")
+        memory.start()
+        t0, t1 = asyncio.run(soak(address, pool, args, run))
+        memory.stop()
+        hwm = memory.status("VmHWM")
+        with InstanceSearchClient(address) as client:
+            images = client.stats().images
+    figures = report(args, run, memory, idle, hwm, t0, t1, images)
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 1 if figures["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Channels to a server that may demand TLS, client certificates and a bearer token."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How to reach the server. The default is plaintext without a token (loopback, tests)."""
+
+    tls: bool = False  # implied by any of the three files below
+    ca: Path | None = None  # PEM roots that signed the server's certificate (None = the system's roots)
+    cert: Path | None = None  # client certificate and key, for servers that require them (mutual TLS)
+    key: Path | None = None
+    server_name: str | None = None  # the name to check the server's certificate against, when not the host's
+    token: str | None = None  # sent as `authorization: Bearer <token>`; use TLS unless on loopback
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or any(path is not None for path in (self.ca, self.cert, self.key))
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
+        return grpc.ssl_channel_credentials(
+            root_certificates=None if self.ca is None else Path(self.ca).read_bytes(),
+            private_key=None if self.key is None else Path(self.key).read_bytes(),
+            certificate_chain=None if self.cert is None else Path(self.cert).read_bytes(),
+        )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return () if not self.token else (("authorization", f"Bearer {self.token}"),)
+
+
+def channel_options(security: ChannelSecurity, max_message_bytes: int) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+    if security.server_name:
+        options.append(("grpc.ssl_target_name_override", security.server_name))
+    return options
+
+
+def open_channel(address: str, security: ChannelSecurity, max_message_bytes: int) -> grpc.Channel:
+    options = channel_options(security, max_message_bytes)
+    if security.uses_tls:
+        return grpc.secure_channel(address, security.credentials(), options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
+def open_aio_channel(address: str, security: ChannelSecurity, max_message_bytes: int) -> grpc.aio.Channel:
+    options = channel_options(security, max_message_bytes)
+    if security.uses_tls:
+        return grpc.aio.secure_channel(address, security.credentials(), options=options)
+    return grpc.aio.insecure_channel(address, options=options)
+
+
+class WithMetadata:
+    """A stub whose every call carries `metadata` (the token); works for blocking and asyncio stubs."""
+
+    def __init__(self, stub: object, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._stub = stub
+        self._metadata = metadata
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+        return functools.partial(method, metadata=self._metadata) if self._metadata else method

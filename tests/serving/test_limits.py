@@ -1,0 +1,77 @@
+"""Configured limits on the real server: concurrent calls, streams per connection and the per-request
+deadline each refuse with their own status code, and the server serves again once the load is gone.
+(Message size, pixel limit and video upload size: test_bad_input.py; queue depth: test_streaming.py.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from photos import encode, photo
+from servers import running_server
+
+from inserve.v1 import inserve_pb2 as pb
+from inserve.v1 import inserve_pb2_grpc as pb_grpc
+
+FLAGS = ("--recipe", "gem", "--max-concurrent-rpcs", "3", "--max-streams-per-connection", "1")
+FLAGS += ("--request-deadline", "0.001")  # no image can be described that fast
+
+
+def held(release: threading.Event) -> Iterator[pb.IndexImageRequest]:
+    """An IndexImages request stream that stays open, sending nothing, until released."""
+    release.wait(60)
+    yield from ()
+
+
+@pytest.fixture(scope="module")
+def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    with running_server(models_dir, tmp_path_factory.mktemp("limits-data"), *FLAGS) as running:
+        yield running
+
+
+def stats(channel: grpc.Channel, timeout: float = 10) -> pb.Stats:
+    return pb_grpc.InstanceSearchStub(channel).GetStats(pb.GetStatsRequest(), timeout=timeout)
+
+
+def test_calls_beyond_the_limits_are_refused_until_the_load_is_gone(server) -> None:
+    release = threading.Event()
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]  # else channels to one address share a connection
+    channels = [grpc.insecure_channel(server.address, options=own_connection) for _ in range(4)]
+    try:
+        for channel in channels:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        streams = [pb_grpc.InstanceSearchStub(c).IndexImages(held(release), timeout=60) for c in channels[:3]]
+        time.sleep(1.0)  # the three streams are open on the server
+        with pytest.raises(grpc.RpcError) as second_stream:  # one HTTP/2 stream per connection: it waits
+            stats(channels[0], timeout=1)
+        assert second_stream.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(grpc.RpcError) as fourth_call:  # three calls at once, server-wide
+            stats(channels[3])
+        assert fourth_call.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        for stream in streams:
+            assert list(stream) == []
+        assert stats(channels[3]).images == 0
+        assert stats(channels[0]).images == 0
+    finally:
+        release.set()
+        for channel in channels:
+            channel.close()
+
+
+def test_requests_past_the_server_deadline_get_deadline_exceeded(server) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.InstanceSearchStub(channel)
+        with pytest.raises(grpc.RpcError) as late:
+            list(stub.Search(pb.SearchRequest(image=encode(photo("chelsea"))), timeout=60))
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "deadline passed" in late.value.details()
+        request = pb.IndexImageRequest(id="late", image=encode(photo("coffee")))
+        with pytest.raises(grpc.RpcError) as late_image:
+            list(stub.IndexImages(iter([request]), timeout=60))
+        assert late_image.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert stats(channel).images == 0
