@@ -39,12 +39,25 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-side", type=int, default=512, help="images are resized to this long side")
     p.add_argument("--stop-stride", type=int, default=None, help="DASR back-propagation stop stride")
     p.add_argument("--shape", default="moments", choices=["moments", "official"], help="DASR shape estimation")
+    p.add_argument(
+        "--detector", type=Path, default=None, help="detector.onnx (or its export folder) for deepvision/deep_region"
+    )
+    p.add_argument("--cam-mode", default="offline", choices=["offline", "online"], help="cam: class aggregation")
+    p.add_argument("--deep-region-source", default="detector", choices=["detector", "dasr_star"])
+    p.add_argument("--deep-region-fusion", default="concat", choices=["concat", "mean", "max"])
 
 
 def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: Path):
     """The one place where flags become a ServerConfig."""
     from inserve.engines import EngineOptions
-    from inserve.server.config import DasrConfig, ImageConfig, ServerConfig
+    from inserve.server.config import (
+        CamConfig,
+        DasrConfig,
+        DetectorConfig,
+        ImageConfig,
+        RegionRecipeConfig,
+        ServerConfig,
+    )
 
     config = ServerConfig(
         data_dir=data_dir,
@@ -54,6 +67,11 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
         engine=EngineOptions(device=args.device, intra_op_threads=args.threads),
         image=ImageConfig(long_side=args.long_side),
         dasr=DasrConfig(stop_stride=args.stop_stride, shape=args.shape),
+        cam=CamConfig(mode=args.cam_mode),
+        detector=DetectorConfig(path=args.detector),
+        regions=RegionRecipeConfig(
+            deep_region_source=args.deep_region_source, deep_region_fusion=args.deep_region_fusion
+        ),
     )
     if args.command == "serve":
         batcher = {
@@ -89,6 +107,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"inserve export needs torch and onnx: pip install 'inserve[export]' ({exc})", file=sys.stderr)
         return 2
     from inserve.export.backbones import WeightsError
+
+    if args.detector:
+        from inserve.export.detector import export_detector
+
+        try:
+            path = export_detector(
+                args.detector,
+                args.out,
+                args.weights,
+                args.random_init,
+                min_size=args.detector_min_size,
+                max_size=2 * args.detector_min_size,
+                check=not args.no_check,
+            )
+        except WeightsError as exc:
+            print(f"inserve export: {exc}", file=sys.stderr)
+            return 2
+        print(f"exported {args.detector} to {path}; serve with --detector {path}")
+        return 0
 
     options = ExportOptions(
         desc=args.desc_layer,
@@ -196,6 +233,8 @@ def hit_line(hit) -> str:
     from inserve.clients.render import timecode
 
     box = f"[{hit.box.x1:.0f},{hit.box.y1:.0f},{hit.box.x2:.0f},{hit.box.y2:.0f}]" if hit.HasField("box") else "-"
+    if hit.region_source:
+        box += f" ({hit.region_source})"
     if hit.HasField("keyframe"):
         kf = hit.keyframe
         where = f"{kf.video_id} @ {timecode(kf.time_s)}  frame {kf.frame}  shot {kf.shot}"
@@ -212,7 +251,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     with InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args)) as client:
         try:
             hits = client.search(
-                data, args.box, args.top_k, args.recipe, args.qe, thumbnails=args.show is not None, group=args.group
+                data,
+                args.box,
+                args.top_k,
+                args.recipe,
+                args.qe,
+                thumbnails=args.show is not None,
+                rerank_top=args.rerank,
+                group=args.group,
             )
         except grpc.RpcError as exc:
             print(f"inserve search: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -249,6 +295,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"images {stats.images}{videos}, regions {stats.regions}")
     for s in stats.indexes:
         print(f"  {s.recipe}/{s.kind}: {s.vectors} vectors, {s.dim} dims, whitening v{s.whitening_version}")
+    for name, reason in sorted(stats.unavailable.items()):
+        print(f"  unavailable: {name}: {reason}")
     return 0
 
 
@@ -261,17 +309,71 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_whiten(args: argparse.Namespace) -> int:
-    from inserve.server.index import InstanceIndex
+def stored_recipe_index(data_dir: Path):
+    """The index of a data directory with the space settings of the recipes it holds (default configuration)."""
+    from inserve.server.config import ServerConfig
+    from inserve.server.index import InstanceIndex, MetadataStore
+    from inserve.server.recipes import RECIPES, build_recipes, recipe_specs
 
-    index = InstanceIndex(args.data_dir)
+    store = MetadataStore(Path(data_dir) / "index.sqlite")
+    names = sorted({recipe for recipe, *_ in store.spaces()} & set(RECIPES))
+    store.close()
+    return InstanceIndex(data_dir, specs=recipe_specs(build_recipes(names, ServerConfig())))
+
+
+def cmd_whiten(args: argparse.Namespace) -> int:
+    index = stored_recipe_index(args.data_dir)
     try:
-        for s in index.stats():
-            if args.recipe in (None, s.recipe):
+        stats = sorted(index.stats(), key=lambda s: index.spec(s.recipe, s.kind).aggregate is not None)
+        for s in stats:
+            if args.recipe in (None, s.recipe) and index.spec(s.recipe, s.kind).whiten and s.vectors >= 2:
                 version = index.learn_whitening(s.recipe, s.kind, args.dims)
                 print(f"{s.recipe}/{s.kind}: whitening v{version} from {s.vectors} vectors")
     finally:
         index.close()
+    return 0
+
+
+def codebook_vectors(args: argparse.Namespace, source: Path):
+    """Region vectors to learn the VLAD codebook from: another data directory's index, a gnd.json dataset's
+    images, or a folder of images (described with dasr_star_vlad's regions in-process)."""
+    from inserve.server.codebook import RECIPE, vectors_from_images, vectors_from_index
+
+    if (source / "index.sqlite").is_file():
+        return vectors_from_index(source)
+    if (source / "gnd.json").is_file():
+        from inserve.server.evaluation import Dataset
+
+        dataset = Dataset.load(source)
+        paths = [dataset.path(name) for name in dataset.images]
+    else:
+        paths = [path for _, path in image_files([source])]
+    from inserve.server.instance_search import InstanceSearch
+
+    with tempfile.TemporaryDirectory(prefix="inserve-codebook-") as scratch:
+        service = InstanceSearch(server_config(args, (RECIPE,), Path(scratch)))
+        try:
+
+            def describe(images: list[bytes]):
+                described = service.describe([service.load(data) for data in images])
+                return [v.raw for d in described for v in d[RECIPE].vectors if v.kind == "region"]
+
+            return vectors_from_images(describe, paths)
+        finally:
+            service.close()
+
+
+def cmd_learn_codebook(args: argparse.Namespace) -> int:
+    from inserve.server.codebook import learn_codebook, save_codebook
+
+    vectors = codebook_vectors(args, args.source)
+    centroids = learn_codebook(vectors, args.k)
+    index = stored_recipe_index(args.data_dir)
+    try:
+        version = save_codebook(index, centroids, f"{args.source.resolve()} ({len(vectors)} regions)")
+    finally:
+        index.close()
+    print(f"dasr_star_vlad codebook v{version}: k={args.k} from {len(vectors)} region vectors of {args.source}")
     return 0
 
 
@@ -295,7 +397,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config = server_config(args, (args.recipe,), args.data_dir or Path(scratch))
         service = InstanceSearch(config)
         try:
-            result = evaluate(service, dataset, args.recipe, SearchOptions(args.qe), progress)
+            if args.codebook_from is not None:
+                from inserve.server.codebook import learn_codebook, save_codebook
+
+                vectors = codebook_vectors(args, args.codebook_from)
+                save_codebook(service.index, learn_codebook(vectors, config.regions.vlad_k), str(args.codebook_from))
+            options = SearchOptions(query_expansion=args.qe, rerank_top=args.rerank)
+            result = evaluate(service, dataset, args.recipe, options, progress)
         finally:
             service.close()
             for bar in bars.values():
@@ -317,8 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", default="text", choices=FORMATS, help="json: one JSON object a line")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("export", help="export a backbone to ONNX (needs the [export] extra)")
+    p = sub.add_parser("export", help="export a backbone or a detector to ONNX (needs the [export] extra)")
     p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument(
+        "--detector",
+        default=None,
+        choices=["fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn"],
+        help="export this torchvision Faster R-CNN (with --weights, or --random-init for tests) instead of a backbone",
+    )
+    p.add_argument("--detector-min-size", type=int, default=512, help="the detector resizes the short side to this")
     p.add_argument("--out", type=Path, default=Path("models"))
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--weights", type=Path, help="torchvision-format state dict")
@@ -380,7 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--box", type=_box, default=None, help="x1,y1,x2,y2 in the query's pixels")
             p.add_argument("--top-k", type=int, default=10)
             p.add_argument("--recipe", default="")
-            p.add_argument("--qe", type=int, default=0, help="query expansion with the top M hits")
+            p.add_argument(
+                "--qe", type=int, default=None, help="query expansion with the top M hits (default: recipe's)"
+            )
+            p.add_argument("--rerank", type=int, default=None, help="spatially re-rank the top N (default: recipe's)")
             p.add_argument("--show", type=Path, default=None, help="write the query and hits with boxes to this PNG")
             p.add_argument("--group", choices=GROUPINGS, default="none", help="one hit per video or per shot")
         elif name == "delete":
@@ -392,11 +510,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", type=int, default=None)
     p.set_defaults(fn=cmd_whiten)
 
+    p = sub.add_parser("learn-codebook", help="learn dasr_star_vlad's VLAD codebook on other data (server stopped)")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="the index that will use the codebook")
+    p.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        required=True,
+        help="another data directory, gnd.json dataset or image folder",
+    )
+    p.add_argument("--k", type=int, default=4, help="codebook size (seed 004: 4)")
+    _add_model_flags(p)
+    p.set_defaults(fn=cmd_learn_codebook)
+
     p = sub.add_parser("eval", help="mAP, mP@10 and localisation on a gnd.json dataset, in-process")
     p.add_argument("dataset", type=Path)
     p.add_argument("--recipe", default="dasr_star")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--qe", type=int, default=0)
+    p.add_argument("--qe", type=int, default=None, help="query expansion with the top M hits (default: recipe's)")
+    p.add_argument("--rerank", type=int, default=None, help="spatially re-rank the top N (default: recipe's)")
+    p.add_argument(
+        "--codebook-from", type=Path, default=None, help="dasr_star_vlad: learn the codebook from this other data"
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="keep the index here (default: a temp dir)")
     p.add_argument("--quiet", action="store_true")
     _add_model_flags(p)

@@ -78,16 +78,18 @@ def search_request(
     box: Box | None = None,
     top_k: int = 0,
     recipe: str = "",
-    query_expansion: int = 0,
+    query_expansion: int | None = None,
     thumbnails: bool = False,
+    rerank_top: int | None = None,
     group: str = "none",
 ) -> pb.SearchRequest:
+    """query_expansion / rerank_top: None = the recipe's default, 0 = off."""
     request = pb.SearchRequest(
         image=image,
         top_k=top_k,
         recipe=recipe,
         thumbnails=thumbnails,
-        options=pb.SearchOptions(query_expansion=query_expansion, group=GROUPINGS[group]),
+        options=pb.SearchOptions(query_expansion=query_expansion, rerank_top=rerank_top, group=GROUPINGS[group]),
     )
     if box is not None:
         request.box.CopyFrom(pb.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]))
@@ -123,11 +125,13 @@ class InstanceSearchClient:
         box: Box | None = None,
         top_k: int = 0,
         recipe: str = "",
-        query_expansion: int = 0,
+        query_expansion: int | None = None,
         thumbnails: bool = False,
+        rerank_top: int | None = None,
         group: str = "none",
     ) -> list[pb.SearchHit]:
-        request = search_request(image, box, top_k, recipe, query_expansion, thumbnails, group)
+        """query_expansion (M) and rerank_top (N): None = the recipe's default, 0 = off."""
+        request = search_request(image, box, top_k, recipe, query_expansion, thumbnails, rerank_top, group)
         return list(self.stub.Search(request, timeout=self.timeout))
 
     def search_stream(
@@ -194,11 +198,12 @@ class AsyncInstanceSearchClient:
         box: Box | None = None,
         top_k: int = 0,
         recipe: str = "",
-        query_expansion: int = 0,
+        query_expansion: int | None = None,
         thumbnails: bool = False,
+        rerank_top: int | None = None,
         group: str = "none",
     ) -> list[pb.SearchHit]:
-        request = search_request(image, box, top_k, recipe, query_expansion, thumbnails, group)
+        request = search_request(image, box, top_k, recipe, query_expansion, thumbnails, rerank_top, group)
         return [hit async for hit in self.stub.Search(request, timeout=self.timeout)]
 
     async def search_stream(

@@ -34,6 +34,49 @@ class DasrConfig:
 
 
 @dataclass(frozen=True)
+class CamConfig:
+    """Seed 001: class-weighted convolutional features."""
+
+    mode: str = "offline"  # "offline" (OfA: each image's own top classes) or "online" (OnA: the query's)
+    classes: int = 32  # N_C: class vectors summed (at most the CAM head's top-N)
+    pca_classes: int = 16  # N_pca: each image's first N class vectors train the class-vector whitening
+    rerank_classes: int = 2  # classes whose mean CAM gives the re-ranking boxes
+    thresholds: tuple[float, ...] = (0.01, 0.1, 0.2, 0.3, 0.4)  # fractions of the CAM's maximum
+
+
+@dataclass(frozen=True)
+class ClustersConfig:
+    """Seed 003: max-pooling over normalized-cut clusters of feature-map locations."""
+
+    pca_dims: int = 5  # C: local vectors are PCA-reduced to this many dimensions before clustering (4-7)
+    feature_clusters: tuple[int, ...] = (5, 20)  # one normalized cut per count
+    colour_clusters: int = 5
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """torchvision Faster R-CNN exported by `inserve export --detector`; no weights ship with inserve."""
+
+    path: Path | None = None  # detector.onnx, or the folder `inserve export --detector` wrote
+    proposals: int = 100  # RPN proposals kept per image as DeepVision regions
+    top_k: int = 2  # detections cropped per image by deep_region (seed 002: K = 2)
+
+
+@dataclass(frozen=True)
+class RegionRecipeConfig:
+    """DeepVision (seed 000), deep region CNN (seed 002) and DASR*+VLAD (seed 004) settings."""
+
+    deep_region_source: str = "detector"  # "detector" (seed 002) or "dasr_star" (its top-K regions instead)
+    deep_region_fusion: str = "concat"  # "concat", "mean" or "max" of the K crop embeddings
+    # crop-and-re-embed (deep_region, dasr_star_crops): crops keep their aspect ratio, long side to this; the
+    # box grows by crop_margin x its size on each side first (composite-dev: margin 0 beats 0.1 and 0.2)
+    crop_long_side: int = 256
+    crop_margin: float = 0.0
+    vlad_k: int = 4  # codebook size (seed 004)
+    vlad_alpha: float = 0.5  # power-law exponent
+
+
+@dataclass(frozen=True)
 class IndexConfig:
     hnsw_m: int = 16
     ef_construction: int = 200
@@ -44,6 +87,8 @@ class IndexConfig:
     # `inserve whiten` where it helps, e.g. from a large collection.
     auto_whiten_per_dim: float = 0.0
     whiten_dims: int | None = None  # None = all dimensions the data supports
+    # regularised whitening: component i scaled by (lambda_i + a lambda_1)^-1/2 (stages/whitening.py); 0 = plain
+    whiten_shrinkage: float = 0.1
     # vectors added before the graphs are snapshot again; whatever SQLite holds beyond the last snapshot is
     # added back at start, so this trades snapshot time for start-up time, never data
     snapshot_every: int = 20_000
@@ -151,6 +196,10 @@ class ServerConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    clusters: ClustersConfig = field(default_factory=ClustersConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    regions: RegionRecipeConfig = field(default_factory=RegionRecipeConfig)
 
     @property
     def default_recipe(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -99,15 +99,14 @@ class EvalResult:
         }
 
 
-def evaluate(
+def index_dataset(
     service: InstanceSearch,
     dataset: Dataset,
-    recipe: str,
-    options: SearchOptions = SearchOptions(),
     progress: Callable[[str, int, int], None] | None = None,
     batch: int = 8,
-) -> EvalResult:
-    """Index the dataset's images into `service` (an empty data directory), then run every query."""
+) -> float:
+    """Index the dataset's images with every recipe of `service` (an empty data directory), then learn the
+    whitenings; returns the seconds it took."""
     start = time.perf_counter()
     for first in range(0, len(dataset.images), batch):
         names = dataset.images[first : first + batch]
@@ -117,30 +116,97 @@ def evaluate(
         if progress:
             progress("index", first + len(names), len(dataset.images))
     service.relearn_whitening()
-    index_seconds = time.perf_counter() - start
-    aps, p10s, located, with_box = [], [], 0, 0
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    map: float
+    mp10: float
+    loc_iou50: float | None  # None when the set has no boxes or the search returned none
+    seconds: float
+
+
+def run_queries(
+    service: InstanceSearch,
+    dataset: Dataset,
+    recipe: str,
+    options: SearchOptions = SearchOptions(),
+    progress: Callable[[str, int, int], None] | None = None,
+) -> QueryResult:
+    """Every query of the dataset against the whole ranked database."""
+    return run_query_set(service, dataset, [(recipe, options)], progress)[0]
+
+
+def run_query_set(
+    service: InstanceSearch,
+    dataset: Dataset,
+    configs: list[tuple[str, SearchOptions]],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[QueryResult]:
+    """Every query under several (recipe, options) configurations; each query image goes through the
+    backbone once for all of them. `seconds` of a result counts its searches, not the shared description."""
+    recipes = sorted({recipe for recipe, _ in configs})
+    scores = [QueryScores() for _ in configs]
     for n, q in enumerate(dataset.queries):
-        hits = service.search(dataset.path(q.image).read_bytes(), q.box, len(dataset.images), recipe, options)
-        ranked = [h.image.external_id for h in hits]
-        aps.append(average_precision(ranked, q.positives, q.junk))
-        p10s.append(precision_at(ranked, q.positives, q.junk, 10))
-        found = {h.image.external_id: h.box for h in hits}
-        for name, truth in q.boxes.items():
-            with_box += 1
-            box = found.get(name)
-            if box is not None and box_iou(np.array(box), np.array(truth))[0, 0] >= 0.5:
-                located += 1
+        vectors = service.query_vectors(dataset.path(q.image).read_bytes(), q.box, recipes)
+        for (recipe, options), score in zip(configs, scores):
+            start = time.perf_counter()
+            hits = service.find(recipe, vectors[recipe], len(dataset.images), options)
+            score.seconds += time.perf_counter() - start
+            score.add(q, hits)
         if progress:
             progress("search", n + 1, len(dataset.queries))
-    has_boxes = with_box > 0 and service.recipes[recipe].search_kind == "region"
+    return [score.result() for score in scores]
+
+
+@dataclass
+class QueryScores:
+    """Running AP, P@10 and localisation of one configuration over a query set."""
+
+    aps: list[float] = field(default_factory=list)
+    p10s: list[float] = field(default_factory=list)
+    located: int = 0
+    with_box: int = 0
+    boxed: bool = False
+    seconds: float = 0.0
+
+    def add(self, q: Query, hits: list) -> None:
+        ranked = [h.image.external_id for h in hits]
+        self.aps.append(average_precision(ranked, q.positives, q.junk))
+        self.p10s.append(precision_at(ranked, q.positives, q.junk, 10))
+        found = {h.image.external_id: h.box for h in hits}
+        self.boxed = self.boxed or any(box is not None for box in found.values())
+        for name, truth in q.boxes.items():
+            self.with_box += 1
+            box = found.get(name)
+            if box is not None and box_iou(np.array(box), np.array(truth))[0, 0] >= 0.5:
+                self.located += 1
+
+    def result(self) -> QueryResult:
+        loc = self.located / self.with_box if self.with_box > 0 and self.boxed else None
+        return QueryResult(float(np.mean(self.aps)), float(np.mean(self.p10s)), loc, self.seconds)
+
+
+def evaluate(
+    service: InstanceSearch,
+    dataset: Dataset,
+    recipe: str,
+    options: SearchOptions = SearchOptions(),
+    progress: Callable[[str, int, int], None] | None = None,
+    batch: int = 8,
+) -> EvalResult:
+    """Index the dataset's images into `service` (an empty data directory), then run every query."""
+    index_seconds = index_dataset(service, dataset, progress, batch)
+    result = run_queries(service, dataset, recipe, options, progress)
     return EvalResult(
         dataset.name,
         recipe,
-        float(np.mean(aps)),
-        float(np.mean(p10s)),
-        located / with_box if has_boxes else None,
+        result.map,
+        result.mp10,
+        result.loc_iou50,
         len(dataset.images),
         len(dataset.queries),
-        time.perf_counter() - start,
+        index_seconds + result.seconds,
         index_seconds,
     )

@@ -18,7 +18,13 @@ from inserve.server.imaging import NetworkInput
 from inserve.server.index import InstanceIndex, NewKeyframe, SpaceStats
 from inserve.server.models import ModelBundle
 from inserve.server.pipeline import DescribeJob, Pipeline
-from inserve.server.recipes import ImageVectors, QueryVector, build_recipes
+from inserve.server.recipes import (
+    ImageVectors,
+    QueryVector,
+    RecipeUnavailable,
+    build_recipes,
+    recipe_specs,
+)
 from inserve.server.search import GROUPINGS, Hit, SearchOptions, search
 
 log = logging.getLogger(__name__)
@@ -26,6 +32,10 @@ log = logging.getLogger(__name__)
 
 class RequestError(ValueError):
     """A request that cannot be served as asked (unknown recipe, bad top_k...); the message says why."""
+
+
+class UnavailableError(RequestError):
+    """The recipe asked for cannot run on this server (no detector file, no codebook...): what is missing."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +64,16 @@ class InstanceSearch:
         self.config = config
         self.models = models or ModelBundle.open(config.models, config.backbone, config.engine)
         self.recipes = build_recipes(config.recipes, config)
-        self.pipeline = Pipeline(self.models, self.recipes, config.image, config.batcher.buckets)
-        self.index = InstanceIndex(config.data_dir, config.index)
+        self.unavailable: dict[str, str] = {}
+        for name, recipe in self.recipes.items():
+            try:
+                recipe.check()
+            except RecipeUnavailable as exc:
+                self.unavailable[name] = str(exc)
+                log.warning("recipe %s is unavailable (the others are served): %s", name, exc)
+        available = {name: r for name, r in self.recipes.items() if name not in self.unavailable}
+        self.pipeline = Pipeline(self.models, available, config.image, config.batcher.buckets)
+        self.index = InstanceIndex(config.data_dir, config.index, recipe_specs(self.recipes))
         self.batcher = DynamicBatcher(self.pipeline.run, self.pipeline.job_bucket, config.batcher)
         self._whitening = threading.Lock()
 
@@ -112,16 +130,22 @@ class InstanceSearch:
         if not self._whitening.acquire(blocking=False):
             return
         try:
-            for space in self.index.stats():
+            for space in self._parts_first():
                 if self.index.whitening_due(space.recipe, space.kind):
                     self.index.learn_whitening(space.recipe, space.kind)
         finally:
             self._whitening.release()
 
+    def _parts_first(self) -> list:
+        """Space stats with aggregates last: an aggregate is rebuilt whenever its parts' whitening changes."""
+        return sorted(self.index.stats(), key=lambda s: self.index.spec(s.recipe, s.kind).aggregate is not None)
+
     def recipe_name(self, recipe: str) -> str:
         name = recipe or self.config.default_recipe
         if name not in self.recipes:
             raise RequestError(f"unknown recipe {name!r}; this server indexes with {list(self.recipes)}")
+        if name in self.unavailable:
+            raise UnavailableError(f"recipe {name} is unavailable on this server: {self.unavailable[name]}")
         return name
 
     def top_k(self, top_k: int) -> int:
@@ -129,11 +153,29 @@ class InstanceSearch:
             raise RequestError(f"top_k must be between 1 and {self.config.max_top_k} (0 = default), got {top_k}")
         return top_k or self.config.default_top_k
 
-    def check_options(self, options: SearchOptions) -> None:
-        if options.query_expansion < 0 or options.query_expansion > self.config.max_top_k:
-            raise RequestError(f"query_expansion must be between 0 and {self.config.max_top_k}")
+    def search_options(self, recipe: str, options: SearchOptions) -> SearchOptions:
+        """The request's options checked, with the recipe's defaults filled in (no None left); raises
+        UnavailableError when the recipe needs a model that this index lacks."""
+        chosen = self.recipes[recipe]
+        rerank = chosen.default_rerank if options.rerank_top is None else options.rerank_top
+        expansion = chosen.default_query_expansion if options.query_expansion is None else options.query_expansion
+        for label, value in (("query_expansion", expansion), ("rerank_top", rerank)):
+            if value < 0 or value > self.config.max_top_k:
+                raise RequestError(f"{label} must be between 0 and {self.config.max_top_k}, got {value}")
+        if rerank and chosen.rerank_kind is None:
+            raise RequestError(f"recipe {recipe} stores no regions: spatial re-ranking needs a recipe that does")
         if options.group not in GROUPINGS:
             raise RequestError(f"unknown grouping {options.group!r}; choose one of {GROUPINGS}")
+        self._check_learned(recipe)
+        return SearchOptions(query_expansion=expansion, rerank_top=rerank, group=options.group)
+
+    def _check_learned(self, name: str) -> None:
+        for model in self.recipes[name].learned_models:
+            if self.index.learned(name, model) is None:
+                raise UnavailableError(
+                    f"recipe {name} needs a {model} learned on other data: run `inserve learn-codebook "
+                    f"--data-dir {self.config.data_dir} --from DIR` (DIR: another data directory or image folder)"
+                )
 
     def submit_query(
         self,
@@ -148,12 +190,18 @@ class InstanceSearch:
 
     def find(self, recipe: str, query: QueryVector, top_k: int, options: SearchOptions = SearchOptions()) -> list[Hit]:
         """Ranked hits of a query vector; grouped per video or shot on request (asking the index for more
-        hits until top_k groups are found or it has no more)."""
+        hits until top_k groups are found or it has no more). Options None fields take the recipe's defaults."""
+        options = self.search_options(recipe, options)
+        chosen = self.recipes[recipe]
+
+        def ranked(k: int) -> list[Hit]:
+            return search(self.index, recipe, query, k, options, chosen.rerank_kind, chosen.region_source)
+
         if options.group == "none":
-            return search(self.index, recipe, query, top_k, options)
+            return ranked(top_k)
         fetch = 4 * top_k
         while True:
-            hits = search(self.index, recipe, query, fetch, options)
+            hits = ranked(fetch)
             grouped = group_hits(hits, options.group)
             if len(grouped) >= top_k or len(hits) < fetch:
                 return grouped[:top_k]
@@ -169,10 +217,19 @@ class InstanceSearch:
     ) -> list[Hit]:
         name = self.recipe_name(recipe)
         k = self.top_k(top_k)
-        self.check_options(options)
+        options = self.search_options(name, options)
         inp = data if isinstance(data, NetworkInput) else self.load(data)
         query = self.submit_query(inp, box, name).result()
         return self.find(name, query, k, options)
+
+    def query_vectors(
+        self, data: bytes | NetworkInput, box: tuple[float, float, float, float] | None, recipes: list[str]
+    ) -> dict[str, QueryVector]:
+        """One query image described by several recipes with one backbone run, outside the batcher (the
+        quality bench compares recipes and options on the same queries this way)."""
+        names = [self.recipe_name(r) for r in recipes]
+        inp = data if isinstance(data, NetworkInput) else self.load(data)
+        return self.pipeline.queries(inp, box, names)
 
     def store_video(
         self, video_id: str, keyframes: list[NewKeyframe], *, source: str = "", metadata: dict[str, str] | None = None
@@ -190,14 +247,14 @@ class InstanceSearch:
         with self._whitening:
             return {
                 (s.recipe, s.kind): self.index.learn_whitening(s.recipe, s.kind)
-                for s in self.index.stats()
-                if recipe in (None, s.recipe) and s.vectors >= 2
+                for s in self._parts_first()
+                if recipe in (None, s.recipe) and s.vectors >= 2 and self.index.spec(s.recipe, s.kind).whiten
             }
 
     def relearn_whitening(self) -> None:
         """Learn whitening from all vectors of every space that holds enough of them (batch indexing)."""
         with self._whitening:
-            for s in self.index.stats():
+            for s in self._parts_first():
                 if self.index.can_whiten(s.recipe, s.kind):
                     self.index.learn_whitening(s.recipe, s.kind)
 

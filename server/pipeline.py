@@ -88,6 +88,7 @@ class Pipeline:
         if describe:
             sub = batch if len(describe) == len(jobs) else batch.subset(describe)
             names = {name: None for i in describe for name in (jobs[i].recipes or self.recipes)}
+            sub.dasr_peaks = tuple(sorted({p for name in names for p in self.recipes[name].dasr_peaks}))
             for name in names:
                 for i, vectors in zip(describe, self.recipes[name].describe(sub)):
                     if jobs[i].recipes is None or name in jobs[i].recipes:
@@ -103,3 +104,12 @@ class Pipeline:
         if box is not None:
             net_box = inp.to_network(np.array(validate_box(box, inp.width, inp.height), dtype=np.float32))
         return QueryJob(inp, recipe, net_box)
+
+    def queries(
+        self, inp: NetworkInput, box: tuple[float, float, float, float] | None, recipes: list[str]
+    ) -> dict[str, QueryVector]:
+        """Query vectors of several recipes from one backbone run (and shared region sources), as `run` would
+        give each of them alone."""
+        job = self.query_job(inp, box, recipes[0])
+        batch = self.features([inp])
+        return {name: self.recipes[name].query(batch, job.box) for name in recipes}

@@ -1,21 +1,25 @@
-"""Ranking: nearest vectors of the query's space, images scored by their best match, query expansion."""
+"""Ranking: a first stage over one vector space (images scored by their best match), an optional spatial
+re-ranking of the top N by their best-matching region, and optional query expansion (seed 000 section 3.3)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from inserve.server.index import ImageRow, InstanceIndex, VectorRow
 from inserve.server.recipes import QueryVector
-from inserve.server.stages.pooling import l2_normalize
+from inserve.server.stages.matching import best_region, expand_query, rerank_order
 
 GROUPINGS = ("none", "video", "shot")
 
 
 @dataclass(frozen=True)
 class SearchOptions:
-    query_expansion: int = 0  # M: average the query with its top M hits and search again (0 = off)
+    """None = the recipe's default (seed 000's DeepVision re-ranks the top 100 and expands with 5)."""
+
+    query_expansion: int | None = None  # M: average the query with its top M hits and search again (0 = off)
+    rerank_top: int | None = None  # N: re-score the top N images by their best-matching region (0 = off)
     group: str = "none"  # "video": a video's best keyframe only; "shot": each shot's best keyframe only
 
 
@@ -26,6 +30,17 @@ class Hit:
     box: tuple[float, float, float, float] | None  # the matched region, original pixels
     region_score: float
     label: int  # the matched vector
+    region_source: str = ""  # where the box came from (a region source name); empty without a box
+
+
+@dataclass(frozen=True)
+class Match:
+    image_id: int
+    score: float
+    row: VectorRow  # the matched vector
+    vector: np.ndarray  # the matched vector in the first stage's coordinates (query expansion averages these)
+    region: VectorRow | None = None  # the best-matching region after re-ranking
+    region_vector: np.ndarray | None = None
 
 
 def best_per_image(
@@ -48,20 +63,99 @@ def best_per_image(
     return sorted(best.values(), key=lambda pair: -pair[1])[:top_k]
 
 
+class FirstStage:
+    """Ranks images for a query vector in the first stage's coordinates: kNN in the query's space, or, for a
+    query with tags, a scan of the images' online aggregates (seed 001 OnA), built once per search."""
+
+    def __init__(self, index: InstanceIndex, recipe: str, query: QueryVector) -> None:
+        self.index, self.recipe, self.kind = index, recipe, query.kind
+        self.online = query.tags is not None
+        if self.online:
+            self.vector, self.ids, self.first, self.vectors = index.aggregate_tagged(
+                recipe, query.kind, query.raw, query.tags
+            )
+        else:
+            self.vector = index.transform(recipe, query.kind, query.raw)
+
+    def rank(self, vector: np.ndarray, top_k: int) -> list[Match]:
+        if self.online:
+            sims = self.vectors @ vector if len(self.ids) else np.zeros(0)
+            order = np.argsort(-sims, kind="stable")[:top_k]
+            return [
+                Match(
+                    int(self.ids[i]),
+                    float(sims[i]),
+                    VectorRow(int(self.first[i]), int(self.ids[i]), None, 0.0),
+                    self.vectors[i],
+                )
+                for i in order
+            ]
+        matches = best_per_image(self.index, self.recipe, self.kind, vector, top_k)
+        if not matches:
+            return []
+        stored = self.index.stored(self.recipe, self.kind, [row.label for row, _ in matches])
+        return [Match(row.image_id, sim, row, stored[i]) for i, (row, sim) in enumerate(matches)]
+
+
+def rerank(
+    index: InstanceIndex, recipe: str, kind: str, query: np.ndarray, matches: list[Match], top: int
+) -> list[Match]:
+    """Seed 000's class-agnostic spatial re-ranking: each of the top images scores by its region (in space
+    `kind`) that best matches the query region, which also gives its box; images without regions go last
+    among them."""
+    head = matches[:top]
+    regions = index.image_vectors(recipe, kind, [m.image_id for m in head])
+    rescored = []
+    for m in head:
+        rows, vectors = regions.get(m.image_id, ([], np.zeros((0, len(query)), np.float32)))
+        i, sim = best_region(query, vectors)
+        rescored.append(
+            replace(m, score=-1.0) if i < 0 else replace(m, score=sim, region=rows[i], region_vector=vectors[i])
+        )
+    order = rerank_order(np.array([m.score for m in matches]), np.array([m.score for m in rescored]), top)
+    merged = rescored + matches[top:]
+    return [merged[i] for i in order]
+
+
 def search(
-    index: InstanceIndex, recipe: str, query: QueryVector, top_k: int, options: SearchOptions = SearchOptions()
+    index: InstanceIndex,
+    recipe: str,
+    query: QueryVector,
+    top_k: int,
+    options: SearchOptions = SearchOptions(),
+    rerank_kind: str | None = None,
+    region_source: str = "",
 ) -> list[Hit]:
-    space = index.space(recipe, query.kind)
-    if space is None:
+    """Hits for a query; options must be resolved (no None). Re-ranking needs the recipe's region space
+    (`rerank_kind`) and the query's region vector."""
+    if index.space(recipe, query.kind) is None:
         return []
-    transformed = space.transform(query.raw)[0]
-    matches = best_per_image(index, recipe, query.kind, transformed, top_k)
-    if options.query_expansion > 0 and matches:
-        top = [row.label for row, _ in matches[: options.query_expansion]]
-        raw = index.store.raw_vectors(top)
-        expanded = transformed + space.transform(np.stack([raw[label] for label in top])).sum(axis=0)
-        matches = best_per_image(index, recipe, query.kind, l2_normalize(expanded), top_k)
-    images = index.images([row.image_id for row, _ in matches])
-    return [
-        Hit(images[row.image_id], sim, row.box, row.score, row.label) for row, sim in matches if row.image_id in images
-    ]
+    stage = FirstStage(index, recipe, query)
+    regions = bool(options.rerank_top) and rerank_kind is not None and query.rerank is not None
+    region_query = index.transform(recipe, rerank_kind, query.rerank) if regions else None
+    depth = max(top_k, options.rerank_top or 0)
+
+    def ranked(vector: np.ndarray, region_vector: np.ndarray | None) -> list[Match]:
+        matches = stage.rank(vector, depth)
+        if region_vector is not None and index.space(recipe, rerank_kind) is not None:
+            matches = rerank(index, recipe, rerank_kind, region_vector, matches, options.rerank_top)
+        return matches
+
+    matches = ranked(stage.vector, region_query)
+    if options.query_expansion and matches:
+        top = matches[: options.query_expansion]
+        vector = expand_query(stage.vector, np.stack([m.vector for m in top]))
+        if region_query is not None:
+            found = [m.region_vector for m in top if m.region_vector is not None]
+            region_query = expand_query(region_query, np.stack(found)) if found else region_query
+        matches = ranked(vector, region_query)
+    matches = matches[:top_k]
+    images = index.images([m.image_id for m in matches])
+    hits = []
+    for m in matches:
+        if m.image_id not in images:
+            continue
+        row = m.region or m.row
+        source = region_source if row.box is not None else ""
+        hits.append(Hit(images[m.image_id], m.score, row.box, row.score, row.label, source))
+    return hits

@@ -19,7 +19,7 @@ from inserve.server.batcher import BatcherClosed, DeadlineExceeded, Overloaded
 from inserve.server.config import VideoConfig
 from inserve.server.imaging import ImageError
 from inserve.server.index import DuplicateId
-from inserve.server.instance_search import Indexed, InstanceSearch, RequestError
+from inserve.server.instance_search import Indexed, InstanceSearch, RequestError, UnavailableError
 from inserve.server.search import Hit, SearchOptions
 from inserve.server.streams import ordered
 from inserve.server.video.decode import VideoError
@@ -45,6 +45,7 @@ STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (BatcherClosed, grpc.StatusCode.UNAVAILABLE),
     (MediaAccessDenied, grpc.StatusCode.PERMISSION_DENIED),
     (FileNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (UnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
     (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
     (VideoError, grpc.StatusCode.INVALID_ARGUMENT),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -171,8 +172,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         """One query through the batcher: its hits as messages (raises REQUEST_ERRORS)."""
         name = self.core.recipe_name(request.recipe)
         top_k = self.core.top_k(request.top_k)
-        options = search_options(request.options)
-        self.core.check_options(options)
+        options = self.core.search_options(name, search_options(request.options))
         box = _box(request.box) if request.HasField("box") else None
         inp = await self._run(self.core.load, request.image)
         query = await asyncio.wrap_future(self.core.submit_query(inp, box, name, deadline))
@@ -313,6 +313,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
             backbone=stats.backbone,
             default_recipe=self.core.config.default_recipe,
             recipes=list(stats.recipes),
+            unavailable=self.core.unavailable,
             indexes=[
                 pb.VectorIndexStats(
                     recipe=s.recipe, kind=s.kind, vectors=s.vectors, dim=s.dim, whitening_version=s.whitening_version
@@ -323,9 +324,14 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
 
 
 def search_options(message: pb.SearchOptions) -> SearchOptions:
+    """Absent numbers stay None: the recipe's defaults apply."""
     if message.group not in GROUPINGS:
         raise RequestError(f"unknown grouping {message.group}")
-    return SearchOptions(query_expansion=message.query_expansion, group=GROUPINGS[message.group])
+    return SearchOptions(
+        query_expansion=message.query_expansion if message.HasField("query_expansion") else None,
+        rerank_top=message.rerank_top if message.HasField("rerank_top") else None,
+        group=GROUPINGS[message.group],
+    )
 
 
 def ack_message(indexed: Indexed) -> pb.IndexImageAck:
@@ -358,6 +364,7 @@ def hit_message(rank: int, hit: Hit, thumbnail: bytes = b"") -> pb.SearchHit:
         height=hit.image.height,
         region_score=hit.region_score,
         thumbnail=thumbnail,
+        region_source=hit.region_source,
     )
     if hit.box is not None:
         message.box.CopyFrom(box_message(hit.box))

@@ -74,3 +74,12 @@ def test_apply_is_l2_pca_l2() -> None:
     expected = whitened(queries, w)
     np.testing.assert_allclose(out, expected / np.linalg.norm(expected, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(w.apply(queries[0]), out[:1], rtol=1e-5, atol=1e-7)  # one vector in, one row out
+
+
+def test_shrinkage_adds_a_fraction_of_the_largest_eigenvalue_by_hand() -> None:
+    # six unit vectors, four on the x axis and two on y: mean 0, covariance diag(4/5, 2/5) (N - 1 = 5)
+    raw = np.array([[1, 0], [-1, 0], [1, 0], [-1, 0], [0, 1], [0, -1]], dtype=np.float32)
+    plain, shrunk = pca_whiten(raw), pca_whiten(raw, shrinkage=0.5)
+    np.testing.assert_allclose(np.abs(plain.projection), [[0.8**-0.5, 0], [0, 0.4**-0.5]], rtol=1e-5)
+    # lambda + 0.5 * lambda_1 = 0.8 + 0.4, 0.4 + 0.4
+    np.testing.assert_allclose(np.abs(shrunk.projection), [[1.2**-0.5, 0], [0, 0.8**-0.5]], rtol=1e-5)

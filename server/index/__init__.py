@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,11 +13,51 @@ import numpy as np
 from inserve.server.config import IndexConfig
 from inserve.server.index.store import DuplicateId, ImageRow, MetadataStore, NewKeyframe, NewVectors, VectorRow
 from inserve.server.index.vectors import VectorSpace
+from inserve.server.stages.pooling import l2_normalize
 from inserve.server.stages.whitening import pca_whiten
 
-__all__ = ["DuplicateId", "ImageRow", "InstanceIndex", "NewKeyframe", "NewVectors", "SpaceStats", "VectorRow"]
+__all__ = [
+    "Aggregate",
+    "DuplicateId",
+    "ImageRow",
+    "InstanceIndex",
+    "NewKeyframe",
+    "NewVectors",
+    "SpaceSpec",
+    "SpaceStats",
+    "VectorRow",
+]
 
 log = logging.getLogger(__name__)
+
+
+Learned = Callable[[str], np.ndarray | None]  # a recipe's learned model by name (e.g. "codebook"), or None
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A per-image vector derived from the image's vectors in another space of the same recipe (R-MAC, CAM and
+    cluster sums, VLAD). It is never stored: it is rebuilt from the parts whenever their whitening or the
+    recipe's learned models change, so both can be re-learned without the CNN."""
+
+    source: str  # the kind of the parts
+    combine: Callable[[np.ndarray, Learned], np.ndarray | None]  # parts (n, D) -> vector; None = cannot yet
+    on_raw: bool = False  # combine the l2-normalised raw parts instead of their whitened form
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """How the index treats one (recipe, kind) vector space."""
+
+    whiten: bool = True  # learn PCA-whitening for it (else vectors are only l2-normalised)
+    searchable: bool = True  # keep an HNSW graph for first-stage kNN (else it is only read per image)
+    whiten_per_image: int | None = None  # learn whitening from at most the first N vectors of each image
+    whiten_dims: int | None = None  # overrides IndexConfig.whiten_dims
+    whiten_shrinkage: float | None = None  # overrides IndexConfig.whiten_shrinkage
+    aggregate: Aggregate | None = None
+
+
+DEFAULT_SPEC = SpaceSpec()
 
 
 @dataclass(frozen=True)
@@ -31,15 +72,34 @@ class SpaceStats:
 class InstanceIndex:
     """Durable image index: writes commit to SQLite first, then go into the in-memory graphs."""
 
-    def __init__(self, data_dir: Path, config: IndexConfig = IndexConfig()) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        config: IndexConfig = IndexConfig(),
+        specs: Mapping[tuple[str, str], SpaceSpec] | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.config = config
+        self.specs = dict(specs or {})
         self.store = MetadataStore(self.data_dir / "index.sqlite")
         self._spaces: dict[tuple[str, str], VectorSpace] = {}
         self._lock = threading.RLock()
         self._added_since_snapshot = 0
         for recipe, kind, dim, _ in self.store.spaces():
-            self._spaces[(recipe, kind)] = self._open_space(recipe, kind, dim)
+            if self.spec(recipe, kind).aggregate is None:
+                self._spaces[(recipe, kind)] = self._open_space(recipe, kind, dim)
+        for recipe, kind in self._aggregates():
+            self._build_aggregate(recipe, kind)
+
+    def spec(self, recipe: str, kind: str) -> SpaceSpec:
+        return self.specs.get((recipe, kind), DEFAULT_SPEC)
+
+    def _aggregates(self, recipe: str | None = None, source: str | None = None) -> list[tuple[str, str]]:
+        return [
+            key
+            for key, spec in self.specs.items()
+            if spec.aggregate is not None and recipe in (None, key[0]) and source in (None, spec.aggregate.source)
+        ]
 
     def _snapshot_path(self, recipe: str, kind: str) -> Path:
         return self.data_dir / "graphs" / f"{recipe}.{kind}"
@@ -47,7 +107,7 @@ class InstanceIndex:
     def _open_space(self, recipe: str, kind: str, dim: int) -> VectorSpace:
         """Snapshot if it fits the current whitening, then whatever SQLite holds beyond it."""
         version, whitening = self.store.whitening(recipe, kind)
-        space = VectorSpace(dim, self.config, whitening, version)
+        space = VectorSpace(dim, self.config, whitening, version, self.spec(recipe, kind).searchable)
         loaded = space.load(self._snapshot_path(recipe, kind))
         labels, raw = self.store.vectors(recipe, kind, after_label=space.max_label if loaded else 0)
         space.add(labels, raw)
@@ -98,13 +158,17 @@ class InstanceIndex:
         return replaced
 
     def _add_vectors(self, vectors: list[NewVectors], labels: dict[tuple[str, str], np.ndarray]) -> None:
-        """Committed vectors into their graphs (under the index lock); snapshots when due."""
+        """Committed vectors into their graphs and their images' aggregates (under the index lock); snapshots
+        when due."""
         for v in vectors:
             key = (v.recipe, v.kind)
             if key not in self._spaces:
-                self._spaces[key] = VectorSpace(v.raw.shape[1], self.config, None, 0)
+                self._spaces[key] = VectorSpace(v.raw.shape[1], self.config, None, 0, self.spec(*key).searchable)
             self._spaces[key].add(labels[key], v.raw)
             self._added_since_snapshot += len(labels[key])
+        for v in vectors:
+            for recipe, kind in self._aggregates(v.recipe, v.kind):
+                self._aggregate_image(recipe, kind, labels[(v.recipe, v.kind)], v.raw)
         if self._added_since_snapshot >= self.config.snapshot_every:
             self.snapshot()
 
@@ -130,24 +194,188 @@ class InstanceIndex:
             return []
         labels, sims = space.knn(query, k)
         rows = self.store.vector_rows(labels)
+        if self.spec(recipe, kind).aggregate is not None:  # labelled by the image's first part
+            rows = {label: VectorRow(label, row.image_id, None, 0.0) for label, row in rows.items()}
         return [(rows[int(label)], float(sim)) for label, sim in zip(labels, sims) if int(label) in rows]
+
+    def stored(self, recipe: str, kind: str, labels: list[int]) -> np.ndarray:
+        """Vectors of a searchable space as its graph holds them (transformed), for query expansion."""
+        return self._spaces[(recipe, kind)].stored(labels)
+
+    def transform(self, recipe: str, kind: str, raw: np.ndarray) -> np.ndarray:
+        """A query's raw vector -> the space's coordinates; for an aggregate, raw parts (n, D) -> its vector."""
+        space = self._spaces.get((recipe, kind))
+        if space is None:
+            raise KeyError(f"{recipe}/{kind} holds no vectors")
+        aggregate = self.spec(recipe, kind).aggregate
+        if aggregate is None:
+            return space.transform(raw)[0]
+        combined = self._combine(recipe, aggregate, np.atleast_2d(raw))
+        if combined is None:
+            raise KeyError(f"{recipe}/{kind} cannot be built yet")
+        return space.transform(combined)[0]
+
+    def image_vectors(
+        self, recipe: str, kind: str, image_ids: list[int]
+    ) -> dict[int, tuple[list[VectorRow], np.ndarray]]:
+        """Each image's rows and transformed vectors in a space (re-ranking regions); images without any are
+        left out."""
+        space = self._spaces.get((recipe, kind))
+        if space is None:
+            return {}
+        rows, raw = self.store.image_vectors(recipe, kind, image_ids)
+        if not rows:
+            return {}
+        vectors = space.transform(raw)
+        found: dict[int, tuple[list[VectorRow], list[int]]] = {}
+        for i, row in enumerate(rows):
+            found.setdefault(row.image_id, ([], []))
+            found[row.image_id][0].append(row)
+            found[row.image_id][1].append(i)
+        return {image_id: (group, vectors[idx]) for image_id, (group, idx) in found.items()}
+
+    def aggregate_tagged(
+        self, recipe: str, kind: str, parts: np.ndarray, tags: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Online aggregation (seed 001 OnA): the aggregate `kind` built from only the parts whose tag is one of
+        `tags`, for the query (`parts` (n, D) raw) and for every image holding such parts.
+
+        Returns the query's vector, and image ids, first-part labels and vectors (N, D') of the images; all
+        l2-normalised, compared by dot product. Costs a pass over the matching parts (no graph).
+        """
+        spec = self.spec(recipe, kind)
+        if spec.aggregate is None:
+            raise ValueError(f"{recipe}/{kind} is not an aggregate")
+        combined = self._combine(recipe, spec.aggregate, np.atleast_2d(parts))
+        query = l2_normalize(np.zeros(0) if combined is None else combined)
+        labels, image_ids, _, raw = self.store.tagged_vectors(recipe, spec.aggregate.source, tags)
+        ids, first, vectors = self._combine_groups(recipe, spec.aggregate, labels, image_ids, raw)
+        return query, ids, first, l2_normalize(vectors)
+
+    def _parts(self, recipe: str, aggregate: Aggregate, raw: np.ndarray) -> np.ndarray:
+        source = self._spaces.get((recipe, aggregate.source))
+        if aggregate.on_raw or source is None:
+            return l2_normalize(raw)
+        return source.transform(raw)
+
+    def _combine(self, recipe: str, aggregate: Aggregate, raw: np.ndarray) -> np.ndarray | None:
+        return aggregate.combine(self._parts(recipe, aggregate, raw), lambda name: self._learned(recipe, name))
+
+    def _combine_groups(
+        self, recipe: str, aggregate: Aggregate, labels: np.ndarray, image_ids: np.ndarray, raw: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Combine parts per image: image ids, first labels and aggregate vectors (raw, before whitening)."""
+        if len(labels) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        parts = self._parts(recipe, aggregate, raw)
+        learned = lambda name: self._learned(recipe, name)  # noqa: E731
+        ids, first, vectors = [], [], []
+        for image_id in np.unique(image_ids):
+            members = np.nonzero(image_ids == image_id)[0]
+            combined = aggregate.combine(parts[members], learned)
+            if combined is None:
+                return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+            ids.append(int(image_id))
+            first.append(int(labels[members].min()))
+            vectors.append(combined)
+        return np.asarray(ids, np.int64), np.asarray(first, np.int64), np.stack(vectors).astype(np.float32)
+
+    def _learned(self, recipe: str, name: str) -> np.ndarray | None:
+        found = self.store.learned(recipe, name)
+        return None if found is None else found[1]
+
+    def _build_aggregate(self, recipe: str, kind: str) -> None:
+        """(Re)build an aggregate space from all its parts, with its current whitening when one fits."""
+        with self._lock:
+            aggregate = self.spec(recipe, kind).aggregate
+            labels, image_ids, raw = self.store.space_vectors(recipe, aggregate.source)
+            _, first, vectors = self._combine_groups(recipe, aggregate, labels, image_ids, raw)
+            self._spaces.pop((recipe, kind), None)
+            if len(first) == 0:
+                return
+            version, whitening = self.store.whitening(recipe, kind)
+            if whitening is not None and whitening.mean.shape[0] != vectors.shape[1]:
+                version, whitening = 0, None
+            space = VectorSpace(vectors.shape[1], self.config, whitening, version, self.spec(recipe, kind).searchable)
+            space.add(first, vectors)
+            self._spaces[(recipe, kind)] = space
+
+    def _aggregate_image(self, recipe: str, kind: str, labels: np.ndarray, raw: np.ndarray) -> None:
+        if len(labels) == 0:
+            return
+        aggregate = self.spec(recipe, kind).aggregate
+        combined = self._combine(recipe, aggregate, raw)
+        if combined is None:
+            return
+        space = self._spaces.get((recipe, kind))
+        if space is None:
+            space = VectorSpace(len(combined), self.config, None, 0, self.spec(recipe, kind).searchable)
+            self._spaces[(recipe, kind)] = space
+        space.add(np.asarray([labels.min()], dtype=np.int64), combined[None])
+
+    def save_learned(self, recipe: str, name: str, data: np.ndarray, source: str) -> int:
+        """Store a new version of a recipe's learned model and rebuild the aggregates that use it."""
+        with self._lock:
+            version = self.store.save_learned(recipe, name, data, source)
+            for key in self._aggregates(recipe):
+                self._build_aggregate(*key)
+            return version
+
+    def learned(self, recipe: str, name: str) -> tuple[int, np.ndarray, str] | None:
+        return self.store.learned(recipe, name)
+
+    def recipe_bytes(self, recipe: str) -> int:
+        """What a recipe costs the index: raw vectors in SQLite plus the level-0 HNSW entries of its graphs
+        (vector, 2M links and their count, label)."""
+        total = self.store.space_bytes(recipe)
+        for (name, _), space in self._spaces.items():
+            if name == recipe and space.searchable:
+                total += len(space) * (4 * space.dim + 4 * (2 * self.config.hnsw_m + 1) + 8)
+        return total
 
     def images(self, image_ids: list[int]) -> dict[int, ImageRow]:
         return self.store.image_rows(image_ids)
 
+    def _training_vectors(self, recipe: str, kind: str) -> np.ndarray:
+        """The raw vectors whitening learns from: all of a space's, the first N per image (SpaceSpec), or the
+        aggregates built from the parts."""
+        spec = self.spec(recipe, kind)
+        if spec.aggregate is not None:
+            labels, image_ids, raw = self.store.space_vectors(recipe, spec.aggregate.source)
+            return self._combine_groups(recipe, spec.aggregate, labels, image_ids, raw)[2]
+        labels, image_ids, raw = self.store.space_vectors(recipe, kind)
+        if spec.whiten_per_image is None or len(labels) == 0:
+            return raw
+        starts = {int(i): int(np.argmax(image_ids == i)) for i in np.unique(image_ids)}
+        rank = np.arange(len(image_ids)) - np.array([starts[int(i)] for i in image_ids])
+        return raw[rank < spec.whiten_per_image]
+
     def learn_whitening(self, recipe: str, kind: str, dims: int | None = None) -> int:
-        """Learn PCA-whitening from the space's raw vectors, rebuild its graph; returns the new version."""
+        """Learn PCA-whitening from the space's raw vectors, rebuild its graph; returns the new version.
+        Aggregates of the space are rebuilt on the new whitening (and their own whitening re-learned)."""
         with self._lock:
-            labels, raw = self.store.vectors(recipe, kind)
-            if len(labels) < 2:
-                raise ValueError(f"{recipe}/{kind} holds {len(labels)} vectors; whitening needs more")
-            whitening = pca_whiten(raw, dims or self.config.whiten_dims)
-            version = self.store.save_whitening(recipe, kind, whitening, len(labels))
-            space = VectorSpace(raw.shape[1], self.config, whitening, version)
-            space.add(labels, raw)
-            space.reconcile(labels)
-            self._spaces[(recipe, kind)] = space
-            space.save(self._snapshot_path(recipe, kind))
+            spec = self.spec(recipe, kind)
+            raw = self._training_vectors(recipe, kind)
+            if len(raw) < 2:
+                raise ValueError(f"{recipe}/{kind} holds {len(raw)} vectors; whitening needs more")
+            shrinkage = self.config.whiten_shrinkage if spec.whiten_shrinkage is None else spec.whiten_shrinkage
+            whitening = pca_whiten(raw, dims or spec.whiten_dims or self.config.whiten_dims, shrinkage=shrinkage)
+            if spec.aggregate is not None:
+                self.store.ensure_space(recipe, kind, raw.shape[1])
+            version = self.store.save_whitening(recipe, kind, whitening, len(raw))
+            if spec.aggregate is not None:
+                self._build_aggregate(recipe, kind)
+            else:
+                labels, raw = self.store.vectors(recipe, kind)
+                space = VectorSpace(raw.shape[1], self.config, whitening, version, spec.searchable)
+                space.add(labels, raw)
+                space.reconcile(labels)
+                self._spaces[(recipe, kind)] = space
+                space.save(self._snapshot_path(recipe, kind))
+                for key in self._aggregates(recipe, kind):
+                    self._build_aggregate(*key)
+                    if self.spec(*key).whiten and self._spaces.get(key) is not None and self._spaces[key].version:
+                        self.learn_whitening(*key)
             log.info(
                 "%s/%s: whitening v%d, %d -> %d dims, from %d vectors",
                 recipe,
@@ -163,8 +391,14 @@ class InstanceIndex:
         """True when a space holds enough vectors per dimension (IndexConfig.auto_whiten_per_dim) to learn
         a stable whitening."""
         space = self._spaces.get((recipe, kind))
+        spec = self.spec(recipe, kind)
         per_dim = self.config.auto_whiten_per_dim
-        return bool(space is not None and per_dim > 0 and len(space) >= per_dim * space.raw_dim)
+        if space is None or not spec.whiten or per_dim <= 0:
+            return False
+        samples = len(space)
+        if spec.whiten_per_image is not None:
+            samples = min(samples, spec.whiten_per_image * self.store.count_images())
+        return samples >= per_dim * space.raw_dim
 
     def whitening_due(self, recipe: str, kind: str) -> bool:
         """True when a space that was never whitened can be."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from inserve.server.stages.whitening import Whitening
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,6 +73,20 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE images ADD COLUMN shot INTEGER",
         "CREATE INDEX IF NOT EXISTS images_by_video ON images(video_id, shot) WHERE video_id IS NOT NULL",
     ],
+    3: [  # a vector's tag (e.g. the class of a CAM class vector); models learned on other data (codebooks)
+        "ALTER TABLE vectors ADD COLUMN tag INTEGER",
+        "CREATE INDEX IF NOT EXISTS vectors_by_tag ON vectors(recipe, kind, tag)",
+        """CREATE TABLE IF NOT EXISTS learned (
+            recipe TEXT NOT NULL,
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            shape TEXT NOT NULL,
+            data BLOB NOT NULL,
+            source TEXT NOT NULL,
+            created REAL NOT NULL,
+            PRIMARY KEY (recipe, name, version)
+        )""",
+    ],
 }
 
 IMAGE_COLUMNS = "id, external_id, source, width, height, metadata, video_id, frame, time_s, shot"
@@ -118,6 +132,16 @@ class NewVectors:
     raw: np.ndarray  # (N, D) float32
     boxes: np.ndarray | None = None
     scores: np.ndarray | None = None
+    tags: np.ndarray | None = None  # (N,) ints with a recipe's meaning, e.g. the class of a CAM class vector
+
+
+def _unpack(rows: list[tuple[int, int, bytes]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not rows:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros((0, 0), dtype=np.float32)
+    labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    image_ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+    return labels, image_ids, np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
 
 
 @dataclass(frozen=True)
@@ -289,14 +313,24 @@ class MetadataStore:
             for i, row in enumerate(raw):
                 box = (None,) * 4 if v.boxes is None else tuple(float(c) for c in v.boxes[i])
                 score = 0.0 if v.scores is None else float(v.scores[i])
+                tag = None if v.tags is None else int(v.tags[i])
                 cursor = db.execute(
-                    "INSERT INTO vectors (image_id, recipe, kind, x1, y1, x2, y2, score, raw)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (image_id, v.recipe, v.kind, *box, score, row.tobytes()),
+                    "INSERT INTO vectors (image_id, recipe, kind, x1, y1, x2, y2, score, raw, tag)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (image_id, v.recipe, v.kind, *box, score, row.tobytes(), tag),
                 )
                 new.append(cursor.lastrowid)
             labels[(v.recipe, v.kind)] = np.asarray(new, dtype=np.int64)
         return image_id, labels
+
+    def ensure_space(self, recipe: str, kind: str, dim: int) -> None:
+        """Record a space that holds no vectors of its own (an aggregate), so that its whitening can be saved."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO spaces (recipe, kind, dim) VALUES (?, ?, ?)"
+                " ON CONFLICT(recipe, kind) DO UPDATE SET dim = excluded.dim",
+                (recipe, kind, dim),
+            )
 
     @staticmethod
     def _ensure_space(db: sqlite3.Connection, recipe: str, kind: str, dim: int) -> None:
@@ -373,6 +407,93 @@ class MetadataStore:
             for label, raw in self._db().execute(f"SELECT label, raw FROM vectors WHERE label IN ({marks})", chunk):
                 found[label] = np.frombuffer(raw, dtype=np.float32)
         return found
+
+    def space_vectors(self, recipe: str, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Labels (N,), image ids (N,) and raw vectors (N, D) of a space in label order (= each image's
+        vectors in the order its recipe produced them)."""
+        rows = (
+            self._db()
+            .execute(
+                "SELECT label, image_id, raw FROM vectors WHERE recipe = ? AND kind = ? ORDER BY label",
+                (recipe, kind),
+            )
+            .fetchall()
+        )
+        return _unpack(rows)
+
+    def image_vectors(self, recipe: str, kind: str, image_ids: Iterable[int]) -> tuple[list[VectorRow], np.ndarray]:
+        """The rows and raw vectors (N, D) of a space that belong to the given images, in label order."""
+        ids = [int(v) for v in image_ids]
+        rows: list[VectorRow] = []
+        raws: list[np.ndarray] = []
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            for label, image_id, x1, y1, x2, y2, score, raw in self._db().execute(
+                "SELECT label, image_id, x1, y1, x2, y2, score, raw FROM vectors"
+                f" WHERE recipe = ? AND kind = ? AND image_id IN ({marks}) ORDER BY label",
+                (recipe, kind, *chunk),
+            ):
+                rows.append(VectorRow(label, image_id, None if x1 is None else (x1, y1, x2, y2), score))
+                raws.append(np.frombuffer(raw, dtype=np.float32))
+        return rows, np.stack(raws) if raws else np.zeros((0, 0), dtype=np.float32)
+
+    def tagged_vectors(
+        self, recipe: str, kind: str, tags: Iterable[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Labels, image ids, tags and raw vectors of a space's vectors whose tag is one of `tags`, label order."""
+        tags = [int(t) for t in tags]
+        marks = ",".join("?" * len(tags))
+        rows = (
+            self._db()
+            .execute(
+                f"SELECT label, image_id, tag, raw FROM vectors WHERE recipe = ? AND kind = ? AND tag IN ({marks})"
+                " ORDER BY label",
+                (recipe, kind, *tags),
+            )
+            .fetchall()
+        )
+        if not rows:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty, np.zeros((0, 0), dtype=np.float32)
+        labels, image_ids, found = (
+            np.fromiter((r[i] for r in rows), dtype=np.int64, count=len(rows)) for i in range(3)
+        )
+        return labels, image_ids, found, np.stack([np.frombuffer(r[3], dtype=np.float32) for r in rows])
+
+    def space_bytes(self, recipe: str) -> int:
+        """Bytes of raw vectors a recipe keeps in SQLite."""
+        row = self._db().execute("SELECT COALESCE(SUM(LENGTH(raw)), 0) FROM vectors WHERE recipe = ?", (recipe,))
+        return int(row.fetchone()[0])
+
+    def save_learned(self, recipe: str, name: str, data: np.ndarray, source: str) -> int:
+        """Store a model learned for a recipe (e.g. its VLAD codebook) as a new version; returns the version."""
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM learned WHERE recipe = ? AND name = ?", (recipe, name)
+            ).fetchone()
+            version = int(row[0]) + 1
+            db.execute(
+                "INSERT INTO learned VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (recipe, name, version, json.dumps(list(data.shape)), data.tobytes(), source, time.time()),
+            )
+        return version
+
+    def learned(self, recipe: str, name: str) -> tuple[int, np.ndarray, str] | None:
+        """The newest version of a learned model: (version, data, source), or None."""
+        row = (
+            self._db()
+            .execute(
+                "SELECT version, shape, data, source FROM learned WHERE recipe = ? AND name = ?"
+                " ORDER BY version DESC LIMIT 1",
+                (recipe, name),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return int(row[0]), np.frombuffer(row[2], dtype=np.float32).reshape(json.loads(row[1])), row[3]
 
     def image_rows(self, image_ids: Iterable[int]) -> dict[int, ImageRow]:
         ids = [int(v) for v in image_ids]

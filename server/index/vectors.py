@@ -20,17 +20,25 @@ log = logging.getLogger(__name__)
 
 
 class VectorSpace:
-    """Cosine kNN over l2-normalised vectors (whitened when a whitening is set), labels = SQLite labels."""
+    """Cosine kNN over l2-normalised vectors (whitened when a whitening is set), labels = SQLite labels.
 
-    def __init__(self, dim: int, config: IndexConfig, whitening: Whitening | None, version: int) -> None:
+    A space that is not `searchable` keeps no graph: its vectors are only read back per image (re-ranking
+    regions, parts of an aggregate), so it only counts them and transforms them.
+    """
+
+    def __init__(
+        self, dim: int, config: IndexConfig, whitening: Whitening | None, version: int, searchable: bool = True
+    ) -> None:
         self.raw_dim = dim
         self.whitening = whitening
         self.version = version
         self.config = config
+        self.searchable = searchable
         self.max_label = 0
         self._lock = threading.RLock()
-        self._graph = self._new_graph(1024)
+        self._graph = self._new_graph(1024) if searchable else None
         self._live = 0
+        self._labels: set[int] = set()
 
     @property
     def dim(self) -> int:
@@ -52,7 +60,17 @@ class VectorSpace:
     def add(self, labels: np.ndarray, raw: np.ndarray) -> None:
         if len(labels) == 0:
             return
+        if not self.searchable:
+            with self._lock:
+                self._labels.update(int(v) for v in labels)
+                self._live = len(self._labels)
+                self.max_label = max(self.max_label, int(labels.max()))
+            return
         vectors = self.transform(raw)
+        self.add_transformed(labels, vectors)
+
+    def add_transformed(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors already in this space's coordinates (aggregates are built that way)."""
         with self._lock:
             needed = self._graph.get_current_count() + len(labels)
             if needed > self._graph.get_max_elements():
@@ -63,6 +81,10 @@ class VectorSpace:
 
     def remove(self, labels: list[int] | np.ndarray) -> None:
         with self._lock:
+            if self._graph is None:
+                self._labels.difference_update(int(v) for v in labels)
+                self._live = len(self._labels)
+                return
             for label in labels:
                 try:
                     self._graph.mark_deleted(int(label))
@@ -73,6 +95,8 @@ class VectorSpace:
     def knn(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Labels and cosine similarities of the k nearest vectors to a transformed query, best first."""
         query = np.atleast_2d(np.asarray(query, dtype=np.float32))
+        if self._graph is None:
+            raise ValueError("this vector space keeps no graph (it is read per image, not searched)")
         with self._lock:
             k = min(k, self._live)
             if k <= 0:
@@ -81,10 +105,19 @@ class VectorSpace:
             labels, distances = self._graph.knn_query(query, k=k)
         return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
 
+    def stored(self, labels: list[int] | np.ndarray) -> np.ndarray:
+        """The vectors the graph holds for these labels, in this space's coordinates (N, dim)."""
+        if self._graph is None:
+            raise ValueError("this vector space keeps no graph (it is read per image, not searched)")
+        with self._lock:
+            return np.asarray(self._graph.get_items([int(v) for v in labels]), dtype=np.float32).reshape(-1, self.dim)
+
     def save(self, path: Path) -> None:
         """Write the graph and its sidecar atomically (temp file, fsync, rename). The sidecar names the
         graph's size and CRC, so a graph and a sidecar from different snapshots (a crash between the two
-        renames) or a damaged graph file are never loaded together."""
+        renames) or a damaged graph file are never loaded together. A space without a graph writes nothing."""
+        if self._graph is None:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             tmp = _beside(path, ".hnsw.tmp")
@@ -109,7 +142,7 @@ class VectorSpace:
         graph_file, sidecar_file = _beside(path, ".hnsw"), _beside(path, ".json")
         for leftover in (_beside(path, ".hnsw.tmp"), _beside(path, ".json.tmp")):  # a save cut short
             leftover.unlink(missing_ok=True)
-        if not (graph_file.exists() and sidecar_file.exists()):
+        if self._graph is None or not (graph_file.exists() and sidecar_file.exists()):
             return False
         try:
             sidecar = json.loads(sidecar_file.read_text())
@@ -138,6 +171,10 @@ class VectorSpace:
     def reconcile(self, live_labels: np.ndarray) -> None:
         """After catching up with SQLite: drop what SQLite no longer holds; count what it does."""
         with self._lock:
+            if self._graph is None:
+                self._labels = set(int(v) for v in live_labels)
+                self._live = len(self._labels)
+                return
             stale = set(int(v) for v in self._graph.get_ids_list()) - set(int(v) for v in live_labels)
             for label in stale:
                 try:

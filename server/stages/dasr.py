@@ -122,3 +122,33 @@ def dasr_regions(
         regions_from_maps(activation, positions, image_maps, size, stride, peaks, config)
         for activation, positions, image_maps, size in zip(activations, seeds, maps, sizes)
     ]
+
+
+def dasr_region_sets(
+    engine: Engine,
+    stride: int,
+    pixels: np.ndarray,
+    feat: list[np.ndarray],
+    sizes: list[tuple[int, int]],
+    kinds: tuple[str, ...],
+    config: DasrConfig,
+) -> dict[str, list[Regions]]:
+    """`dasr_regions` of several peak kinds from one back-propagation of the union of their seeds: a seed's
+    probability map does not depend on the other seeds, and most DASR peaks are DASR* seeds too, so an index
+    built with both costs about what DASR* alone does."""
+    activations = [mean_activation(f) for f in feat]
+    found = {kind: [PEAK_FINDERS[kind](a) for a in activations] for kind in kinds}
+    union = [
+        np.unique(np.concatenate([found[kind][i] for kind in kinds]).reshape(-1, 2), axis=0)
+        for i in range(len(activations))
+    ]
+    maps = backpropagate_seeds(engine, pixels, union, config.seeds_per_run)
+    regions: dict[str, list[Regions]] = {kind: [] for kind in kinds}
+    for i, (activation, size) in enumerate(zip(activations, sizes)):
+        width = activation.shape[1]
+        linear = union[i][:, 0] * width + union[i][:, 1]  # sorted: np.unique orders rows by y, then x
+        for kind in kinds:
+            positions = found[kind][i].reshape(-1, 2)
+            rows = np.searchsorted(linear, positions[:, 0] * width + positions[:, 1])
+            regions[kind].append(regions_from_maps(activation, positions, maps[i][rows], size, stride, kind, config))
+    return regions

@@ -54,3 +54,37 @@ def box_average(desc: np.ndarray, boxes: np.ndarray, stride: int) -> np.ndarray:
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def cells_max(feat: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """MAC of a (C, H, W) map inside each half-open cell range (N, 4) [x0, y0, x1, y1) -> (N, C)."""
+    cells = np.asarray(cells, dtype=np.int64).reshape(-1, 4)
+    out = np.zeros((len(cells), feat.shape[0]), dtype=np.float32)
+    for i, (x0, y0, x1, y1) in enumerate(cells):
+        out[i] = feat[:, y0:y1, x0:x1].reshape(feat.shape[0], -1).max(axis=1)
+    return out
+
+
+def box_max(feat: np.ndarray, boxes: np.ndarray, stride: int) -> np.ndarray:
+    """MAC of a (C, H, W) map inside each box (N, 4) in input pixels -> (N, C) (DeepVision's RPA-max)."""
+    return cells_max(feat, box_cells(boxes, stride, feat.shape[1], feat.shape[2]))
+
+
+def masked_max(feat: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """MAC of a (C, H, W) map over each boolean mask (N, H, W) -> (N, C); an empty mask gives zeros."""
+    flat = feat.reshape(feat.shape[0], -1)
+    out = np.zeros((len(masks), feat.shape[0]), dtype=np.float32)
+    for i, mask in enumerate(masks):
+        if mask.any():
+            out[i] = flat[:, mask.reshape(-1)].max(axis=1)
+    return out
+
+
+def masks_to_boxes(masks: np.ndarray, stride: int) -> np.ndarray:
+    """Bounding boxes (N, 4) in input pixels of boolean cell masks (N, H, W); an empty mask gives a zero box."""
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    for i, mask in enumerate(masks):
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            boxes[i] = (xs.min() * stride, ys.min() * stride, (xs.max() + 1) * stride, (ys.max() + 1) * stride)
+    return boxes

@@ -61,8 +61,7 @@ def test_search_requests_are_valid_or_refused(
     try:
         name = core.recipe_name(request.recipe)
         k = core.top_k(request.top_k)
-        options = search_options(request.options)
-        core.check_options(options)
+        options = core.search_options(name, search_options(request.options))
         coordinates = (box.x1, box.y1, box.x2, box.y2) if box is not None else None
         job = core.pipeline.query_job(query_input, coordinates, name)
     except REQUEST_ERRORS as exc:

@@ -1,0 +1,39 @@
+"""Second-stage maths of a search: best-matching region per image (spatial re-ranking) and query expansion."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from inserve.server.stages.pooling import l2_normalize
+
+
+def best_region(query: np.ndarray, regions: np.ndarray) -> tuple[int, float]:
+    """Index and cosine similarity of the region (rows of l2-normalised `regions`) that best matches `query`;
+    (-1, -inf) when there are none."""
+    if len(regions) == 0:
+        return -1, float("-inf")
+    sims = regions @ query
+    best = int(np.argmax(sims))
+    return best, float(sims[best])
+
+
+def rerank_order(first: np.ndarray, second: np.ndarray, top: int) -> np.ndarray:
+    """Order of a ranking after re-scoring its first `top` entries with `second` (best first, stable); the
+    rest keep their order behind them (seed 000's spatial re-ranking of the top N)."""
+    top = min(top, len(first))
+    head = np.argsort(-np.asarray(second[:top], dtype=np.float64), kind="stable")
+    return np.concatenate([head, np.arange(top, len(first))]).astype(np.int64)
+
+
+def expand_query(query: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Average query expansion: l2(query + sum of the top-M neighbours), all l2-normalised vectors."""
+    neighbours = np.asarray(neighbours, dtype=np.float32).reshape(-1, len(query))
+    return l2_normalize(np.asarray(query, dtype=np.float32) + neighbours.sum(axis=0))
+
+
+def sum_normalized(parts: np.ndarray) -> np.ndarray:
+    """R-MAC-style aggregation: l2(sum of the l2-normalised parts); zeros when there are none."""
+    parts = np.asarray(parts, dtype=np.float32)
+    if len(parts) == 0:
+        return np.zeros(parts.shape[-1], dtype=np.float32)
+    return l2_normalize(l2_normalize(parts).sum(axis=0))
