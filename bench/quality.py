@@ -4,15 +4,17 @@ holidays-dev, ukbench-dev and composite-dev, with the serving code in-process.
 One indexing pass per dataset serves every recipe: each batch of images runs the backbone once, DASR and
 DASR* once, then every recipe describes it into its own index (one data directory per recipe, so that a
 recipe can be re-indexed alone). DASR regions are cached on disk per image, so a re-run or a re-indexed
-recipe does not back-propagate again. Every space is then PCA-whitened on the index's own vectors, as
-`inserve whiten` does (IndexConfig.whiten_shrinkage regularises it). Each query image runs the backbone once
-for all recipes; hits come from each recipe's InstanceSearch.find, as the server's would.
+recipe does not back-propagate again. Each recipe is measured as the service stores it (no whitening, the
+default) and, where it has a space that learns one, also from a copy of its index (WORK/DATASET/RECIPE+W)
+PCA-whitened on the index's own vectors as `inserve whiten` does (IndexConfig.whiten_shrinkage regularises
+it). Each query image runs the backbone once for all recipes; hits come from each recipe's
+InstanceSearch.find, as the server's would.
 
-    python bench/quality.py --models /tmp/models --data ../shared/data --work /tmp/inserve-quality
+    python bench/quality.py --models models --data ../shared/data --work /tmp/inserve-quality
 
 writes bench/quality.md, bench/quality.json and bench/quality.png. --work keeps indexes, region cache and
 results; delete WORK/DATASET/RECIPE (or pass --reindex RECIPE...) to index a recipe again, --rewhiten to
-learn the whitenings again.
+learn the whitenings again (from the unwhitened copy).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from inserve.server.codebook import CODEBOOK, learn_codebook, save_codebook, vec
 from inserve.server.config import CamConfig, RegionRecipeConfig, ServerConfig
 from inserve.server.evaluation import Dataset, QueryScores
 from inserve.server.imaging import NetworkInput
+from inserve.server.index import DEFAULT_SPEC
 from inserve.server.instance_search import InstanceSearch
 from inserve.server.models import ModelBundle
 from inserve.server.pipeline import Pipeline
@@ -60,6 +63,7 @@ DASR_OF = {
 # recipes whose query finds DASR* regions in the query image itself
 QUERY_REGIONS = ("dasr_star_vlad", "deep_region")
 RERANK, EXPAND = 100, 5
+WHITENED = "+W"  # suffix of the whitened copy of a recipe's index, and of its variants' labels
 TIMED = "holidays-dev"  # the dataset whose indexing pass gives the ms/image column
 CHUNK = 64  # images loaded at a time (grouped into bucket batches of BATCH)
 BATCH = 8
@@ -71,10 +75,12 @@ class Variant:
     label: str
     options: SearchOptions
     cam_mode: str = "offline"
+    whitened: bool = False
 
 
-def variants(recipes: tuple[str, ...]) -> list[Variant]:
-    """Each recipe plain, then with the second stages that apply to it."""
+def variants(recipes: tuple[str, ...], whitening: frozenset[str]) -> list[Variant]:
+    """Each recipe plain, then with the second stages that apply to it; those of recipes with a space that
+    learns a whitening also whitened."""
     plain = SearchOptions(query_expansion=0, rerank_top=0)
     qe = SearchOptions(query_expansion=EXPAND, rerank_top=0)
     rr = SearchOptions(query_expansion=0, rerank_top=RERANK)
@@ -91,7 +97,8 @@ def variants(recipes: tuple[str, ...]) -> list[Variant]:
         if recipe == "cam":
             out.append(Variant(recipe, "cam online", plain, "online"))
             out.append(Variant(recipe, f"cam online +R{RERANK}", rr, "online"))
-    return out
+    whitened = [replace(v, label=f"{v.label} {WHITENED}", whitened=True) for v in out if v.recipe in whitening]
+    return [w for v in out for w in (v, *[w for w in whitened if w.label == f"{v.label} {WHITENED}"])]
 
 
 class RegionCache:
@@ -141,17 +148,34 @@ class Bench:
         )
         self.models = ModelBundle.open(args.models, self.base.backbone, self.base.engine)
         self.pipeline = Pipeline(self.models, build_recipes(RECIPES, self.base), self.base.image)
+        self.whitening = frozenset(
+            name
+            for name, recipe in self.pipeline.recipes.items()
+            if any(recipe.spaces().get(kind, DEFAULT_SPEC).whiten for kind in (recipe.search_kind, *recipe.spaces()))
+        )
 
-    def config(self, dataset: str, recipe: str, cam_mode: str = "offline") -> ServerConfig:
-        return replace(
+    def data_dir(self, dataset: str, recipe: str, whitened: bool = False) -> Path:
+        return self.args.work / dataset / (recipe + WHITENED if whitened else recipe)
+
+    def core(self, dataset: str, recipe: str, cam_mode: str = "offline", whitened: bool = False) -> InstanceSearch:
+        config = replace(
             self.base,
-            data_dir=self.args.work / dataset / recipe,
+            data_dir=self.data_dir(dataset, recipe, whitened),
             recipes=(recipe,),
             cam=CamConfig(mode=cam_mode),
         )
+        return InstanceSearch(config, self.models)
 
-    def core(self, dataset: str, recipe: str, cam_mode: str = "offline") -> InstanceSearch:
-        return InstanceSearch(self.config(dataset, recipe, cam_mode), self.models)
+    def whiten_copy(self, dataset: str, recipe: str) -> None:
+        """Copy the recipe's unwhitened index and learn every space's whitening in the copy."""
+        whitened = self.data_dir(dataset, recipe, whitened=True)
+        shutil.rmtree(whitened, ignore_errors=True)
+        shutil.copytree(self.data_dir(dataset, recipe), whitened, ignore=shutil.ignore_patterns("complete"))
+        core = self.core(dataset, recipe, whitened=True)
+        try:
+            core.learn_whitening()
+        finally:
+            core.close()
 
     def chunks(self, dataset: Dataset, names: list[str]):
         """(names, inputs) batches of one shape bucket, at most BATCH each."""
@@ -173,7 +197,8 @@ class Bench:
             return
         dataset = Dataset.load(self.args.data / name)
         for recipe in todo:
-            shutil.rmtree(work / recipe, ignore_errors=True)
+            shutil.rmtree(self.data_dir(name, recipe), ignore_errors=True)
+            shutil.rmtree(self.data_dir(name, recipe, whitened=True), ignore_errors=True)
         cache = RegionCache(work / "regions.pkl")
         cores = {recipe: self.core(name, recipe) for recipe in todo}
         seconds: dict[str, float] = defaultdict(float)
@@ -198,13 +223,16 @@ class Bench:
                     cache.save()
                     log.info("%s: indexed %d/%d images", name, done, len(dataset.images))
             cache.save()
-            for recipe, core in cores.items():
-                core.learn_whitening()
+            for recipe in todo:
+                core = cores.pop(recipe)
                 own = seconds[recipe] + seconds["backbone"] + (seconds["dasr regions"] if recipe in DASR_OF else 0.0)
                 stats = {
                     "ms_per_image": 1000 * own / len(dataset.images),
                     "bytes_per_image": core.index.recipe_bytes(recipe) / len(dataset.images),
                 }
+                core.close()
+                if recipe in self.whitening:
+                    self.whiten_copy(name, recipe)
                 (work / recipe / "complete").write_text(json.dumps(stats))
                 self.forget_results(name, recipe)
         finally:
@@ -214,12 +242,8 @@ class Bench:
     def rewhiten(self, name: str) -> None:
         """Learn every space's whitening again from the stored vectors (after a change to the whitening)."""
         for recipe in self.args.recipes:
-            if (self.args.work / name / recipe / "complete").is_file():
-                core = self.core(name, recipe)
-                try:
-                    core.learn_whitening()
-                finally:
-                    core.close()
+            if recipe in self.whitening and (self.args.work / name / recipe / "complete").is_file():
+                self.whiten_copy(name, recipe)
                 self.forget_results(name, recipe)
 
     def set_codebook(self, name: str) -> str:
@@ -228,11 +252,13 @@ class Bench:
         try:
             if core.index.learned("dasr_star_vlad", CODEBOOK) is None:
                 other = CODEBOOK_FROM[name]
-                vectors = vectors_from_index(self.args.work / other / "dasr_star_vlad")
+                vectors = vectors_from_index(self.data_dir(other, "dasr_star_vlad"))
                 centroids = learn_codebook(vectors, core.config.regions.vlad_k)
                 save_codebook(core.index, centroids, f"{other} ({len(vectors)} DASR* regions)")
-                core.learn_whitening()
+                core.close()
+                self.whiten_copy(name, "dasr_star_vlad")
                 self.forget_results(name, "dasr_star_vlad")
+                core = self.core(name, "dasr_star_vlad")
             return core.index.learned("dasr_star_vlad", CODEBOOK)[2]
         finally:
             core.close()
@@ -251,31 +277,29 @@ class Bench:
         path = self.results_path(name)
         rows = json.loads(path.read_text()) if path.is_file() else []
         measured = {r["variant"] for r in rows}
-        chosen = [v for v in variants(self.args.recipes) if v.label not in measured]
+        chosen = [v for v in variants(self.args.recipes, self.whitening) if v.label not in measured]
         if not chosen:
             return rows
         dataset = Dataset.load(self.args.data / name)
         cache = RegionCache(self.args.work / name / "regions.pkl")
-        cores = {(v.recipe, v.cam_mode): None for v in chosen}
-        for recipe, mode in cores:
-            cores[(recipe, mode)] = self.core(name, recipe, mode)
+        cores = {(v.recipe, v.cam_mode, v.whitened): None for v in chosen}
+        for recipe, mode, whitened in cores:
+            cores[(recipe, mode, whitened)] = self.core(name, recipe, mode, whitened)
         scores = [QueryScores() for _ in chosen]
-        describe_seconds: dict[str, float] = defaultdict(float)
         try:
             for n, q in enumerate(dataset.queries):
                 inp = self.pipeline.load(dataset.path(q.image).read_bytes())
                 box = self.pipeline.query_job(inp, q.box, chosen[0].recipe).box
                 batch = self.pipeline.features([inp])
-                if covers(inp.pixels, box) and any(r in QUERY_REGIONS for r, _ in cores):
+                if covers(inp.pixels, box) and any(key[0] in QUERY_REGIONS for key in cores):
                     cache.fill(batch, [q.image], ["dasr_star"], self.base)
                 queries = {}
-                for key, core in cores.items():
-                    start = time.perf_counter()
-                    queries[key] = core.recipes[key[0]].query(batch, box)
-                    describe_seconds[key[0]] += time.perf_counter() - start
+                for (recipe, mode, _), core in cores.items():
+                    if (recipe, mode) not in queries:
+                        queries[(recipe, mode)] = core.recipes[recipe].query(batch, box)
                 for v, score in zip(chosen, scores):
                     start = time.perf_counter()
-                    core = cores[(v.recipe, v.cam_mode)]
+                    core = cores[(v.recipe, v.cam_mode, v.whitened)]
                     hits = core.find(v.recipe, queries[(v.recipe, v.cam_mode)], len(dataset.images), v.options)
                     score.seconds += time.perf_counter() - start
                     score.add(q, hits)
@@ -403,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     codebooks = {name: bench.set_codebook(name) for name in args.datasets if "dasr_star_vlad" in args.recipes}
     rows = [row for name in args.datasets for row in bench.evaluate(name) if row["recipe"] in args.recipes]
     costs = {name: bench.costs(name) for name in args.datasets}
-    order = {v.label: i for i, v in enumerate(variants(args.recipes))}
+    order = {v.label: i for i, v in enumerate(variants(args.recipes, bench.whitening))}
     rows.sort(key=lambda r: order.get(r["variant"], len(order)))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps({"rows": rows, "costs": costs, "codebooks": codebooks}, indent=1))

@@ -20,12 +20,9 @@ import asyncio
 import json
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -35,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from inserve.clients.client import AsyncInstanceSearchClient, ImageItem, InstanceSearchClient, VideoItem
+from inserve.clients.local_server import LocalServer, local_server
 
 BATCH_LINE = re.compile(r"batch of (\d+) ran in ([\d.]+) ms")
 
@@ -57,37 +55,13 @@ class Measure:
         return self.images / self.seconds
 
 
-@dataclass
-class Server:
-    address: str
-    log: list[str]  # the server's output so far (its batcher logs every batch at DEBUG)
-
-
 @contextmanager
-def server(models: Path, data_dir: Path, flags: list[str]) -> Iterator[Server]:
-    command = [sys.executable, "-m", "inserve.clients.cli", "--log-level", "DEBUG", "serve"]
-    command += ["--port", "0", "--host", "127.0.0.1", "--models", str(models), "--data-dir", str(data_dir), *flags]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        log: list[str] = []
-        address = None
-        for line in process.stdout:
-            log.append(line)
-            found = re.search(r"listening on port (\d+)", line)
-            if found:
-                address = f"127.0.0.1:{found.group(1)}"
-                break
-        if address is None:
-            raise RuntimeError("the server did not start:\n" + "".join(log[-20:]))
-        threading.Thread(
-            target=lambda: log.extend(line for line in process.stdout if "batch of" in line), daemon=True
-        ).start()
-        with InstanceSearchClient(address) as client:
+def server(models: Path, data_dir: Path, flags: list[str]) -> Iterator[LocalServer]:
+    """A real server logging every batch (DEBUG), ready to answer."""
+    with local_server(models, data_dir, *flags, global_flags=("--log-level", "DEBUG")) as running:
+        with InstanceSearchClient(running.address) as client:
             client.wait_ready()
-        yield Server(address, log)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(120)
+        yield running
 
 
 async def run_clients(address: str, op: str, images: list[bytes], clients: int, calls: int, tag: str) -> tuple:
@@ -117,15 +91,15 @@ def batches(log: list[str], since: int) -> list[tuple[int, float]]:
     return [(int(m.group(1)), float(m.group(2))) for line in log[since:] if (m := BATCH_LINE.search(line))]
 
 
-def measure(srv: Server, config: str, op: str, images: list[bytes], clients: int, calls: int, rnd: int) -> Measure:
+def measure(srv: LocalServer, config: str, op: str, images: list[bytes], clients: int, calls: int, rnd: int) -> Measure:
     asyncio.run(
         run_clients(srv.address, op, images, clients, min(calls, 2 * clients), f"warm-{config}-{clients}-{rnd}")
     )
     time.sleep(0.2)  # the warm-up's batch lines are in the log
-    since = len(srv.log)
+    since = len(srv.output)
     seconds, latencies = asyncio.run(run_clients(srv.address, op, images, clients, calls, f"{config}-{clients}-{rnd}"))
     time.sleep(0.2)
-    ran = batches(srv.log, since)
+    ran = batches(srv.output, since)
     ms = np.array(latencies) * 1000
     return Measure(
         config,

@@ -20,7 +20,6 @@ import io
 import json
 import random
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from inserve.clients.client import AsyncInstanceSearchClient, ImageItem, InstanceSearchClient
+from inserve.clients.local_server import local_server
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "immunohistochemistry", "coins", "camera")
 
@@ -95,28 +95,10 @@ class MemorySampler:
 
 @contextmanager
 def server(models: Path, data_dir: Path, flags: list[str]) -> Iterator[tuple[str, subprocess.Popen]]:
-    command = [sys.executable, "-m", "inserve.clients.cli", "serve", "--port", "0", "--host", "127.0.0.1"]
-    command += ["--models", str(models), "--data-dir", str(data_dir), *flags]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    try:
-        address = None
-        for line in process.stdout:
-            lines.append(line)
-            found = re.search(r"inserve listening on port (\d+)", line)
-            if found:
-                address = f"127.0.0.1:{found.group(1)}"
-                break
-        if address is None:
-            raise RuntimeError("the server did not start:\n" + "".join(lines))
-        threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-        with InstanceSearchClient(address) as client:
+    with local_server(models, data_dir, *flags) as running:
+        with InstanceSearchClient(running.address) as client:
             client.wait_ready()
-        yield address, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(120)
+        yield running.address, running.process
 
 
 @dataclass

@@ -29,6 +29,8 @@ SPECS = {
     ("r", "global"): SpaceSpec(whiten=False, aggregate=Aggregate("part", summed)),
     ("v", "part"): SpaceSpec(searchable=False, whiten=False),
     ("v", "global"): SpaceSpec(whiten=False, aggregate=Aggregate("part", scaled_by_codebook, on_raw=True)),
+    ("w", "part"): SpaceSpec(searchable=False, whiten=False),
+    ("w", "global"): SpaceSpec(aggregate=Aggregate("part", summed, on_raw=True)),
 }
 
 
@@ -111,6 +113,22 @@ def test_aggregate_waits_for_its_learned_model_and_is_rebuilt_with_it(tmp_path: 
     version, codebook, source = index.learned("v", "codebook")
     assert (version, source) == (2, "again")
     np.testing.assert_array_equal(codebook, [[1.0, 1.0]])
+    index.close()
+
+
+def test_whitened_aggregate_learns_from_the_aggregates(tmp_path: Path) -> None:
+    index = InstanceIndex(tmp_path, CONFIG, SPECS)
+    rng = np.random.default_rng(1)
+    stored = {f"img{i}": _parts(rng, 3) for i in range(8)}
+    for name, parts in stored.items():
+        index.add_image(name, [NewVectors("w", "part", parts)], width=10, height=10)
+    aggregates = np.stack([summed(l2_normalize(p), None) for p in stored.values()])
+    np.testing.assert_allclose(index._training_vectors("w", "global"), aggregates, rtol=1e-5, atol=1e-6)
+    assert index.learn_whitening("w", "global") == 1
+    whitening = index.space("w", "global").whitening
+    np.testing.assert_allclose(
+        index.transform("w", "global", stored["img5"]), whitening.apply(aggregates[5])[0], rtol=1e-4, atol=1e-5
+    )
     index.close()
 
 

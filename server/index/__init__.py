@@ -355,14 +355,14 @@ class InstanceIndex:
         Aggregates of the space are rebuilt on the new whitening (and their own whitening re-learned)."""
         with self._lock:
             spec = self.spec(recipe, kind)
-            raw = self._training_vectors(recipe, kind)
-            if len(raw) < 2:
-                raise ValueError(f"{recipe}/{kind} holds {len(raw)} vectors; whitening needs more")
+            training = self._training_vectors(recipe, kind)
+            if len(training) < 2:
+                raise ValueError(f"{recipe}/{kind} holds {len(training)} vectors; whitening needs more")
             shrinkage = self.config.whiten_shrinkage if spec.whiten_shrinkage is None else spec.whiten_shrinkage
-            whitening = pca_whiten(raw, dims or spec.whiten_dims or self.config.whiten_dims, shrinkage=shrinkage)
+            whitening = pca_whiten(training, dims or spec.whiten_dims or self.config.whiten_dims, shrinkage=shrinkage)
             if spec.aggregate is not None:
-                self.store.ensure_space(recipe, kind, raw.shape[1])
-            version = self.store.save_whitening(recipe, kind, whitening, len(raw))
+                self.store.ensure_space(recipe, kind, training.shape[1])
+            version = self.store.save_whitening(recipe, kind, whitening, len(training))
             if spec.aggregate is not None:
                 self._build_aggregate(recipe, kind)
             else:
@@ -381,9 +381,9 @@ class InstanceIndex:
                 recipe,
                 kind,
                 version,
-                raw.shape[1],
+                training.shape[1],
                 whitening.dims,
-                len(labels),
+                len(training),
             )
             return version
 

@@ -1,56 +1,22 @@
-"""Real inserve servers for tests: `inserve serve --port 0` in a subprocess."""
+"""Real inserve servers for tests: `inserve serve --port 0` in a subprocess, at a small long side."""
 
 from __future__ import annotations
 
-import re
-import signal
-import subprocess
-import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
+
+from inserve.clients.local_server import LocalServer as Server
+from inserve.clients.local_server import local_server
+
+__all__ = ["BACKBONE", "LONG_SIDE", "Server", "running_server"]
 
 BACKBONE = "efficientnet_lite0"
 LONG_SIDE = 256  # small inputs keep DASR fast; the network still sees the objects
 
 
-@dataclass
-class Server:
-    address: str
-    process: subprocess.Popen
-    data_dir: Path
-    output: list[str]  # the server's log lines so far
-
-
-@contextmanager
-def running_server(models: Path, data_dir: Path, *flags: str, global_flags: tuple[str, ...] = ()) -> Iterator[Server]:
-    """`inserve [global_flags] serve --port 0 [flags]` in a subprocess until the block ends (SIGTERM, then
-    wait)."""
-    command = [sys.executable, "-m", "inserve.clients.cli", *global_flags, "serve", "--port", "0"]
-    command += ["--host", "127.0.0.1"]
-    command += ["--data-dir", str(data_dir), "--models", str(models), "--long-side", str(LONG_SIDE), *flags]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        port = None
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            found = re.search(r"inserve listening on port (\d+)", line)
-            if found:
-                port = int(found.group(1))
-                break
-        if port is None:
-            raise RuntimeError("server did not start:\n" + "".join(lines))
-        drain = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
-        drain.start()
-        yield Server(f"127.0.0.1:{port}", process, data_dir, lines)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+def running_server(
+    models: Path, data_dir: Path, *flags: str, global_flags: tuple[str, ...] = ()
+) -> AbstractContextManager[Server]:
+    return local_server(
+        models, data_dir, "--long-side", str(LONG_SIDE), *flags, global_flags=global_flags, stop_timeout=60
+    )

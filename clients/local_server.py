@@ -1,0 +1,57 @@
+"""A real `inserve serve` on a free loopback port, in a subprocess: for integration tests, benchmarks and
+notebooks that want the whole service (gRPC, batcher, index files) rather than the classes in-process."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+LISTENING = re.compile(r"inserve listening on port (\d+)")
+
+
+@dataclass
+class LocalServer:
+    address: str
+    process: subprocess.Popen
+    data_dir: Path
+    output: list[str]  # the server's log lines so far, appended while it runs
+
+
+@contextmanager
+def local_server(
+    models: Path, data_dir: Path, *flags: str, global_flags: tuple[str, ...] = (), stop_timeout: float = 120.0
+) -> Iterator[LocalServer]:
+    """`inserve [global_flags] serve --port 0 --host 127.0.0.1 [flags]` until the block ends; then SIGTERM
+    (the server drains), and SIGKILL if it has not exited after `stop_timeout` seconds. Yields once the
+    port is bound; a TLS or token server is not probed, so callers wait for readiness as their clients can."""
+    command = [sys.executable, "-m", "inserve.clients.cli", *global_flags, "serve", "--port", "0", "--host"]
+    command += ["127.0.0.1", "--data-dir", str(data_dir), "--models", str(models), *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        port = None
+        for line in process.stdout:
+            lines.append(line)
+            found = LISTENING.search(line)
+            if found:
+                port = int(found.group(1))
+                break
+        if port is None:
+            raise RuntimeError("the server did not start:\n" + "".join(lines[-40:]))
+        threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+        yield LocalServer(f"127.0.0.1:{port}", process, Path(data_dir), lines)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=stop_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
