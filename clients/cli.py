@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--host", default="[::]")
     p.add_argument("--recipe", default="dasr_star", help="recipe(s) to index with, comma-separated; first = default")
-    p.add_argument("--workers", type=int, default=2, help="threads running the networks")
+    p.add_argument("--workers", type=int, default=2, help="threads decoding images and writing the index")
     p.add_argument("--max-message-mb", type=int, default=64)
     batching = "(default: BatcherConfig in server/config.py)"
     p.add_argument("--max-batch", type=int, default=None, help=f"images per network run {batching}")

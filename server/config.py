@@ -184,7 +184,7 @@ class ServerConfig:
     host: str = "[::]"
     port: int = 50051
     max_message_bytes: int = 64 << 20
-    workers: int = 2  # threads running the networks
+    workers: int = 2  # threads decoding images and writing the index (the networks run in the batcher)
     default_top_k: int = 20
     max_top_k: int = 1000
     engine: EngineOptions = field(default_factory=EngineOptions)
