@@ -110,7 +110,8 @@ class VectorSpace:
         if self._graph is None:
             raise ValueError("this vector space keeps no graph (it is read per image, not searched)")
         with self._lock:
-            return np.asarray(self._graph.get_items([int(v) for v in labels]), dtype=np.float32).reshape(-1, self.dim)
+            found = self._graph.get_items([int(v) for v in labels], return_type="numpy")
+        return found.astype(np.float32, copy=False).reshape(-1, self.dim)
 
     def save(self, path: Path) -> None:
         """Write the graph and its sidecar atomically (temp file, fsync, rename). The sidecar names the
