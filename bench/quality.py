@@ -390,16 +390,18 @@ def chart(rows: list[dict], datasets: tuple[str, ...], path: Path) -> None:
 
     labels = list(dict.fromkeys(r["variant"] for r in rows))
     by = {(r["variant"], r["dataset"]): r["map"] for r in rows}
-    x = np.arange(len(labels))
-    width = 0.8 / len(datasets)
-    fig, ax = plt.subplots(figsize=(max(12, 0.42 * len(labels)), 5.5))
+    y = np.arange(len(labels))
+    height = 0.8 / len(datasets)
+    fig, ax = plt.subplots(figsize=(8, max(6, 0.26 * len(labels))))
     for i, d in enumerate(datasets):
-        ax.bar(x + (i - (len(datasets) - 1) / 2) * width, [by.get((label, d), 0) for label in labels], width, label=d)
-    ax.set_xticks(x, labels, rotation=70, ha="right", fontsize=8)
-    ax.set_ylabel("mAP")
-    ax.set_ylim(0, 1)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+        offset = (i - (len(datasets) - 1) / 2) * height
+        ax.barh(y + offset, [by.get((label, d), 0) for label in labels], height, label=d)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_ylim(len(labels) - 0.5, -0.5)  # first label on top, no empty margin
+    ax.set_xlabel("mAP")
+    ax.set_xlim(0, 1)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right")
     ax.set_title("inserve recipes, efficientnet_lite0 (bench/quality.py)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
