@@ -107,14 +107,19 @@ def variants(recipes: tuple[str, ...], whitening: frozenset[str]) -> list[Varian
 
 class RegionCache:
     """DASR regions per (image, peaks) in network pixels, and the seconds per image of the back-propagation
-    that found them (DASR and DASR* share one), in one pickle."""
+    that found them (DASR and DASR* share one), in one pickle. A cache written for another export, DASR
+    setting or long side (its `key`) is not used."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
         self.regions: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self.seconds: dict[str, float] = {}
         if path.is_file():
-            self.regions, self.seconds = pickle.loads(path.read_bytes())
+            stored = pickle.loads(path.read_bytes())
+            if len(stored) == 3 and stored[0] == key:
+                _, self.regions, self.seconds = stored
+            else:
+                log.warning("%s was written for other models or settings; finding the regions again", path)
 
     def fill(self, batch: FeatureBatch, names: list[str], kinds: list[str], config: ServerConfig) -> float:
         """Put the batch's regions of these kinds in place, computing the missing kinds together; returns the
@@ -136,7 +141,7 @@ class RegionCache:
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps((self.regions, self.seconds)))
+        tmp.write_bytes(pickle.dumps((self.key, self.regions, self.seconds)))
         tmp.replace(self.path)
 
 
@@ -152,6 +157,7 @@ class Bench:
         )
         self.models = ModelBundle.open(args.models, self.base.backbone, self.base.engine)
         self.pipeline = Pipeline(self.models, build_recipes(RECIPES, self.base), self.base.image)
+        self.regions_key = repr((self.models.manifest, self.base.dasr, self.base.image.long_side))
         self.whitening = frozenset(
             name
             for name, recipe in self.pipeline.recipes.items()
@@ -203,7 +209,7 @@ class Bench:
         for recipe in todo:
             shutil.rmtree(self.data_dir(name, recipe), ignore_errors=True)
             shutil.rmtree(self.data_dir(name, recipe, whitened=True), ignore_errors=True)
-        cache = RegionCache(work / "regions.pkl")
+        cache = RegionCache(work / "regions.pkl", self.regions_key)
         cores = {recipe: self.core(name, recipe) for recipe in todo}
         seconds: dict[str, float] = defaultdict(float)
         peaks_needed = sorted({DASR_OF[r] for r in todo if r in DASR_OF})
@@ -285,7 +291,7 @@ class Bench:
         if not chosen:
             return rows
         dataset = Dataset.load(self.args.data / name)
-        cache = RegionCache(self.args.work / name / "regions.pkl")
+        cache = RegionCache(self.args.work / name / "regions.pkl", self.regions_key)
         cores = {(v.recipe, v.cam_mode, v.whitened): None for v in chosen}
         for recipe, mode, whitened in cores:
             cores[(recipe, mode, whitened)] = self.core(name, recipe, mode, whitened)
