@@ -9,10 +9,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from inserve.clients.cli_flags import add_connection_flags, add_server_flags, apply_server_flags, channel_security
 from inserve.server.logs import FORMATS, configure_logging
+
+if TYPE_CHECKING:
+    from inserve.clients.client import InstanceSearchClient
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DEFAULT_SERVER = "localhost:50051"
@@ -100,6 +103,13 @@ def _given(settings: T, flags: dict[str, object]) -> T:
     return replace(settings, **{name: value for name, value in flags.items() if value is not None})
 
 
+def connect(args: argparse.Namespace) -> InstanceSearchClient:
+    """The client a client command's flags (--server, --timeout, TLS and token) describe."""
+    from inserve.clients.client import InstanceSearchClient
+
+    return InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args))
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     try:
         from inserve.export.onnx_export import ExportOptions, export_backbone
@@ -175,12 +185,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     import grpc
     from tqdm import tqdm
 
-    from inserve.clients.client import ImageItem, InstanceSearchClient
+    from inserve.clients.client import ImageItem
 
     files = list(image_files(args.paths))
     items = (ImageItem.from_path(path, args.id_prefix + name, replace=args.replace) for name, path in files)
     regions = 0
-    with InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args)) as client:
+    with connect(args) as client:
         try:
             for ack in tqdm(client.index_images(items), total=len(files), unit="img", disable=args.quiet):
                 regions += len(ack.regions)
@@ -195,7 +205,7 @@ def cmd_index_video(args: argparse.Namespace) -> int:
     import grpc
     from tqdm import tqdm
 
-    from inserve.clients.client import InstanceSearchClient, VideoItem
+    from inserve.clients.client import VideoItem
 
     videos = [
         VideoItem(
@@ -209,7 +219,7 @@ def cmd_index_video(args: argparse.Namespace) -> int:
         )
         for name in args.files
     ]
-    with InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args)) as client:
+    with connect(args) as client:
         for video in videos:
             with tqdm(desc=video.id, unit="frame", disable=args.quiet, file=sys.stderr) as bar:
                 try:
@@ -245,10 +255,8 @@ def hit_line(hit) -> str:
 def cmd_search(args: argparse.Namespace) -> int:
     import grpc
 
-    from inserve.clients.client import InstanceSearchClient
-
     data = args.image.read_bytes()
-    with InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args)) as client:
+    with connect(args) as client:
         try:
             hits = client.search(
                 data,
@@ -286,9 +294,7 @@ def show_results(query_path: Path, data: bytes, box, hits, out: Path) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from inserve.clients.client import InstanceSearchClient
-
-    with InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args)) as client:
+    with connect(args) as client:
         stats = client.stats()
     print(f"backbone {stats.backbone}, recipes {', '.join(stats.recipes)} (default {stats.default_recipe})")
     videos = f" ({stats.keyframes} of them keyframes of {stats.videos} videos)" if stats.videos else ""
@@ -301,9 +307,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from inserve.clients.client import InstanceSearchClient
-
-    with InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args)) as client:
+    with connect(args) as client:
         response = client.delete(args.ids)
     print(f"deleted {response.deleted}" + (f"; not indexed: {', '.join(response.missing)}" if response.missing else ""))
     return 0
