@@ -24,8 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,13 +54,9 @@ class Measure:
         return self.images / self.seconds
 
 
-@contextmanager
-def server(models: Path, data_dir: Path, flags: list[str]) -> Iterator[LocalServer]:
+def server(models: Path, data_dir: Path, flags: list[str]) -> AbstractContextManager[LocalServer]:
     """A real server logging every batch (DEBUG), ready to answer."""
-    with local_server(models, data_dir, *flags, global_flags=("--log-level", "DEBUG")) as running:
-        with InstanceSearchClient(running.address) as client:
-            client.wait_ready()
-        yield running
+    return local_server(models, data_dir, *flags, global_flags=("--log-level", "DEBUG"), wait_ready=True)
 
 
 async def run_clients(address: str, op: str, images: list[bytes], clients: int, calls: int, tag: str) -> tuple:

@@ -20,14 +20,11 @@ import io
 import json
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,14 +88,6 @@ class MemorySampler:
 
     def peak(self, start: float, end: float) -> int:
         return max((rss for t, rss in self.samples if start <= t <= end), default=0)
-
-
-@contextmanager
-def server(models: Path, data_dir: Path, flags: list[str]) -> Iterator[tuple[str, subprocess.Popen]]:
-    with local_server(models, data_dir, *flags) as running:
-        with InstanceSearchClient(running.address) as client:
-            client.wait_ready()
-        yield running.address, running.process
 
 
 @dataclass
@@ -222,15 +211,15 @@ def main() -> int:
     run = Run()
     with (
         tempfile.TemporaryDirectory(prefix="inserve-soak-") as scratch,
-        server(args.models, Path(scratch), args.server_flags) as (address, process),
+        local_server(args.models, Path(scratch), *args.server_flags, wait_ready=True) as running,
     ):
-        memory = MemorySampler(process.pid)
+        memory = MemorySampler(running.process.pid)
         idle = memory.status("VmRSS")
         memory.start()
-        t0, t1 = asyncio.run(soak(address, pool, args, run))
+        t0, t1 = asyncio.run(soak(running.address, pool, args, run))
         memory.stop()
         hwm = memory.status("VmHWM")
-        with InstanceSearchClient(address) as client:
+        with InstanceSearchClient(running.address) as client:
             images = client.stats().images
     figures = report(args, run, memory, idle, hwm, t0, t1, images)
     if args.json is not None:

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from inserve.clients.client import InstanceSearchClient
+
 LISTENING = re.compile(r"inserve listening on port (\d+)")
 
 
@@ -26,11 +28,16 @@ class LocalServer:
 
 @contextmanager
 def local_server(
-    models: Path, data_dir: Path, *flags: str, global_flags: tuple[str, ...] = (), stop_timeout: float = 120.0
+    models: Path,
+    data_dir: Path,
+    *flags: str,
+    global_flags: tuple[str, ...] = (),
+    stop_timeout: float = 120.0,
+    wait_ready: bool = False,
 ) -> Iterator[LocalServer]:
     """`inserve [global_flags] serve --port 0 --host 127.0.0.1 [flags]` until the block ends; then SIGTERM
     (the server drains), and SIGKILL if it has not exited after `stop_timeout` seconds. Yields once the
-    port is bound; a TLS or token server is not probed, so callers wait for readiness as their clients can."""
+    port is bound, or with `wait_ready` once a plaintext channel to it is ready (not for TLS servers)."""
     command = [sys.executable, "-m", "inserve.clients.cli", *global_flags, "serve", "--port", "0", "--host"]
     command += ["127.0.0.1", "--data-dir", str(data_dir), "--models", str(models), *flags]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -46,7 +53,11 @@ def local_server(
         if port is None:
             raise RuntimeError("the server did not start:\n" + "".join(lines[-40:]))
         threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-        yield LocalServer(f"127.0.0.1:{port}", process, Path(data_dir), lines)
+        address = f"127.0.0.1:{port}"
+        if wait_ready:
+            with InstanceSearchClient(address) as client:
+                client.wait_ready()
+        yield LocalServer(address, process, Path(data_dir), lines)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
