@@ -292,9 +292,8 @@ class Bench:
             return rows
         dataset = Dataset.load(self.args.data / name)
         cache = RegionCache(self.args.work / name / "regions.pkl", self.regions_key)
-        cores = {(v.recipe, v.cam_mode, v.whitened): None for v in chosen}
-        for recipe, mode, whitened in cores:
-            cores[(recipe, mode, whitened)] = self.core(name, recipe, mode, whitened)
+        keys = dict.fromkeys((v.recipe, v.cam_mode, v.whitened) for v in chosen)
+        cores = {key: self.core(name, *key) for key in keys}
         scores = [QueryScores() for _ in chosen]
         try:
             for n, q in enumerate(dataset.queries):
