@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,8 +230,6 @@ class AsyncInstanceSearchClient:
         return await self.stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        import asyncio
-
         await asyncio.wait_for(self.channel.channel_ready(), timeout)
 
     async def close(self) -> None:
