@@ -70,12 +70,15 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
             return None
         service, method = split_method(handler_call_details.method)
 
-        def enter(context: grpc.aio.ServicerContext) -> float:
+        def enter(context: grpc.aio.ServicerContext) -> tuple[float, str]:
+            """The start time, and the peer read while the call is alive: grpc_call_get_peer after the
+            transport of a cancelled call is gone reads freed memory and kills the server (grpc/grpc#29069)."""
             self.started.labels(service, method).inc()
             self.in_flight.labels(service, method).inc()
-            return time.monotonic()
+            return time.monotonic(), context.peer()
 
-        def leave(started: float, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        def leave(state: tuple[float, str], context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+            started, peer = state
             seconds = time.monotonic() - started
             code = status_code(context, error).name
             self.in_flight.labels(service, method).dec()
@@ -91,7 +94,7 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
                     "rpc": f"{service}/{method}",
                     "code": code,
                     "seconds": round(seconds, 6),
-                    "peer": context.peer(),
+                    "peer": peer,
                 },
                 exc_info=error if code == "UNKNOWN" and not isinstance(error, asyncio.CancelledError) else None,
             )
