@@ -1,7 +1,9 @@
 """Soak benchmark: N concurrent clients index and search on loopback for T seconds against a real server.
 
 Each client alternates IndexImages (one new image id per call) and Search (a crop of a photo with a box)
-until the time is up; then it finishes its call in flight. The server's resident memory is sampled all
+until the time is up; then it finishes its call in flight. A fraction of the calls (--abandon) is cancelled
+by its client after a random 0-200 ms, as callers that time out or go away do; those count as abandoned,
+not as errors, and the server must go on serving the others. The server's resident memory is sampled all
 along from /proc. The report gives requests done, errors (by status code; must be zero), p50/p99
 latency per operation, and the server's memory: idle after start, the peak in the first and the last
 quarter of the run, and VmHWM at the end, with the same figures per quarter so growth shows as a trend.
@@ -103,22 +105,39 @@ class Run:
     calls: list[Call] = field(default_factory=list)
 
 
-async def client_loop(address: str, pool: list[bytes], client_id: int, until: float, run: Run, timeout: float) -> None:
+ABANDONED = "ABANDONED"  # cancelled by the client on purpose (--abandon): not an error
+
+
+async def client_loop(
+    address: str, pool: list[bytes], client_id: int, until: float, run: Run, timeout: float, abandon: float
+) -> None:
     rng = random.Random(client_id)
     async with AsyncInstanceSearchClient(address, timeout=timeout) as client:
+
+        async def index(image: bytes, n: int) -> None:
+            async for _ in client.index_images([ImageItem(f"c{client_id}-{n}", image)]):
+                pass
+
+        async def search(image: bytes, x: float, y: float) -> None:
+            await client.search(image, box=(x, y, x + 180, y + 140), top_k=10)
+
         n = 0
         while time.monotonic() < until:
             op = "index" if n % 2 == 0 else "search"
             image = pool[rng.randrange(len(pool))]
+            call = index(image, n) if op == "index" else search(image, rng.uniform(0, 80), rng.uniform(0, 60))
             started = time.monotonic()
+            task = asyncio.ensure_future(call)
             code = "OK"
+            if rng.random() < abandon:
+                done, _ = await asyncio.wait([task], timeout=rng.uniform(0, 0.2))
+                if not done:
+                    task.cancel()
+                    code = ABANDONED
             try:
-                if op == "index":
-                    async for _ in client.index_images([ImageItem(f"c{client_id}-{n}", image)]):
-                        pass
-                else:
-                    x, y = rng.uniform(0, 80), rng.uniform(0, 60)
-                    await client.search(image, box=(x, y, x + 180, y + 140), top_k=10)
+                await task
+            except asyncio.CancelledError:
+                pass
             except grpc.RpcError as exc:
                 code = exc.code().name
             run.calls.append(Call(op, started, time.monotonic() - started, code))
@@ -137,12 +156,14 @@ def report(
 ) -> dict:
     mib = 1 << 20
     quarter = (t1 - t0) / 4
-    errors = Counter(call.code for call in run.calls if call.code != "OK")
+    errors = Counter(call.code for call in run.calls if call.code not in ("OK", ABANDONED))
     rows = []
     for op in ("index", "search", "all"):
         chosen = [c for c in run.calls if op in ("all", c.op)]
         p50, p99 = percentiles([c.seconds for c in chosen if c.code == "OK"])
-        rows.append((op, len(chosen), sum(c.code != "OK" for c in chosen), len(chosen) / (t1 - t0), p50, p99))
+        failed = sum(c.code not in ("OK", ABANDONED) for c in chosen)
+        abandoned = sum(c.code == ABANDONED for c in chosen)
+        rows.append((op, len(chosen), failed, abandoned, len(chosen) / (t1 - t0), p50, p99))
     windows = []
     for q in range(4):
         start, end = t0 + q * quarter, t0 + (q + 1) * quarter
@@ -152,10 +173,10 @@ def report(
     print(
         f"\nsoak: {args.clients} clients, {t1 - t0:.0f} s, server flags {' '.join(args.server_flags) or '(defaults)'}"
     )
-    print("\n| operation | requests | errors | requests/s | p50 ms | p99 ms |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for op, count, failed, rate, p50, p99 in rows:
-        print(f"| {op} | {count} | {failed} | {rate:.2f} | {p50:.0f} | {p99:.0f} |")
+    print("\n| operation | requests | errors | abandoned | requests/s | p50 ms | p99 ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for op, count, failed, abandoned, rate, p50, p99 in rows:
+        print(f"| {op} | {count} | {failed} | {abandoned} | {rate:.2f} | {p50:.0f} | {p99:.0f} |")
     print("\n| quarter | requests | p50 ms | p99 ms | server peak RSS MiB |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for q, count, p50, p99, peak in windows:
@@ -173,7 +194,8 @@ def report(
         "requests": len(run.calls),
         "errors": dict(errors),
         "operations": {
-            op: {"requests": n, "errors": e, "per_s": r, "p50_ms": p50, "p99_ms": p99} for op, n, e, r, p50, p99 in rows
+            op: {"requests": n, "errors": e, "abandoned": a, "per_s": r, "p50_ms": p50, "p99_ms": p99}
+            for op, n, e, a, r, p50, p99 in rows
         },
         "quarters": [
             {"requests": n, "p50_ms": p50, "p99_ms": p99, "peak_rss_mib": peak} for _, n, p50, p99, peak in windows
@@ -187,11 +209,13 @@ def report(
 async def soak(address: str, pool: list[bytes], args: argparse.Namespace, run: Run) -> tuple[float, float]:
     warm = time.monotonic() + 1.0  # every client makes a call or two before the measured run
     await asyncio.gather(
-        *(client_loop(address, pool, 1000 + c, warm, Run(), args.timeout) for c in range(args.clients))
+        *(client_loop(address, pool, 1000 + c, warm, Run(), args.timeout, 0.0) for c in range(args.clients))
     )
     t0 = time.monotonic()
     until = t0 + args.seconds
-    await asyncio.gather(*(client_loop(address, pool, c, until, run, args.timeout) for c in range(args.clients)))
+    await asyncio.gather(
+        *(client_loop(address, pool, c, until, run, args.timeout, args.abandon) for c in range(args.clients))
+    )
     return t0, time.monotonic()
 
 
@@ -202,11 +226,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=120.0, help="length of the measured run (bounded)")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each call")
     parser.add_argument("--pool", type=int, default=64, help="distinct photos the clients draw from")
+    parser.add_argument("--abandon", type=float, default=0.1, help="fraction of calls the client cancels")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("server_flags", nargs="*", help="extra `inserve serve` flags, after --")
     args = parser.parse_args()
     if not 0 < args.seconds <= 3600:
         parser.error("--seconds must be in (0, 3600]")
+    if not 0 <= args.abandon <= 1:
+        parser.error("--abandon is a fraction of the calls, in [0, 1]")
     pool = photo_pool(args.pool)
     run = Run()
     with (
