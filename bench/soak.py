@@ -2,11 +2,12 @@
 
 Each client alternates IndexImages (one new image id per call) and Search (a crop of a photo with a box)
 until the time is up; then it finishes its call in flight. A fraction of the calls (--abandon) is cancelled
-by its client after a random 0-200 ms, as callers that time out or go away do; those count as abandoned,
-not as errors, and the server must go on serving the others. The server's resident memory is sampled all
-along from /proc. The report gives requests done, errors (by status code; must be zero), p50/p99
-latency per operation, and the server's memory: idle after start, the peak in the first and the last
-quarter of the run, and VmHWM at the end, with the same figures per quarter so growth shows as a trend.
+by its client after a random 0-200 ms unless answered by then, as callers that time out or go away do;
+those count as abandoned, not as errors, and the server must go on serving the others. The server's
+resident memory is sampled all along from /proc. The report gives requests done, errors (by status code;
+must be zero), p50/p99 latency per operation, and the server's memory: idle after start, the peak in the
+first and the last quarter of the run, and VmHWM at the end, with the same figures per quarter so growth
+shows as a trend.
 
     python bench/soak.py --models /tmp/models --clients 4 --seconds 120
 
@@ -74,11 +75,17 @@ class MemorySampler:
 
     def status(self, field: str) -> int:
         text = Path(f"/proc/{self.pid}/status").read_text()
-        return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
+        found = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+        if found is None:
+            raise ProcessLookupError(f"process {self.pid} has exited")
+        return int(found.group(1)) * 1024
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.monotonic(), self.status("VmRSS")))
+            try:
+                self.samples.append((time.monotonic(), self.status("VmRSS")))
+            except OSError:  # the server is gone; main() reports it
+                return
             self._stop.wait(self.interval)
 
     def start(self) -> None:
@@ -245,6 +252,10 @@ def main() -> int:
         memory.start()
         t0, t1 = asyncio.run(soak(running.address, pool, args, run))
         memory.stop()
+        if running.process.poll() is not None:
+            print("".join(running.output[-30:]), file=sys.stderr)
+            print(f"the server died during the run (exit code {running.process.returncode})", file=sys.stderr)
+            return 1
         hwm = memory.status("VmHWM")
         with InstanceSearchClient(running.address) as client:
             images = client.stats().images
