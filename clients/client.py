@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,8 +221,30 @@ class AsyncInstanceSearchClient:
     async def index_video(
         self, video: VideoItem, chunk_bytes: int = VIDEO_CHUNK_BYTES
     ) -> AsyncIterator[pb.IndexVideoProgress]:
-        async for progress in self.stub.IndexVideo(video.messages(chunk_bytes), timeout=self.timeout):
-            yield progress
+        """The header first, the chunks only once the server has taken the video on (its first progress
+        message). A server that ends the call while grpc.aio is still writing shows as INTERNAL "Internal
+        error from Core" instead of its status, so a refusal must come before the upload starts."""
+        messages = video.messages(chunk_bytes)
+        call = self.stub.IndexVideo(timeout=self.timeout)
+        await call.write(next(messages))
+        accepted = await call.read()
+        if accepted is grpc.aio.EOF:
+            return
+        yield accepted
+
+        async def upload() -> None:
+            for message in messages:
+                await call.write(message)
+            await call.done_writing()
+
+        sender = asyncio.ensure_future(upload())
+        try:
+            while (progress := await call.read()) is not grpc.aio.EOF:
+                yield progress
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, asyncio.InvalidStateError, grpc.RpcError):
+                await sender
 
     async def delete(self, ids: list[str]) -> pb.DeleteResponse:
         return await self.stub.Delete(pb.DeleteRequest(ids=ids), timeout=self.timeout)

@@ -220,6 +220,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         try:
             check_id(header.video_id)
             rules = selection_rules(self.core.config.video, header.options)
+            yield progress_message(VideoProgress(header.video_id))  # taken on: the client may upload now
             if header.path:
                 file = await self._run(open_media, self.core.config.video.media_root, header.path)
             else:
