@@ -34,8 +34,9 @@ def split_method(method: str) -> tuple[str, str]:
 
 
 def status_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
-    """How a call ended: the code it aborted or finished with, CANCELLED, or UNKNOWN for an uncaught error."""
-    if isinstance(error, asyncio.CancelledError):
+    """How a call ended: the code it aborted or finished with, CANCELLED, or UNKNOWN for an uncaught error.
+    A streaming handler whose caller went away while it waited to send is closed with GeneratorExit."""
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
         return grpc.StatusCode.CANCELLED
     code = context.code()
     if isinstance(code, grpc.StatusCode):

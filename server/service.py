@@ -292,6 +292,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
             await job
         finally:
             cancelled.set()
+            job.add_done_callback(_outcome_seen)
 
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         if not request.ids:
@@ -348,6 +349,13 @@ def ack_message(indexed: Indexed) -> pb.IndexImageAck:
         regions=regions,
         recipes=list(indexed.described),
     )
+
+
+def _outcome_seen(future: asyncio.Future) -> None:
+    """Marks the outcome of work whose call has gone (cancelled) as seen, so that asyncio does not log its
+    CancelledError as 'Future exception was never retrieved'."""
+    if not future.cancelled():
+        future.exception()
 
 
 def progress_message(progress: VideoProgress) -> pb.IndexVideoProgress:

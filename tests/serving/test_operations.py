@@ -3,6 +3,7 @@ RPC."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -16,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import Server, running_server
 
 from inserve.clients.client import ImageItem, InstanceSearchClient
-from inserve.server.metrics import batch_size_histogram
+from inserve.server.metrics import batch_size_histogram, status_code
 
 SERVICE = "inserve.v1.InstanceSearch"
 
@@ -108,3 +109,22 @@ def test_batch_sizes_become_a_cumulative_histogram() -> None:
     assert samples[("inserve_batch_size_bucket", "8")] == 7
     assert samples[("inserve_batch_size_bucket", "+Inf")] == 7
     assert samples[("inserve_batch_size_count", None)] == 7 and samples[("inserve_batch_size_sum", None)] == 18
+
+
+class EndedCall:
+    """The one thing status_code asks of a servicer context: the code the call was ended with, if any."""
+
+    def __init__(self, code: grpc.StatusCode | None) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+
+def test_how_a_call_ended() -> None:
+    assert status_code(EndedCall(None), None) == grpc.StatusCode.OK
+    assert status_code(EndedCall(grpc.StatusCode.NOT_FOUND), Exception("aborted")) == grpc.StatusCode.NOT_FOUND
+    assert status_code(EndedCall(None), ValueError("a bug")) == grpc.StatusCode.UNKNOWN
+    # the caller went away: the handler is cancelled, or closed at a `yield` (a streaming response)
+    assert status_code(EndedCall(None), asyncio.CancelledError()) == grpc.StatusCode.CANCELLED
+    assert status_code(EndedCall(None), GeneratorExit()) == grpc.StatusCode.CANCELLED
