@@ -3,7 +3,7 @@ fed to the network four ways. Queries are whole query images, as for the referen
 
 - stretched: the long side to 512, the short one to the nearest multiple of 32 (server/imaging.prepare)
 - stretched, in its bucket: that, padded with the mean into the smallest default shape bucket holding it
-  (what the service runs when it batches)
+  (what the service runs, alone or batched)
 - own size: the long side to 512 and the aspect ratio kept to the pixel, run as it is
 - own size, padded: that, padded with the mean to the next multiple of 32
 
