@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,36 +57,16 @@ def centre_crop(image: Image.Image, ratio: tuple[int, int] | None) -> Image.Imag
     return image.crop((left, top, left + keep[0], top + keep[1]))
 
 
-class Inputs:
-    """The four ways of feeding one image to the network: name -> (resized size, shape it runs in)."""
-
-    def __init__(self, multiple: int) -> None:
-        self.multiple = multiple
-        self.buckets = bucket_shapes(BatcherConfig().buckets, LONG_SIDE, multiple)
-
-    def ways(self) -> dict[str, Callable[[int, int], tuple[Shape, Shape]]]:
-        def stretched(w: int, h: int) -> tuple[Shape, Shape]:
-            width, height = network_size(w, h, LONG_SIDE, self.multiple)
-            return (height, width), (height, width)
-
-        def in_bucket(w: int, h: int) -> tuple[Shape, Shape]:
-            size, _ = stretched(w, h)
-            return size, choose_bucket(*size, self.buckets)
-
-        def own(w: int, h: int) -> tuple[Shape, Shape]:
-            width, height = own_size(w, h)
-            return (height, width), (height, width)
-
-        def own_padded(w: int, h: int) -> tuple[Shape, Shape]:
-            size, _ = own(w, h)
-            return size, on_grid(size, self.multiple)
-
-        return {
-            "stretched": stretched,
-            "stretched, in its bucket (the service)": in_bucket,
-            "own size": own,
-            "own size, padded to the grid": own_padded,
-        }
+def input_shapes(width: int, height: int, multiple: int, buckets: list[Shape]) -> dict[str, tuple[Shape, Shape]]:
+    """(size it is resized to, shape it runs in), both (height, width), of an image under each of the four ways."""
+    stretched = network_size(width, height, LONG_SIDE, multiple)[::-1]
+    own = own_size(width, height)[::-1]
+    return {
+        "stretched": (stretched, stretched),
+        "stretched, in its bucket (the service)": (stretched, choose_bucket(*stretched, buckets)),
+        "own size": (own, own),
+        "own size, padded to the grid": (own, on_grid(own, multiple)),
+    }
 
 
 def describe(models: ModelBundle, image: Image.Image, size: Shape, shape: Shape) -> np.ndarray:
@@ -99,19 +78,27 @@ def describe(models: ModelBundle, image: Image.Image, size: Shape, shape: Shape)
     return vector / np.linalg.norm(vector)
 
 
-def mean_ap(models: ModelBundle, dataset: Dataset, way: Callable, crop: tuple[int, int] | None) -> float:
+def mean_aps(models: ModelBundle, dataset: Dataset, crop: tuple[int, int] | None) -> dict[str, float]:
+    """mAP of the dataset under each way of feeding its images to the network."""
     config = ImageConfig()
+    buckets = bucket_shapes(BatcherConfig().buckets, LONG_SIDE, models.size_multiple)
 
-    def vector(name: str) -> np.ndarray:
+    def vectors(name: str) -> dict[str, np.ndarray]:
         image = centre_crop(decode_image(dataset.path(name).read_bytes(), config), crop)
-        return describe(models, image, *way(*image.size))
+        shapes = input_shapes(*image.size, models.size_multiple, buckets)
+        return {way: describe(models, image, size, shape) for way, (size, shape) in shapes.items()}
 
-    database = np.stack([vector(name) for name in dataset.images])
-    aps = []
-    for query in dataset.queries:
-        order = np.argsort(-(database @ vector(query.image)))
-        aps.append(average_precision([dataset.images[i] for i in order], query.positives, query.junk))
-    return float(np.mean(aps))
+    described = [vectors(name) for name in dataset.images]
+    queries = [vectors(query.image) for query in dataset.queries]
+    result = {}
+    for way in described[0]:
+        database = np.stack([d[way] for d in described])
+        aps = []
+        for query, vector in zip(dataset.queries, queries):
+            order = np.argsort(-(database @ vector[way]))
+            aps.append(average_precision([dataset.images[i] for i in order], query.positives, query.junk))
+        result[way] = float(np.mean(aps))
+    return result
 
 
 def main() -> None:
@@ -123,12 +110,11 @@ def main() -> None:
     args = parser.parse_args()
     models = ModelBundle.open(args.models, "efficientnet_lite0", EngineOptions(device="cpu"))
     datasets = [Dataset.load(args.data / name) for name in args.datasets]
-    ways = Inputs(models.size_multiple).ways()
+    results = [mean_aps(models, dataset, args.crop) for dataset in datasets]
     print("| input | " + " | ".join(args.datasets) + " |")
     print("| --- |" + " --- |" * len(datasets))
-    for label, way in ways.items():
-        cells = [f"{mean_ap(models, dataset, way, args.crop):.3f}" for dataset in datasets]
-        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+    for way in results[0]:
+        print(f"| {way} | " + " | ".join(f"{r[way]:.3f}" for r in results) + " |")
 
 
 if __name__ == "__main__":
