@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,8 +145,24 @@ class InstanceSearchClient:
         return self.stub.SearchStream((_stream_request(q) for q in queries), timeout=self.timeout)
 
     def index_video(self, video: VideoItem, chunk_bytes: int = VIDEO_CHUNK_BYTES) -> Iterator[pb.IndexVideoProgress]:
-        """Progress messages; the last has done = true. Raises grpc.RpcError when the server refuses."""
-        return self.stub.IndexVideo(video.messages(chunk_bytes), timeout=self.timeout)
+        """Progress messages; the last has done = true. Raises grpc.RpcError when the server refuses. The file
+        is sent only once the server has answered the header, so a refusal costs no upload."""
+        taken = threading.Event()
+
+        def requests() -> Iterator[pb.IndexVideoRequest]:
+            messages = video.messages(chunk_bytes)
+            yield next(messages)
+            taken.wait()
+            yield from messages
+
+        responses = self.stub.IndexVideo(requests(), timeout=self.timeout)
+        try:
+            for progress in responses:
+                taken.set()
+                yield progress
+        finally:
+            taken.set()  # answered, refused or abandoned: the request thread goes on (and stops at a done call)
+            responses.cancel()
 
     def delete(self, ids: list[str]) -> pb.DeleteResponse:
         return self.stub.Delete(pb.DeleteRequest(ids=ids), timeout=self.timeout)

@@ -1,11 +1,14 @@
 """A server indexing its maximum of videos refuses more with RESOURCE_EXHAUSTED before their upload, through
-both clients, and takes videos again once the slot is free."""
+both clients, and takes videos again once the slot is free. Clients send a file only once the server has
+answered its header."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 from servers import running_server
 
-from inserve.clients.client import AsyncInstanceSearchClient, InstanceSearchClient, VideoItem
+from inserve.clients.client import VIDEO_CHUNK_BYTES, AsyncInstanceSearchClient, InstanceSearchClient, VideoItem
 from inserve.v1 import inserve_pb2 as pb
 
 BUSY = "1 videos are indexing; retry later"
@@ -22,6 +25,19 @@ NO_VIDEO = "no video: neither a path nor any chunk was sent"
 
 def status(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     return error.code(), error.details()
+
+
+@dataclass(frozen=True)
+class CountedUpload(VideoItem):
+    """A video upload that counts the chunks taken from its file."""
+
+    taken: list[int] = field(default_factory=list)
+
+    def messages(self, chunk_bytes: int = VIDEO_CHUNK_BYTES) -> Iterator[pb.IndexVideoRequest]:
+        for message in super().messages(chunk_bytes):
+            if message.WhichOneof("part") == "chunk":
+                self.taken.append(len(message.chunk))
+            yield message
 
 
 def sync_attempt(client: InstanceSearchClient, video: VideoItem) -> tuple[grpc.StatusCode, str]:
@@ -46,12 +62,23 @@ async def async_attempts(address: str, video: VideoItem, count: int) -> list[tup
         return await asyncio.gather(*(one() for _ in range(count)))
 
 
+def first_not_busy(attempt: Callable[[], tuple[grpc.StatusCode, str]]) -> tuple[grpc.StatusCode, str]:
+    """The first outcome of `attempt` that is not RESOURCE_EXHAUSTED, trying for up to 10 s (a slot is freed
+    once the server has seen its call end)."""
+    for _ in range(100):
+        outcome = attempt()
+        if outcome[0] != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return outcome
+        time.sleep(0.1)
+    return outcome
+
+
 def test_a_busy_server_refuses_videos_before_their_upload(models_dir: Path, tmp_path: Path) -> None:
     """The refused uploads are 4 MiB in 16 KiB chunks: refused while the client was still writing, grpc.aio
     reported INTERNAL "Internal error from Core" instead of the server's RESOURCE_EXHAUSTED."""
     upload = tmp_path / "upload.mp4"
     upload.write_bytes(np.random.default_rng(0).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes())
-    video = VideoItem("refused", file=upload)
+    video = CountedUpload("refused", file=upload)
     release = threading.Event()
 
     def held() -> Iterator[pb.IndexVideoRequest]:
@@ -72,10 +99,15 @@ def test_a_busy_server_refuses_videos_before_their_upload(models_dir: Path, tmp_
         outcomes = [sync_attempt(client, video) for _ in range(3)]
         outcomes += asyncio.run(async_attempts(running.address, video, 6))
         assert outcomes == [(grpc.StatusCode.RESOURCE_EXHAUSTED, f"video 'refused': {BUSY}")] * 9
+        # 256 chunks each: at most the one a sender takes before it sees the call ended was read
+        assert len(video.taken) <= 9, f"{len(video.taken)} chunks read for 9 refused uploads"
 
         release.set()
         with pytest.raises(grpc.RpcError) as caught:
             list(holder)
         assert status(caught.value) == (grpc.StatusCode.INVALID_ARGUMENT, f"video 'held': {NO_VIDEO}")
-        code, details = sync_attempt(client, video)  # the slot is free again: the upload is read, and is no video
+        abandoned = client.index_video(VideoItem("abandoned", file=upload), chunk_bytes=16 << 10)
+        assert next(abandoned).video_id == "abandoned"  # taken on: the slot is this upload's now
+        abandoned.close()  # its caller goes away: the call is cancelled and the server frees the slot
+        code, details = first_not_busy(lambda: sync_attempt(client, video))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("video 'refused': "), details
