@@ -197,15 +197,16 @@ class InstanceSearch:
         def ranked(k: int) -> list[Hit]:
             return search(self.index, recipe, query, k, options, chosen.rerank_kind, chosen.region_source)
 
-        if options.group == "none":
-            return ranked(top_k)
-        fetch = 4 * top_k
-        while True:
-            hits = ranked(fetch)
-            grouped = group_hits(hits, options.group)
-            if len(grouped) >= top_k or len(hits) < fetch:
-                return grouped[:top_k]
-            fetch *= 4
+        with self.index.reading():  # a write (a re-indexed video) lands before or after, never in the middle
+            if options.group == "none":
+                return ranked(top_k)
+            fetch = 4 * top_k
+            while True:
+                hits = ranked(fetch)
+                grouped = group_hits(hits, options.group)
+                if len(grouped) >= top_k or len(hits) < fetch:
+                    return grouped[:top_k]
+                fetch *= 4
 
     def search(
         self,

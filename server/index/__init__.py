@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from inserve.server.config import IndexConfig
+from inserve.server.index.locking import ReadWriteLock
 from inserve.server.index.store import DuplicateId, ImageRow, MetadataStore, NewKeyframe, NewVectors, VectorRow
 from inserve.server.index.vectors import VectorSpace
 from inserve.server.stages.pooling import l2_normalize
@@ -83,13 +84,18 @@ class InstanceIndex:
         self.specs = dict(specs or {})
         self.store = MetadataStore(self.data_dir / "index.sqlite")
         self._spaces: dict[tuple[str, str], VectorSpace] = {}
-        self._lock = threading.RLock()
+        self._lock = ReadWriteLock()  # searches read together; writes (under .writing()) land whole
         self._added_since_snapshot = 0
         for recipe, kind, dim, _ in self.store.spaces():
             if self.spec(recipe, kind).aggregate is None:
                 self._spaces[(recipe, kind)] = self._open_space(recipe, kind, dim)
         for recipe, kind in self._aggregates():
             self._build_aggregate(recipe, kind)
+
+    def reading(self) -> AbstractContextManager[None]:
+        """Held by a search that reads the index in several steps (graphs, then SQLite rows, then more for
+        re-ranking): no write lands in between, so it sees each write whole or not at all."""
+        return self._lock.reading()
 
     def spec(self, recipe: str, kind: str) -> SpaceSpec:
         return self.specs.get((recipe, kind), DEFAULT_SPEC)
@@ -135,7 +141,7 @@ class InstanceIndex:
         thumbnail: bytes = b"",
     ) -> int:
         """Index one image atomically; raises DuplicateId unless `replace`. Returns its row id."""
-        with self._lock:
+        with self._lock.writing():
             image_id, labels, removed = self.store.add_image(
                 external_id, source, width, height, metadata or {}, vectors, replace=replace, thumbnail=thumbnail
             )
@@ -149,7 +155,7 @@ class InstanceIndex:
     ) -> int:
         """Replace all keyframes of a video atomically (one SQLite transaction; the graphs follow under the
         index lock, so no search sees a mix). Returns how many keyframes were replaced."""
-        with self._lock:
+        with self._lock.writing():
             labels, removed, replaced = self.store.replace_video(video_id, source, metadata or {}, keyframes)
             for space in self._spaces.values():
                 space.remove(removed)
@@ -174,7 +180,7 @@ class InstanceIndex:
 
     def delete(self, external_ids: list[str]) -> tuple[int, list[str]]:
         """Delete images; returns how many were deleted and the ids that were not indexed."""
-        with self._lock:
+        with self._lock.writing():
             labels, missing = self.store.delete_images(external_ids)
             for space in self._spaces.values():
                 space.remove(labels)
@@ -286,7 +292,7 @@ class InstanceIndex:
 
     def _build_aggregate(self, recipe: str, kind: str) -> None:
         """(Re)build an aggregate space from all its parts, with its current whitening when one fits."""
-        with self._lock:
+        with self._lock.writing():
             aggregate = self.spec(recipe, kind).aggregate
             labels, image_ids, raw = self.store.space_vectors(recipe, aggregate.source)
             _, first, vectors = self._combine_groups(recipe, aggregate, labels, image_ids, raw)
@@ -315,7 +321,7 @@ class InstanceIndex:
 
     def save_learned(self, recipe: str, name: str, data: np.ndarray, source: str) -> int:
         """Store a new version of a recipe's learned model and rebuild the aggregates that use it."""
-        with self._lock:
+        with self._lock.writing():
             version = self.store.save_learned(recipe, name, data, source)
             for key in self._aggregates(recipe):
                 self._build_aggregate(*key)
@@ -353,7 +359,7 @@ class InstanceIndex:
     def learn_whitening(self, recipe: str, kind: str, dims: int | None = None) -> int:
         """Learn PCA-whitening from the space's raw vectors, rebuild its graph; returns the new version.
         Aggregates of the space are rebuilt on the new whitening (and their own whitening re-learned)."""
-        with self._lock:
+        with self._lock.writing():
             spec = self.spec(recipe, kind)
             training = self._training_vectors(recipe, kind)
             if len(training) < 2:
@@ -415,7 +421,7 @@ class InstanceIndex:
         return self.store.count_images()
 
     def snapshot(self) -> None:
-        with self._lock:
+        with self._lock.writing():
             for (recipe, kind), space in self._spaces.items():
                 space.save(self._snapshot_path(recipe, kind))
             self._added_since_snapshot = 0

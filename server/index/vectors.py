@@ -46,7 +46,12 @@ class VectorSpace:
 
     def _new_graph(self, capacity: int) -> hnswlib.Index:
         graph = hnswlib.Index(space="ip", dim=self.dim)
-        graph.init_index(max_elements=capacity, ef_construction=self.config.ef_construction, M=self.config.hnsw_m)
+        graph.init_index(
+            max_elements=capacity,
+            ef_construction=self.config.ef_construction,
+            M=self.config.hnsw_m,
+            allow_replace_deleted=True,
+        )
         graph.set_ef(self.config.ef_search)
         return graph
 
@@ -56,6 +61,11 @@ class VectorSpace:
 
     def __len__(self) -> int:
         return self._live
+
+    @property
+    def graph_elements(self) -> int:
+        """Vectors the graph holds, deleted ones whose places no new vector has taken yet included."""
+        return 0 if self._graph is None else self._graph.get_current_count()
 
     def add(self, labels: np.ndarray, raw: np.ndarray) -> None:
         if len(labels) == 0:
@@ -75,7 +85,7 @@ class VectorSpace:
             needed = self._graph.get_current_count() + len(labels)
             if needed > self._graph.get_max_elements():
                 self._graph.resize_index(max(needed, 2 * self._graph.get_max_elements()))
-            self._graph.add_items(vectors, labels.astype(np.uint64))
+            self._graph.add_items(vectors, labels.astype(np.uint64), replace_deleted=True)
             self._live += len(labels)
             self.max_label = max(self.max_label, int(labels.max()))
 
@@ -99,11 +109,20 @@ class VectorSpace:
             raise ValueError("this vector space keeps no graph (it is read per image, not searched)")
         with self._lock:
             k = min(k, self._live)
-            if k <= 0:
-                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-            self._graph.set_ef(max(self.config.ef_search, k))
-            labels, distances = self._graph.knn_query(query, k=k)
-        return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
+            ef = max(self.config.ef_search, k)
+            while k > 0:
+                self._graph.set_ef(ef)
+                try:
+                    labels, distances = self._graph.knn_query(query, k=k)
+                    return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
+                except RuntimeError:
+                    # fewer than k live vectors reached: deleted ones (a re-indexed video's old keyframes) still
+                    # route the search but are never returned. Search the whole graph, then ask for fewer.
+                    if ef < self._graph.get_current_count():
+                        ef = self._graph.get_current_count()
+                    else:
+                        k //= 2
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
 
     def stored(self, labels: list[int] | np.ndarray) -> np.ndarray:
         """The vectors the graph holds for these labels, in this space's coordinates (N, dim)."""
@@ -160,7 +179,7 @@ class VectorSpace:
             return False
         graph = hnswlib.Index(space="ip", dim=self.dim)
         try:
-            graph.load_index(str(graph_file))
+            graph.load_index(str(graph_file), allow_replace_deleted=True)
         except RuntimeError:
             return False
         graph.set_ef(self.config.ef_search)
