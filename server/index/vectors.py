@@ -80,7 +80,10 @@ class VectorSpace:
         self.add_transformed(labels, vectors)
 
     def add_transformed(self, labels: np.ndarray, vectors: np.ndarray) -> None:
-        """Add vectors already in this space's coordinates (aggregates are built that way)."""
+        """Add vectors already in this space's coordinates (aggregates are built that way). They take the
+        places of deleted vectors first, so the graph does not grow with re-indexing. The labels must be new
+        to the graph, which SQLite's AUTOINCREMENT guarantees: re-adding a label it holds would leave two
+        elements with it in replace mode (hnswlib#487)."""
         with self._lock:
             needed = self._graph.get_current_count() + len(labels)
             if needed > self._graph.get_max_elements():
