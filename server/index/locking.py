@@ -46,9 +46,12 @@ class ReadWriteLock:
                 if self._readers[me]:
                     raise RuntimeError("a reader cannot start writing: it would wait for itself")
                 self._waiting += 1
-                while self._writer is not None or self._readers:
-                    self._cond.wait()
-                self._waiting -= 1
+                try:
+                    while self._writer is not None or self._readers:
+                        self._cond.wait()
+                finally:  # interrupted or not, it no longer holds readers back
+                    self._waiting -= 1
+                    self._cond.notify_all()
                 self._writer = me
             self._depth += 1
         try:
