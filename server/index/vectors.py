@@ -119,8 +119,9 @@ class VectorSpace:
                     labels, distances = self._graph.knn_query(query, k=k)
                     return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
                 except RuntimeError:
-                    # fewer than k live vectors reached: deleted ones (a re-indexed video's old keyframes) still
-                    # route the search but are never returned. Search the whole graph, then ask for fewer.
+                    # fewer than k live vectors reached: deleted ones whose places no new vector has taken yet
+                    # (deleted images) still route the search but are never returned. Search the whole graph,
+                    # then ask for fewer.
                     if ef < self._graph.get_current_count():
                         ef = self._graph.get_current_count()
                     else:
