@@ -57,6 +57,11 @@ class VideoItem:
     max_interval_s: float | None = None
     iframes_only: bool | None = None
 
+    @property
+    def uploaded(self) -> bool:
+        """The file goes to the server in chunks (rather than being read there under its media root)."""
+        return self.file is not None and not self.server_path
+
     def header(self) -> pb.VideoHeader:
         options = pb.KeyframeOptions()
         for name in ("scene_threshold", "min_interval_s", "max_interval_s", "iframes_only"):
@@ -64,13 +69,18 @@ class VideoItem:
                 setattr(options, name, getattr(self, name))
         source = self.source or (str(self.file) if self.file is not None else "")
         return pb.VideoHeader(
-            video_id=self.id, path=self.server_path, source=source, metadata=self.metadata, options=options
+            video_id=self.id,
+            path=self.server_path,
+            source=source,
+            metadata=self.metadata,
+            options=options,
+            size_bytes=Path(self.file).stat().st_size if self.uploaded else 0,
         )
 
     def messages(self, chunk_bytes: int = VIDEO_CHUNK_BYTES) -> Iterator[pb.IndexVideoRequest]:
         """The header, then the file's chunks (none when the server reads the file itself)."""
         yield pb.IndexVideoRequest(header=self.header())
-        if self.file is not None and not self.server_path:
+        if self.uploaded:
             with Path(self.file).open("rb") as f:
                 while chunk := f.read(chunk_bytes):
                     yield pb.IndexVideoRequest(chunk=chunk)
@@ -240,7 +250,8 @@ class AsyncInstanceSearchClient:
     ) -> AsyncIterator[pb.IndexVideoProgress]:
         """The header first, the chunks only once the server has taken the video on (its first progress
         message). A server that ends the call while grpc.aio is still writing shows as INTERNAL "Internal
-        error from Core" instead of its status, so a refusal must come before the upload starts."""
+        error from Core" instead of its status, so a refusal must come before the upload starts: the header
+        says the file's size, so that an upload over the server's limit is refused then too."""
         messages = video.messages(chunk_bytes)
         call = self.stub.IndexVideo(timeout=self.timeout)
         await call.write(next(messages))

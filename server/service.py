@@ -213,18 +213,27 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the video header")
         header = first.header
         what = f"video {shown(header.video_id)}"
+        config = self.core.config.video
+        try:  # a header that can never be taken on is refused as such, not with "retry later"
+            check_id(header.video_id)
+            rules = selection_rules(config, header.options)
+            if not header.path and header.size_bytes > config.max_upload_bytes:
+                raise Overloaded(
+                    f"upload of {header.size_bytes} bytes exceeds the {config.max_upload_bytes}-byte limit for videos"
+                )
+        except REQUEST_ERRORS as exc:
+            await context.abort(*status_of(Failed(what, exc)))
         if not self._videos.acquire(blocking=False):
-            limit = self.core.config.video.max_concurrent
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}: {limit} videos are indexing; retry later")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}: {config.max_concurrent} videos are indexing; retry later"
+            )
         released = False
         try:
-            check_id(header.video_id)
-            rules = selection_rules(self.core.config.video, header.options)
             yield progress_message(VideoProgress(header.video_id))  # taken on: the client may upload now
             if header.path:
-                file = await self._run(open_media, self.core.config.video.media_root, header.path)
+                file = await self._run(open_media, config.media_root, header.path)
             else:
-                file = await self._receive(requests, self.core.config.video.max_upload_bytes)
+                file = await self._receive(requests, config.max_upload_bytes, header.size_bytes)
             released = True  # from here on the indexing thread releases the slot when it ends
             async with aclosing(self._index_video(header, file, rules, deadline_of(context))) as updates:
                 async for progress in updates:
@@ -236,8 +245,9 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
                 self._videos.release()
 
     @staticmethod
-    async def _receive(requests: AsyncIterator[pb.IndexVideoRequest], limit: int) -> BinaryIO:
-        """The uploaded chunks in a temporary file (deleted when closed)."""
+    async def _receive(requests: AsyncIterator[pb.IndexVideoRequest], limit: int, declared: int) -> BinaryIO:
+        """The uploaded chunks in a temporary file (deleted when closed); `declared` is the header's size_bytes
+        (0 = not said)."""
         file = tempfile.TemporaryFile(prefix="inserve-video-")  # noqa: SIM115 (returned open, closed by the caller)
         size = 0
         try:
@@ -245,9 +255,13 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
                 if request.WhichOneof("part") != "chunk":
                     raise RequestError("only chunks may follow the header")
                 size += len(request.chunk)
+                if declared and size > declared:
+                    raise RequestError(f"the chunks exceed the {declared} bytes the header declared")
                 if size > limit:
                     raise Overloaded(f"upload exceeds the {limit}-byte limit for videos")
                 file.write(request.chunk)
+            if declared and size != declared:
+                raise RequestError(f"the upload ended after {size} of the {declared} bytes the header declared")
             if size == 0:
                 raise VideoError("no video: neither a path nor any chunk was sent")
             file.seek(0)

@@ -62,9 +62,10 @@ def box(x1: float, y1: float, x2: float, y2: float) -> pb.Box:
     return pb.Box(x1=x1, y1=y1, x2=x2, y2=y2)
 
 
-def header(video_id: str = "bad-video", path: str = "", **options: float) -> pb.IndexVideoRequest:
+def header(video_id: str = "bad-video", path: str = "", size_bytes: int = 0, **options: float) -> pb.IndexVideoRequest:
+    options_given = pb.KeyframeOptions(**options)
     return pb.IndexVideoRequest(
-        header=pb.VideoHeader(video_id=video_id, path=path, options=pb.KeyframeOptions(**options))
+        header=pb.VideoHeader(video_id=video_id, path=path, size_bytes=size_bytes, options=options_given)
     )
 
 
@@ -187,7 +188,28 @@ CASES: list[Case] = [
         EXHAUSTED,
         "upload exceeds the 1048576-byte limit",
     ),
+    Case(
+        "video-declared-over-limit",
+        "video",
+        lambda a: [header(size_bytes=2 << 20)],
+        EXHAUSTED,
+        "upload of 2097152 bytes exceeds the 1048576-byte limit",
+    ),
     # videos
+    Case(
+        "video-chunks-beyond-declared-size",
+        "video",
+        lambda a: [header(size_bytes=1000), *[pb.IndexVideoRequest(chunk=bytes(600))] * 2],
+        INVALID,
+        "the chunks exceed the 1000 bytes the header declared",
+    ),
+    Case(
+        "video-upload-short-of-declared-size",
+        "video",
+        lambda a: [header(size_bytes=len(a.video)), pb.IndexVideoRequest(chunk=a.video[:1000])],
+        INVALID,
+        "the upload ended after 1000 of the [0-9]+ bytes the header declared",
+    ),
     Case(
         "video-random-bytes",
         "video",

@@ -1,6 +1,6 @@
-"""A server indexing its maximum of videos refuses more with RESOURCE_EXHAUSTED before their upload, through
-both clients, and takes videos again once the slot is free. Clients send a file only once the server has
-answered its header."""
+"""A server indexing its maximum of videos, or given an upload over its limit, refuses with RESOURCE_EXHAUSTED
+before the upload, through both clients, and takes videos again once the slot is free. Clients send a file
+only once the server has answered its header, which says the file's size."""
 
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ async def async_attempts(address: str, video: VideoItem, count: int) -> list[tup
         return await asyncio.gather(*(one() for _ in range(count)))
 
 
+def random_upload(path: Path) -> Path:
+    """4 MiB of random bytes, sent in 256 chunks of 16 KiB."""
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes())
+    return path
+
+
 def first_not_busy(attempt: Callable[[], tuple[grpc.StatusCode, str]]) -> tuple[grpc.StatusCode, str]:
     """The first outcome of `attempt` that is not RESOURCE_EXHAUSTED, trying for up to 10 s (a slot is freed
     once the server has seen its call end)."""
@@ -76,8 +82,7 @@ def first_not_busy(attempt: Callable[[], tuple[grpc.StatusCode, str]]) -> tuple[
 def test_a_busy_server_refuses_videos_before_their_upload(models_dir: Path, tmp_path: Path) -> None:
     """The refused uploads are 4 MiB in 16 KiB chunks: refused while the client was still writing, grpc.aio
     reported INTERNAL "Internal error from Core" instead of the server's RESOURCE_EXHAUSTED."""
-    upload = tmp_path / "upload.mp4"
-    upload.write_bytes(np.random.default_rng(0).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes())
+    upload = random_upload(tmp_path / "upload.mp4")
     video = CountedUpload("refused", file=upload)
     release = threading.Event()
 
@@ -111,3 +116,20 @@ def test_a_busy_server_refuses_videos_before_their_upload(models_dir: Path, tmp_
         abandoned.close()  # its caller goes away: the call is cancelled and the server frees the slot
         code, details = first_not_busy(lambda: sync_attempt(client, video))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("video 'refused': "), details
+
+
+def test_an_upload_over_the_limit_is_refused_before_it_is_sent(models_dir: Path, tmp_path: Path) -> None:
+    """Before headers said the file's size, the server refused only once the chunks had passed its limit. In one
+    run, one asyncio upload got INTERNAL "Internal error from Core" (grpc.aio was still writing), and four were
+    told to retry later: the two video slots were held by uploads that were being refused."""
+    video = CountedUpload("large", file=random_upload(tmp_path / "upload.mp4"))
+    with (
+        running_server(models_dir, tmp_path / "data", "--recipe", "gem", "--max-video-mb", "1") as running,
+        InstanceSearchClient(running.address, timeout=120) as client,
+    ):
+        client.wait_ready()
+        outcomes = [sync_attempt(client, video) for _ in range(3)]
+        outcomes += asyncio.run(async_attempts(running.address, video, 6))
+    too_large = f"video 'large': upload of {4 << 20} bytes exceeds the {1 << 20}-byte limit for videos"
+    assert outcomes == [(grpc.StatusCode.RESOURCE_EXHAUSTED, too_large)] * 9
+    assert len(video.taken) <= 9, f"{len(video.taken)} chunks read for 9 refused uploads"
