@@ -34,11 +34,6 @@ LONG_SIDE = 512
 Shape = tuple[int, int]
 
 
-def own_size(width: int, height: int) -> tuple[int, int]:
-    scale = LONG_SIDE / max(width, height)
-    return round(width * scale), round(height * scale)
-
-
 def on_grid(size: Shape, multiple: int) -> Shape:
     return multiple * math.ceil(size[0] / multiple), multiple * math.ceil(size[1] / multiple)
 
@@ -60,7 +55,7 @@ def centre_crop(image: Image.Image, ratio: tuple[int, int] | None) -> Image.Imag
 def input_shapes(width: int, height: int, multiple: int, buckets: list[Shape]) -> dict[str, tuple[Shape, Shape]]:
     """(size it is resized to, shape it runs in), both (height, width), of an image under each of the four ways."""
     stretched = network_size(width, height, LONG_SIDE, multiple)[::-1]
-    own = own_size(width, height)[::-1]
+    own = network_size(width, height, LONG_SIDE, 1)[::-1]  # the aspect ratio kept to the pixel
     return {
         "stretched": (stretched, stretched),
         "stretched, in its bucket (the service)": (stretched, choose_bucket(*stretched, buckets)),
