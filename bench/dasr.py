@@ -1,10 +1,18 @@
-"""DASR region extraction: cost against the forward pass, speed-up over one autograd pass per peak,
-and localisation on composite-dev, per stop stride and shape estimation.
+"""DASR* region extraction: cost of each region mode against the forward pass, against the official procedure,
+how well its boxes cover composite-dev's instances, and the region stage's peak memory.
 
     python bench/dasr.py --data ../shared/data/composite-dev --models bench/out/models
 
-Exports efficientnet_lite0 (real weights) and resnet50 (random init) with every stop stride into
---models when they are not there. Prints three markdown tables (medians over images, one run).
+Exports efficientnet_lite0 (real weights) and resnet50 (RANDOM INIT) with DASR graphs at stop strides 4, 8 and 16
+into --models when they are not there. Prints four markdown tables (medians over images, one run):
+
+1. cost: backbone forward, then DASR* regions from its `feat` to boxes in each mode (`exact`, `adjoint`,
+   `hybrid`), per backbone and stop stride; ratios to the forward pass measured side by side;
+2. the official procedure (bench/dasr_official.py: eager torch, batch 1, one autograd backward per peak, down to
+   the input) on the same images, against the three modes;
+3. boxes: share of composite-dev's ground-truth boxes that some region covers at IoU >= 0.5, the mean best IoU,
+   and regions per image, for every mode, DASR* seed choice and adjoint multiplier `sigmas`;
+4. peak memory of the region stage at batch 8 (a fresh process per mode; VmHWM growth over the backbone's).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -21,31 +30,38 @@ from pathlib import Path
 import numpy as np
 
 from inserve.engines import EngineOptions
-from inserve.server.config import DasrConfig
+from inserve.server.config import REGION_MODES, DasrConfig
 from inserve.server.evaluation import Dataset
 from inserve.server.imaging import ImageConfig, decode_image, prepare
 from inserve.server.models import ModelBundle, locate_manifest
-from inserve.server.stages.dasr import PEAK_FINDERS, dasr_regions, regions_from_maps, seed_maps
+from inserve.server.stages.dasr import (
+    STAR_SEEDS,
+    DasrEngines,
+    dasr_regions,
+    find_seeds,
+    regions_from_maps,
+    regions_from_moments,
+    seed_moments,
+)
 from inserve.server.stages.nms import box_iou
 from inserve.server.stages.peaks import mean_activation
 
-STRIDES = (1, 2, 4, 8, 16)
-
-
-def seeds_per_run(stride: int) -> int:
-    """Seeds per engine run: a seed's tensors grow as 1/stride^2, so fewer per run at fine strides (memory)."""
-    return min(48, 6 * stride)
+STRIDES = (4, 8, 16)
+SIGMAS = (1.0, 1.25, 1.5, 1.75, 2.0)
 
 
 def ensure_models(models: Path, backbone: str, random_init: bool) -> Path:
     try:
-        return locate_manifest(models, backbone)
+        manifest = locate_manifest(models, backbone)
+        if "dasr_moments" in json.loads(manifest.read_text())["graphs"]:
+            return manifest
     except RuntimeError:
-        from inserve.export.onnx_export import ExportOptions, export_backbone
+        pass
+    from inserve.export.onnx_export import ExportOptions, export_backbone
 
-        print(f"exporting {backbone} to {models} ...", file=sys.stderr)
-        options = ExportOptions(dasr_strides=STRIDES, check=False)
-        return export_backbone(backbone, models, random_init=random_init, options=options)
+    print(f"exporting {backbone} to {models} ...", file=sys.stderr)
+    options = ExportOptions(dasr_strides=STRIDES, check=False)
+    return export_backbone(backbone, models, random_init=random_init, options=options)
 
 
 def median_ms(samples: list[float]) -> float:
@@ -53,7 +69,7 @@ def median_ms(samples: list[float]) -> float:
 
 
 def timed(fn: Callable[..., object], *args: object, repeat: int = 1) -> float:
-    """Seconds of the fastest of `repeat` calls (warm the engine up before the first image)."""
+    """Seconds of the fastest of `repeat` calls."""
     best = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -62,9 +78,13 @@ def timed(fn: Callable[..., object], *args: object, repeat: int = 1) -> float:
     return min(best)
 
 
-def extract(engine: object, stride: int, pixels: np.ndarray, feat: np.ndarray, config: DasrConfig) -> list:
+def engines(bundle: ModelBundle, stride: int) -> DasrEngines:
+    return DasrEngines(bundle.backprop(stride), bundle.moments(stride))
+
+
+def extract(bundle: ModelBundle, stride: int, pixels: np.ndarray, feat: np.ndarray, config: DasrConfig) -> list:
     """DASR* regions of one unpadded image, as the pipeline extracts them."""
-    return dasr_regions(engine, stride, pixels, [feat[0]], [pixels.shape[2:]], "dasr_star", config)
+    return dasr_regions(engines(bundle, stride), stride, pixels, [feat[0]], [pixels.shape[2:]], "dasr_star", config)
 
 
 def load_inputs(dataset: Dataset, names: list[str], multiple: int) -> list:
@@ -72,145 +92,205 @@ def load_inputs(dataset: Dataset, names: list[str], multiple: int) -> list:
     return [prepare(decode_image(dataset.path(n).read_bytes(), config), config.long_side, multiple) for n in names]
 
 
-def cost_table(bundle: ModelBundle, inputs: list, strides: list[int], threads: int) -> list[dict]:
-    """Part 1: forward time, DASR* extraction time, ratio, peaks and time per peak, per stop stride."""
+def cost_table(bundles: dict[str, ModelBundle], inputs: list, images: dict[str, int]) -> list[dict]:
+    """Part 1: per backbone, stride and mode: forward ms, region ms (feat -> boxes), their ratio, and
+    (forward + regions) / forward; the modes of one image run back to back, so the ratios are side by side."""
     rows = []
-    for stride in strides:
-        engine = bundle.backprop(stride)
-        config = DasrConfig(stop_stride=stride, seeds_per_run=seeds_per_run(stride))
-        warm = inputs[0].pixels[None]
-        extract(engine, stride, warm, bundle.features(warm)["feat"], config)
-        forward, extraction, peaks = [], [], []
-        for inp in inputs:
-            pixels = inp.pixels[None]
-            forward.append(timed(bundle.features, pixels, repeat=2))
-            feat = bundle.features(pixels)["feat"]
-            peaks.append(len(PEAK_FINDERS["dasr_star"](mean_activation(feat[0]))))
-            extraction.append(timed(extract, engine, stride, pixels, feat, config))
-        per_peak = [1000 * e / p for e, p in zip(extraction, peaks)]
-        rows.append(
-            {
-                "stride": stride,
-                "forward_ms": median_ms(forward),
-                "dasr_star_ms": median_ms(extraction),
-                "ratio": statistics.median(e / f for e, f in zip(extraction, forward)),
-                "peaks": statistics.median(peaks),
-                "ms_per_peak": statistics.median(per_peak),
-            }
-        )
+    for name, bundle in bundles.items():
+        sample = inputs[: images[name]]
+        for stride in STRIDES:
+            configs = {mode: DasrConfig(stop_stride=stride, mode=mode) for mode in REGION_MODES}
+            warm = sample[0].pixels[None]
+            for config in configs.values():
+                extract(bundle, stride, warm, bundle.features(warm)["feat"], config)
+            forward, seeds, spent = [], [], {mode: [] for mode in REGION_MODES}
+            for inp in sample:
+                pixels = inp.pixels[None]
+                forward.append(timed(bundle.features, pixels, repeat=2))
+                feat = bundle.features(pixels)["feat"]
+                seeds.append(len(find_seeds("dasr_star", mean_activation(feat[0]), configs["exact"])))
+                for mode, config in configs.items():
+                    spent[mode].append(timed(extract, bundle, stride, pixels, feat, config))
+            for mode in REGION_MODES:
+                rows.append(
+                    {
+                        "backbone": name,
+                        "stride": stride,
+                        "mode": mode,
+                        "images": len(sample),
+                        "seeds": statistics.median(seeds),
+                        "forward_ms": median_ms(forward),
+                        "regions_ms": median_ms(spent[mode]),
+                        "regions/forward": statistics.median(s / f for s, f in zip(spent[mode], forward)),
+                        "(forward+regions)/forward": statistics.median(1 + s / f for s, f in zip(spent[mode], forward)),
+                    }
+                )
     return rows
 
 
-def official_table(manifests: dict[str, Path], inputs: list, stride: int, peaks_cap: int) -> list[dict]:
-    """Part 2: the same peaks, eager torch, batch 1, one autograd backward per peak (as the official DASR
-    code does) against the exported graph in ONNX Runtime."""
+def official_table(bundles: dict[str, ModelBundle], inputs: list, stride: int, peaks_cap: int) -> list[dict]:
+    """Part 2: the official procedure (stop at the input, its own peaks: border-free 3x3 local maxima) and the same
+    with the paper's DASR* seeds (every cell above the mean, the first `peaks_cap`), against ours at `stride`."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from excitation_reference import folded_copy, with_eltwise_sums
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from dasr_official import official_dasr_star
 
     from inserve.export.backbones import load_backbone
     from inserve.export.graphs import BackboneGraph
 
     rows = []
-    for name, manifest in manifests.items():
-        bundle = ModelBundle(manifest, EngineOptions(device="cpu"))
+    for name, bundle in bundles.items():
         loaded = load_backbone(name, random_init=name != "efficientnet_lite0")
         program = loaded.spec.program(loaded.model, loaded.spec.default_desc)
         normalize = BackboneGraph(loaded, program).normalize
-        model = with_eltwise_sums(folded_copy(loaded.model))
-        feat_fn, stop = reference_parts(name, model, stride)
-        engine = bundle.backprop(stride)
-        ours, theirs, counts = [], [], []
+        model = loaded.model.eval()
+        feat_fn = official_feat_fn(name, model)
+        official_dasr_star(model, None, feat_fn, normalize(torch.from_numpy(inputs[0].pixels[None][:, :, :96, :96])))
+        measured: dict[str, list[float]] = {}
+        peaks: dict[str, list[int]] = {}
         for inp in inputs:
             pixels = inp.pixels[None]
-            feat = bundle.features(pixels)["feat"]
-            seeds = PEAK_FINDERS["dasr_star"](mean_activation(feat[0]))[:peaks_cap]
-            counts.append(len(seeds))
-            yx, value = seeds[None].astype(np.int64), np.ones((1, len(seeds)), dtype=np.float32)
-            ours.append(timed(engine.run, {"image": pixels, "seed_yx": yx, "seed_value": value}))
             x = normalize(torch.from_numpy(pixels))
-            theirs.append(timed(one_backward_per_peak, feat_fn, stop, x, seeds))
-        rows.append(
-            {
-                "backbone": name,
-                "stride": stride,
-                "peaks": statistics.median(counts),
-                "graph_ms": median_ms(ours),
-                "autograd_ms": median_ms(theirs),
-                "speedup": statistics.median(t / o for t, o in zip(theirs, ours)),
-            }
-        )
+            for label, seeds in (("official, its peaks", "official"), ("official, DASR* seeds", "above_mean")):
+                _, t = official_dasr_star(model, None, feat_fn, x, seeds=seeds, max_peaks=peaks_cap)
+                measured.setdefault(label, []).append(t["total_s"])
+                peaks.setdefault(label, []).append(t["peaks"])
+            feat = bundle.features(pixels)["feat"]
+            start = time.perf_counter()
+            bundle.features(pixels)
+            forward = time.perf_counter() - start
+            count = len(find_seeds("dasr_star", mean_activation(feat[0]), DasrConfig()))
+            for mode in REGION_MODES:
+                label = f"inserve {mode}, DASR* seeds, stride {stride}"
+                config = DasrConfig(stop_stride=stride, mode=mode)
+                measured.setdefault(label, []).append(forward + timed(extract, bundle, stride, pixels, feat, config))
+                peaks.setdefault(label, []).append(count)
+        ours = measured[f"inserve adjoint, DASR* seeds, stride {stride}"]
+        for label, seconds in measured.items():
+            rows.append(
+                {
+                    "backbone": name,
+                    "procedure": label,
+                    "peaks": statistics.median(peaks[label]),
+                    "ms per image": median_ms(seconds),
+                    "ms per peak": statistics.median(1000 * s / max(p, 1) for s, p in zip(seconds, peaks[label])),
+                    "adjoint speed-up": statistics.median(s / o for s, o in zip(seconds, ours)),
+                }
+            )
     return rows
 
 
-def one_backward_per_peak(feat_fn: Callable, stop: object, x: object, seeds: np.ndarray) -> None:
-    """The official DASR way: one forward with excitation rules, then one autograd backward per peak."""
-    import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from excitation_reference import excitation_rules, first_output_into
-
-    captured: list = []
-    x = x.clone().requires_grad_()
-    hook = stop.register_forward_hook(first_output_into(captured)) if stop is not None else None
-    with excitation_rules():
-        f = feat_fn(x)
-    if hook is None:
-        captured.append(x)
-    else:
-        hook.remove()
-    for y, xx in seeds:
-        seed = torch.zeros_like(f)
-        column = f[0, :, y, xx].clamp(min=0).detach()
-        seed[0, :, y, xx] = column / column.sum()
-        torch.autograd.grad(f, captured[0], seed, retain_graph=True)
-
-
-def reference_parts(name: str, model: object, stride: int) -> tuple[Callable, object | None]:
-    """The feat function and the module whose output is the stop stride's map (None: the input)."""
+def official_feat_fn(name: str, model: object) -> Callable:
+    """The last conv map of the unfolded torch model, as the official code computes it (ResNet: layer4)."""
     if name == "resnet50":
-        m = model
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from dasr_official import resnet_features
 
-        def feat_fn(x: object) -> object:
-            return m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
-
-        stops = {1: None, 2: model.relu, 4: model.maxpool, 8: model.layer2[0], 16: model.layer3[0]}
-        return feat_fn, stops[stride]
-    stops = {1: None, 2: model._swish, 4: model._blocks[1], 8: model._blocks[3], 16: model._blocks[5]}
-    return model.extract_features, stops[stride]
+        return resnet_features(model)
+    return model.extract_features
 
 
-def localisation_table(
-    bundle: ModelBundle, dataset: Dataset, names: list[str], inputs: list, strides: list[int]
-) -> list[dict]:
-    """Part 3: fraction of ground-truth boxes covered by an extracted region with IoU >= 0.5, regions per image."""
+def boxes_table(bundle: ModelBundle, dataset: Dataset, names: list[str], inputs: list, stride: int) -> list[dict]:
+    """Part 3: coverage of the ground-truth boxes (best region IoU >= 0.5), mean best IoU, regions per image."""
     truth = {}
     for q in dataset.queries:
         truth.update(q.boxes)
-    shapes = ("moments", "official")
+    variants = [("exact", "above_mean", None), ("hybrid", "above_mean", 1.5)]
+    variants += [("adjoint", seeds, sigmas) for seeds in STAR_SEEDS for sigmas in SIGMAS]
+    best: dict[tuple, list[float]] = {v: [] for v in variants}
+    counts: dict[tuple, list[int]] = {v: [] for v in variants}
+    base = DasrConfig(stop_stride=stride)
+    eng = engines(bundle, stride)
+    for name, inp in zip(names, inputs):
+        pixels = inp.pixels[None]
+        feat = bundle.features(pixels)["feat"][0]
+        activation = mean_activation(feat)
+        (moments,) = seed_moments(eng.moments, stride, pixels, [feat], [pixels.shape[2:]])
+        for variant in variants:
+            mode, seeds, sigmas = variant
+            config = replace(base, mode=mode, star_seeds=seeds, sigmas=sigmas or base.sigmas)
+            positions = find_seeds("dasr_star", activation, config)
+            size = inp.pixels.shape[1:]
+            if mode == "adjoint":
+                found = regions_from_moments(activation, positions, moments, size, stride, "dasr_star", config)
+            elif mode == "exact":
+                (maps,) = _exact_maps(eng, pixels, positions, config)
+                found = regions_from_maps(activation, positions, maps, size, stride, "dasr_star", config)
+            else:
+                (found,) = dasr_regions(eng, stride, pixels, [feat], [pixels.shape[2:]], "dasr_star", config)
+            boxes = inp.to_original(found.boxes)
+            counts[variant].append(len(boxes))
+            if name in truth:
+                best[variant].append(float(box_iou(boxes, np.array(truth[name])).max()) if len(boxes) else 0.0)
+    return [
+        {
+            "mode": mode,
+            "seeds": seeds,
+            "sigmas": "" if sigmas is None else sigmas,
+            "loc IoU>=0.5": float(np.mean(np.array(best[(mode, seeds, sigmas)]) >= 0.5)),
+            "mean best IoU": float(np.mean(best[(mode, seeds, sigmas)])),
+            "regions / image": float(np.mean(counts[(mode, seeds, sigmas)])),
+            "boxes": len(best[(mode, seeds, sigmas)]),
+        }
+        for mode, seeds, sigmas in variants
+    ]
+
+
+def _exact_maps(eng: DasrEngines, pixels: np.ndarray, positions: np.ndarray, config: DasrConfig) -> list[np.ndarray]:
+    from inserve.server.stages.dasr import backpropagate_seeds
+
+    return backpropagate_seeds(eng.backprop, pixels, [positions], config.seeds_per_run)
+
+
+MEMORY_CHILD = """
+import json, resource, sys
+import numpy as np
+from inserve.engines import EngineOptions
+from inserve.server.config import REGION_MODES, DasrConfig
+from inserve.server.models import ModelBundle
+from inserve.server.stages.dasr import DasrEngines, dasr_regions
+
+manifest, mode, seeds, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+
+bundle = ModelBundle(__import__("pathlib").Path(manifest), EngineOptions(device="cpu"))
+stride = bundle.default_stop_stride
+rng = np.random.default_rng(0)
+pixels = rng.uniform(0, 255, (8, 3, size, size)).astype(np.float32)
+feat = list(bundle.features(pixels)["feat"])
+before = hwm()
+config = DasrConfig(mode=mode, star_seeds=seeds)
+engines = DasrEngines(bundle.backprop(stride), bundle.moments(stride))
+regions = dasr_regions(engines, stride, pixels, feat, [(size, size)] * 8, "dasr_star", config)
+print(json.dumps({"backbone_mib": before, "after_mib": hwm()}))
+"""
+
+
+def memory_table(manifest: Path, size: int) -> list[dict]:
+    """Part 4: VmHWM of a fresh process after the backbone at batch 8, and after the region stage."""
     rows = []
-    feats = [bundle.features(inp.pixels[None])["feat"] for inp in inputs]
-    for peaks in ("dasr", "dasr_star"):
-        for stride in strides:
-            engine = bundle.backprop(stride)
-            configs = {shape: replace(DasrConfig(), stop_stride=stride, shape=shape) for shape in shapes}
-            covered, regions = dict.fromkeys(shapes, 0), {shape: [] for shape in shapes}
-            counted = 0
-            for name, inp, feat in zip(names, inputs, feats):
-                (activation,), (positions,), (maps,) = seed_maps(
-                    engine, inp.pixels[None], [feat[0]], peaks, seeds_per_run(stride)
-                )
-                counted += name in truth
-                for shape, config in configs.items():
-                    found = regions_from_maps(activation, positions, maps, inp.pixels.shape[1:], stride, peaks, config)
-                    boxes = inp.to_original(found.boxes)
-                    regions[shape].append(len(boxes))
-                    if name in truth and len(boxes):
-                        covered[shape] += box_iou(boxes, np.array(truth[name])).max() >= 0.5
-            for shape in shapes:
-                row = {"peaks": peaks, "stride": stride, "shape": shape, "loc_iou50": covered[shape] / max(counted, 1)}
-                rows.append(row | {"regions": float(np.mean(regions[shape])), "images": counted})
+    for mode, seeds in [*((m, "above_mean") for m in REGION_MODES), ("adjoint", "all")]:
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, str(manifest), mode, seeds, str(size)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(
+            {
+                "mode": mode,
+                "seeds": seeds,
+                "batch": 8,
+                "input": f"{size}x{size}",
+                "after backbone MiB": got["backbone_mib"],
+                "after regions MiB": got["after_mib"],
+                "region stage MiB": got["after_mib"] - got["backbone_mib"],
+            }
+        )
     return rows
 
 
@@ -226,40 +306,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/composite-dev"))
     parser.add_argument("--models", type=Path, default=Path("bench/out/models"))
-    parser.add_argument("--images", type=int, default=40, help="images for the cost and localisation tables")
-    parser.add_argument("--official-images", type=int, default=3, help="images for the autograd comparison")
-    parser.add_argument("--official-stride", type=int, default=8)
-    parser.add_argument("--peaks-cap", type=int, default=48, help="peaks per image in the autograd comparison")
+    parser.add_argument("--images", type=int, default=12, help="images for the cost table (efficientnet_lite0)")
+    parser.add_argument("--resnet-images", type=int, default=3, help="images for the cost table (resnet50)")
+    parser.add_argument("--box-images", type=int, default=375, help="images for the boxes table")
+    parser.add_argument("--official-images", type=int, default=2, help="images for the official comparison")
+    parser.add_argument("--peaks-cap", type=int, default=8, help="peaks per image in the official comparison")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--parts", default="1,2,3")
+    parser.add_argument("--parts", default="1,2,3,4")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
 
     dataset = Dataset.load(args.data)
-    names = [n for n in dataset.images if n.endswith(("_1.jpg", "_2.jpg", "_3.jpg"))][: args.images]
+    positives = [n for n in dataset.images if n.endswith(("_1.jpg", "_2.jpg", "_3.jpg"))]
     manifests = {
         "efficientnet_lite0": ensure_models(args.models, "efficientnet_lite0", False),
         "resnet50": ensure_models(args.models, "resnet50", True),
     }
     options = EngineOptions(device="cpu", intra_op_threads=args.threads)
-    bundle = ModelBundle(manifests["efficientnet_lite0"], options)
-    inputs = load_inputs(dataset, names, bundle.size_multiple)
+    bundles = {name: ModelBundle(manifest, options) for name, manifest in manifests.items()}
+    lite0 = bundles["efficientnet_lite0"]
+    count = max(args.images, args.resnet_images, args.official_images)
+    inputs = load_inputs(dataset, positives[:count], lite0.size_multiple)
     parts = set(args.parts.split(","))
     out = {}
     if "1" in parts:
-        out["cost"] = cost_table(bundle, inputs, [1, 4, 8, 16], args.threads)
-        print("## 1. DASR* cost per image (efficientnet_lite0, ONNX Runtime CPU)\n\n" + markdown(out["cost"]) + "\n")
+        images = {"efficientnet_lite0": args.images, "resnet50": args.resnet_images}
+        out["cost"] = cost_table(bundles, inputs, images)
+        print("## 1. DASR* cost per image (ONNX Runtime CPU)\n\n" + markdown(out["cost"]) + "\n", flush=True)
     if "2" in parts:
-        sample = inputs[: args.official_images]
-        out["official"] = official_table(manifests, sample, args.official_stride, args.peaks_cap)
-        print(
-            "## 2. Exported graph vs one autograd pass per peak (batch 1, eager torch)\n\n"
-            + markdown(out["official"])
-            + "\n"
-        )
+        stride = lite0.default_stop_stride
+        out["official"] = official_table(bundles, inputs[: args.official_images], stride, args.peaks_cap)
+        print("## 2. Against the official procedure\n\n" + markdown(out["official"]) + "\n", flush=True)
     if "3" in parts:
-        out["localisation"] = localisation_table(bundle, dataset, names, inputs, [1, 4, 8, 16])
-        print("## 3. Localisation on composite-dev\n\n" + markdown(out["localisation"]) + "\n")
+        names = positives[: args.box_images]
+        box_inputs = load_inputs(dataset, names, lite0.size_multiple)
+        out["boxes"] = boxes_table(lite0, dataset, names, box_inputs, lite0.default_stop_stride)
+        print("## 3. Boxes on composite-dev\n\n" + markdown(out["boxes"]) + "\n", flush=True)
+    if "4" in parts:
+        out["memory"] = memory_table(manifests["efficientnet_lite0"], 512)
+        print("## 4. Peak memory of the region stage\n\n" + markdown(out["memory"]) + "\n", flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
 

@@ -27,8 +27,7 @@ from dasr import load_inputs, markdown, one_backward_per_peak, reference_parts
 from inserve.export.backbones import load_backbone
 from inserve.export.graphs import BackboneGraph, DasrBackprop
 from inserve.server.evaluation import Dataset
-from inserve.server.stages.dasr import PEAK_FINDERS
-from inserve.server.stages.peaks import mean_activation
+from inserve.server.stages.peaks import above_mean, mean_activation
 
 
 def synchronize() -> None:
@@ -51,7 +50,7 @@ def cuda_ms(fn: Callable[[], object], repeat: int = 3) -> float:
 
 def seeds_of(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """DASR* seeds of a batch of one: every location above the mean activation."""
-    positions = PEAK_FINDERS["dasr_star"](mean_activation(feat[0].float().cpu().numpy()))
+    positions = above_mean(mean_activation(feat[0].float().cpu().numpy()))
     yx = torch.from_numpy(positions[None].astype(np.int64)).to(feat.device)
     return yx, torch.ones(1, len(positions), device=feat.device)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from inserve.clients.cli_flags import add_connection_flags, add_server_flags, apply_server_flags, channel_security
+from inserve.server.config import REGION_MODES, STAR_SEED_RULES, DasrConfig
 from inserve.server.logs import FORMATS, configure_logging
 
 if TYPE_CHECKING:
@@ -43,6 +44,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-stride", type=int, default=None, help="DASR back-propagation stop stride")
     p.add_argument("--shape", default="moments", choices=["moments", "official"], help="DASR shape estimation")
     p.add_argument(
+        "--dasr-mode", default=DasrConfig.mode, choices=REGION_MODES, help="DASR boxes: exact maps or adjoint moments"
+    )
+    p.add_argument("--sigmas", type=float, default=DasrConfig.sigmas, help="DASR adjoint boxes: standard deviations")
+    p.add_argument("--star-seeds", default=DasrConfig.star_seeds, choices=STAR_SEED_RULES, help="DASR* seeds")
+    p.add_argument(
         "--detector", type=Path, default=None, help="detector.onnx (or its export folder) for deepvision/deep_region"
     )
     p.add_argument("--cam-mode", default="offline", choices=["offline", "online"], help="cam: class aggregation")
@@ -69,7 +75,13 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
         recipes=recipes,
         engine=EngineOptions(device=args.device, intra_op_threads=args.threads),
         image=ImageConfig(long_side=args.long_side),
-        dasr=DasrConfig(stop_stride=args.stop_stride, shape=args.shape),
+        dasr=DasrConfig(
+            stop_stride=args.stop_stride,
+            shape=args.shape,
+            mode=args.dasr_mode,
+            sigmas=args.sigmas,
+            star_seeds=args.star_seeds,
+        ),
         cam=CamConfig(mode=args.cam_mode),
         detector=DetectorConfig(path=args.detector),
         regions=RegionRecipeConfig(

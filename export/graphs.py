@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from inserve.export.backbones import LoadedBackbone
-from inserve.export.programs import Add, Conv, Op, Pool, Program, apply_forward
+from inserve.export.programs import ACTIVATIONS, Act, Add, Conv, Op, Pool, Program, apply_forward
 
 
 class _Normalize(nn.Module):
@@ -186,7 +186,65 @@ def _per_seed(p: torch.Tensor, per_image: torch.Tensor) -> torch.Tensor:
     return (p.reshape(batch, -1, *p.shape[1:]) * per_image.unsqueeze(1)).reshape(p.shape)
 
 
-class DasrBackprop(nn.Module):
+class _TopDown(nn.Module):
+    """What the DASR graphs share: the forward pass, the layers above the stop tensor and, per layer, the
+    positive (and, for signed inputs, negative) weight terms of the excitation rule with their normaliser."""
+
+    def __init__(self, loaded: LoadedBackbone, program: Program, stop_stride: int, adjoint_weights: bool) -> None:
+        super().__init__()
+        if stop_stride not in program.stage_points:
+            raise ValueError(f"stop stride {stop_stride} not in {sorted(program.stage_points)}")
+        self.normalize = _Normalize(loaded.spec.mean, loaded.spec.std)
+        self.body = _ProgramForward(program)
+        self.stop = program.stage_points[stop_stride]
+        first = program.op_index(self.stop) + 1
+        last = program.op_index(program.feat)
+        self.steps = list(range(first, last + 1))
+        for i in self.steps:
+            op = program.ops[i]
+            if isinstance(op, Conv):
+                self._register_terms(i, op.weight.clamp(min=0), op.groups, "pos", adjoint_weights)
+                if op.src in program.signed:
+                    self._register_terms(i, op.weight.clamp(max=0), op.groups, "neg", adjoint_weights)
+            elif isinstance(op, Pool):
+                channels = program.channels(op.src)
+                ones = torch.ones(channels, 1, op.kernel, op.kernel)
+                self._register_terms(i, ones, channels, "pos", adjoint_weights)
+            elif not (isinstance(op, Add) or (isinstance(op, Act) and op.kind in ACTIVATIONS)):
+                raise ValueError(f"layer {op.dst!r} ({op}) has no excitation rule; DASR cannot pass through it")
+
+    def _register_terms(self, i: int, weight: torch.Tensor, groups: int, sign: str, adjoint: bool) -> None:
+        self.register_buffer(f"{sign}{i}", weight)
+        if adjoint:
+            self.register_buffer(f"{sign}{i}_adjoint", adjoint_weight(weight, groups))
+
+    def _activations(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        ops = self.body.program.ops
+        names = {self.body.program.feat}
+        for i in self.steps:
+            op = ops[i]
+            if isinstance(op, Conv | Pool):
+                names.add(op.src)
+            elif isinstance(op, Add):
+                names.update((op.src, op.other))
+        return self.body.run(self.normalize(image), names)
+
+    def _terms(
+        self, i: int, op: Conv | Pool, a: torch.Tensor
+    ) -> tuple[int, list[tuple[torch.Tensor, str]], torch.Tensor]:
+        """groups, [(input part, weight sign)], and 1 / Z (0 where Z <= 0), all per image.
+
+        Z = conv(A+, F+) + conv(A-, F-) depends only on the image: it is computed once per image and
+        broadcast over that image's seeds (or functionals)."""
+        groups = op.groups if isinstance(op, Conv) else a.shape[1]
+        terms = [(a.clamp(min=0), "pos")]
+        if hasattr(self, f"neg{i}"):
+            terms.append((a.clamp(max=0), "neg"))
+        z = sum(_conv(x, getattr(self, f"{sign}{i}"), op, groups) for x, sign in terms)
+        return groups, terms, torch.where(z > 0, 1.0 / z.clamp(min=1e-30), torch.zeros_like(z))
+
+
+class DasrBackprop(_TopDown):
     """Excitation back-propagation (seed 004, Eqs. 1-3) of a batch of peak seeds to `stop_stride`.
 
     Inputs: image (B,3,H,W) 0..255; seed_yx (B,S,2) int64, S seed positions on `feat` per image;
@@ -202,44 +260,10 @@ class DasrBackprop(nn.Module):
     - max / average pooling: an all-ones filter on one-to-one channel pairs (seed 004, III-A);
     - residual sum: split in proportion to each branch's positive part;
     - ReLU / ReLU6: passed through.
-    The normaliser Z = conv(A+, F+) + conv(A-, F-) depends only on the image: it is computed once
-    per image and broadcast over that image's seeds.
     """
 
     def __init__(self, loaded: LoadedBackbone, program: Program, stop_stride: int) -> None:
-        super().__init__()
-        if stop_stride not in program.stage_points:
-            raise ValueError(f"stop stride {stop_stride} not in {sorted(program.stage_points)}")
-        self.normalize = _Normalize(loaded.spec.mean, loaded.spec.std)
-        self.body = _ProgramForward(program)
-        self.stop = program.stage_points[stop_stride]
-        first = program.op_index(self.stop) + 1
-        last = program.op_index(program.feat)
-        self.steps = list(range(first, last + 1))
-        for i in self.steps:
-            op = program.ops[i]
-            if isinstance(op, Conv):
-                self._register_terms(i, op.weight.clamp(min=0), op.groups, "pos")
-                if op.src in program.signed:
-                    self._register_terms(i, op.weight.clamp(max=0), op.groups, "neg")
-            elif isinstance(op, Pool):
-                channels = program.channels(op.src)
-                self._register_terms(i, torch.ones(channels, 1, op.kernel, op.kernel), channels, "pos")
-
-    def _register_terms(self, i: int, weight: torch.Tensor, groups: int, sign: str) -> None:
-        self.register_buffer(f"{sign}{i}", weight)
-        self.register_buffer(f"{sign}{i}_adjoint", adjoint_weight(weight, groups))
-
-    def _needed(self) -> set[str]:
-        ops = self.body.program.ops
-        names = {self.body.program.feat}
-        for i in self.steps:
-            op = ops[i]
-            if isinstance(op, Conv | Pool):
-                names.add(op.src)
-            elif isinstance(op, Add):
-                names.update((op.src, op.other))
-        return names
+        super().__init__(loaded, program, stop_stride, adjoint_weights=True)
 
     @staticmethod
     def _seed_mass(feat: torch.Tensor, seed_yx: torch.Tensor, seed_value: torch.Tensor) -> torch.Tensor:
@@ -255,7 +279,7 @@ class DasrBackprop(nn.Module):
 
     def forward(self, image: torch.Tensor, seed_yx: torch.Tensor, seed_value: torch.Tensor) -> torch.Tensor:
         program = self.body.program
-        acts = self.body.run(self.normalize(image), self._needed())
+        acts = self._activations(image)
         probs = {program.feat: self._seed_mass(acts[program.feat], seed_yx, seed_value)}
         for i in reversed(self.steps):
             op = program.ops[i]
@@ -271,17 +295,64 @@ class DasrBackprop(nn.Module):
         return maps.reshape(seed_value.shape[0], seed_value.shape[1], maps.shape[1], maps.shape[2])
 
     def _excite(self, i: int, op: Conv | Pool, a: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
-        """P(input) of one layer; `a` is per image, `p_out` per seed."""
-        groups = op.groups if isinstance(op, Conv) else a.shape[1]
-        terms = [(a.clamp(min=0), "pos")]
-        if hasattr(self, f"neg{i}"):
-            terms.append((a.clamp(max=0), "neg"))
-        z = sum(_conv(x, getattr(self, f"{sign}{i}"), op, groups) for x, sign in terms)
-        s = _per_seed(p_out, torch.where(z > 0, 1.0 / z.clamp(min=1e-30), torch.zeros_like(z)))
+        """P(input) = A * conv_transpose(P(output) / Z, F); `a` is per image, `p_out` per seed."""
+        groups, terms, inv_z = self._terms(i, op, a)
+        s = _per_seed(p_out, inv_z)
         return sum(
             _per_seed(_adjoint(s, getattr(self, f"{sign}{i}"), getattr(self, f"{sign}{i}_adjoint"), op, groups), x)
             for x, sign in terms
         )
+
+
+class DasrMoments(_TopDown):
+    """The adjoint of DasrBackprop: linear functionals of the map of *every* `feat` cell as a seed, at once.
+
+    Inputs: image (B,3,H,W) 0..255; functionals (B,K,H/s,W/s), K weightings of the stop map's cells.
+    Output: moments (B,K,h,w) with moments[b,k,y,x] = sum_p functionals[b,k,p] * map(p), where map is
+    DasrBackprop's map of a unit seed at (y, x) of image b. With the functionals 1, x, y, x^2, y^2 these are
+    the mass, centroid and variances of every possible seed's map (server/stages/shapes.py).
+
+    Why: the top-down pass is linear in the seed once the forward pass is fixed, P_stop = M P_feat, so a
+    functional g of the map is g^T M P_feat = (M^T g)^T P_feat. M^T is a product of per-layer transposes,
+    run from the stop tensor up, in the forward direction; each is exact (no layer is approximated):
+    - convolution or pooling (P_in = A * conv_transpose(P_out / Z, F)): g_out = conv(A * g_in, F) / Z, with the
+      same strides, groups and paddings as the forward layer, for the positive and (signed inputs) negative
+      terms; the stride-2 layers' cropped transposed convolution is the exact transpose of that padded conv;
+    - residual sum (P_a = share_a P_out, P_b = share_b P_out): g_out = share_a g_a + share_b g_b;
+    - ReLU / ReLU6 (P passed through): g passed through;
+    - channel sum at the stop tensor: g broadcast over its channels;
+    - the seed (a unit mass at a cell, spread over channels as its activation f+ / sum f+): the channel sum of
+      g_feat * f+ / sum f+ (0 where the cell has no positive activation, as the seed then has no mass).
+    Layers without such a rule (squeeze-excitation, other activations) are refused at construction.
+    Cost: K forward-direction passes over the layers above the stop, whatever the number of seeds.
+    """
+
+    def __init__(self, loaded: LoadedBackbone, program: Program, stop_stride: int) -> None:
+        super().__init__(loaded, program, stop_stride, adjoint_weights=False)
+
+    def forward(self, image: torch.Tensor, functionals: torch.Tensor) -> torch.Tensor:
+        program = self.body.program
+        acts = self._activations(image)
+        batch, k = functionals.shape[0], functionals.shape[1]
+        g = {self.stop: functionals.flatten(0, 1).unsqueeze(1).expand(-1, program.channels(self.stop), -1, -1)}
+        for i in self.steps:
+            op = program.ops[i]
+            if isinstance(op, Conv | Pool):
+                groups, terms, inv_z = self._terms(i, op, acts[op.src])
+                pulled = sum(
+                    _conv(_per_seed(g[op.src], x), getattr(self, f"{sign}{i}"), op, groups) for x, sign in terms
+                )
+                g[op.dst] = _per_seed(pulled, inv_z)
+            elif isinstance(op, Add):
+                share_a, share_b = _positive_shares(acts[op.src], acts[op.other])
+                g[op.dst] = _per_seed(g[op.src], share_a) + _per_seed(g[op.other], share_b)
+            else:
+                g[op.dst] = g[op.src]
+        feat = acts[program.feat].clamp(min=0)
+        total = feat.sum(1, keepdim=True)
+        spread = feat * torch.where(total > 0, 1.0 / total.clamp(min=1e-30), torch.zeros_like(total))
+        moments = _per_seed(g[program.feat], spread).sum(1)
+        return moments.reshape(batch, k, moments.shape[1], moments.shape[2])
 
 
 def _positive_shares(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from torch import nn
 from inserve.engines.plan_cache import file_sha256
 from inserve.export.backbones import load_backbone
 from inserve.export.checks import check_graph, parity
-from inserve.export.graphs import BackboneGraph, CamHead, DasrBackprop
+from inserve.export.graphs import BackboneGraph, CamHead, DasrBackprop, DasrMoments
 from inserve.export.programs import Program
 
 log = logging.getLogger(__name__)
@@ -107,23 +107,26 @@ def export_backbone(
     seeds = (torch.tensor([[[0, 0], [1, 2]], [[0, 1], [1, 1]]]), torch.tensor([[1.0, 0.5], [2.0, 0.0]]))
     seed_dims = {0: batch, 1: torch.export.Dim("seeds", min=1)}
     dasr_inputs = ["image", "seed_yx", "seed_value"]
-    files = {}
+    moment_inputs = ["image", "functionals"]
     checks = [(backbone, (sample,), graphs["backbone"]), (cam, (feat, logits), graphs["cam_head"])]
-    for stride in strides:
-        module = DasrBackprop(loaded, program, stride).eval()
-        file = "dasr_backprop.onnx" if stride == options.default_stop_stride else f"dasr_backprop_s{stride}.onnx"
-        path = target / file
-        _export(
-            module,
-            (sample, *seeds),
-            path,
-            dasr_inputs,
-            ["maps"],
-            {"image": image_dims, "seed_yx": seed_dims, "seed_value": seed_dims},
-        )
-        files[str(stride)] = _graph_entry(path, dasr_inputs, ["maps"], stop_layer=program.stage_points[stride])
-        checks.append((module, (sample, *seeds), files[str(stride)]))
-    graphs["dasr_backprop"] = {"default_stride": options.default_stop_stride, "strides": files}
+    for graph in ("dasr_backprop", "dasr_moments"):
+        files = {}
+        for stride in strides:
+            if graph == "dasr_backprop":
+                module, inputs, outputs = DasrBackprop(loaded, program, stride).eval(), dasr_inputs, ["maps"]
+                args = (sample, *seeds)
+                dims = {"image": image_dims, "seed_yx": seed_dims, "seed_value": seed_dims}
+            else:
+                module, inputs, outputs = DasrMoments(loaded, program, stride).eval(), moment_inputs, ["moments"]
+                args = (sample, torch.rand(2, 5, sample.shape[2] // stride, sample.shape[3] // stride))
+                cells = {2: (m // stride) * rows, 3: (m // stride) * cols}
+                dims = {"image": image_dims, "functionals": {0: batch, 1: torch.export.Dim("k", min=1), **cells}}
+            file = f"{graph}.onnx" if stride == options.default_stop_stride else f"{graph}_s{stride}.onnx"
+            path = target / file
+            _export(module, args, path, inputs, outputs, dims)
+            files[str(stride)] = _graph_entry(path, inputs, outputs, stop_layer=program.stage_points[stride])
+            checks.append((module, args, files[str(stride)]))
+        graphs[graph] = {"default_stride": options.default_stop_stride, "strides": files}
 
     if options.check:
         for module, args, entry in checks:

@@ -31,13 +31,16 @@ class Conv:
     groups: int = 1
 
 
+ACTIVATIONS = ("relu", "relu6")  # the activations the top-down pass goes straight through
+
+
 @dataclass
 class Act:
     """ReLU or ReLU6: the top-down pass goes straight through it."""
 
     src: str
     dst: str
-    kind: str  # "relu" | "relu6"
+    kind: str  # one of ACTIVATIONS
 
 
 @dataclass

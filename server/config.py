@@ -21,6 +21,12 @@ class ImageConfig:
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # JPEG includes MPO (phones)
 
 
+# how DASR seeds become boxes (server/stages/dasr.py): thresholded maps, one pass per seed; weighted moments of
+# every seed's map from one pass of the adjoint graph; or adjoint boxes for NMS and exact maps for the survivors
+REGION_MODES = ("exact", "adjoint", "hybrid")
+STAR_SEED_RULES = ("above_mean", "all", "local_maxima")  # DASR* seeds: seed 004's, every cell, DASR's peaks
+
+
 @dataclass(frozen=True)
 class DasrConfig:
     """DASR region extraction (seed 004 section III)."""
@@ -29,6 +35,18 @@ class DasrConfig:
     tau: float = 0.1  # threshold on the [0,1]-normalised probability map
     shape: str = "moments"  # "moments": pixels >= tau, 2-sigma ellipse; "official": 95th percentile
     nms_iou: float = 0.3  # beta of DASR*
+    mode: str = "exact"  # one of REGION_MODES
+    sigmas: float = 1.5  # adjoint boxes: centroid +- sigmas standard deviations of the weighted map
+    star_seeds: str = "above_mean"  # one of STAR_SEED_RULES
+
+    def __post_init__(self) -> None:
+        if self.mode not in REGION_MODES:
+            raise ValueError(f"unknown DASR region mode {self.mode!r}; choose one of {', '.join(REGION_MODES)}")
+        if self.star_seeds not in STAR_SEED_RULES:
+            raise ValueError(f"unknown DASR* seeds {self.star_seeds!r}; choose one of {', '.join(STAR_SEED_RULES)}")
+        if self.sigmas <= 0:
+            raise ValueError(f"sigmas must be positive, got {self.sigmas}")
+
     max_regions: int = 64  # per image, best first
     seeds_per_run: int = 48  # seeds back-propagated in one engine run (memory bound)
 

@@ -96,10 +96,18 @@ class ModelBundle:
         return self._engine(self.manifest["graphs"]["cam_head"]).run({"feat": feat, "logits": logits})
 
     def backprop(self, stride: int) -> Engine:
-        strides = self.manifest["graphs"]["dasr_backprop"]["strides"]
+        """DASR's top-down pass to `stride`: one map per seed."""
+        return self._dasr_engine("dasr_backprop", stride)
+
+    def moments(self, stride: int) -> Engine:
+        """Its adjoint to `stride`: the moments of every cell's map at once."""
+        return self._dasr_engine("dasr_moments", stride)
+
+    def _dasr_engine(self, graph: str, stride: int) -> Engine:
+        strides = self.manifest["graphs"].get(graph, {}).get("strides", {})
         if str(stride) not in strides:
             raise ModelsError(
-                f"DASR back-propagation to stride {stride} was not exported (have {self.stop_strides}); "
-                f"export with --dasr-strides {stride}"
+                f"{graph} to stride {stride} was not exported (have {sorted(int(s) for s in strides)}); "
+                f"export again with --dasr-strides {stride}"
             )
         return self._engine(strides[str(stride)])

@@ -1,5 +1,6 @@
 """DASR and DASR* regions from one back-propagation of the union of their seeds equal each kind alone, and a
-pipeline batch described by recipes of both kinds runs the back-propagation once."""
+pipeline batch described by recipes of both kinds runs the back-propagation once; the `adjoint` and `hybrid`
+region modes give the boxes their definitions say, from the explicit maps."""
 
 from pathlib import Path
 
@@ -12,17 +13,25 @@ from inserve.server.config import DasrConfig, ImageConfig, ServerConfig
 from inserve.server.models import ModelBundle
 from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import build_recipes
-from inserve.server.stages.dasr import dasr_region_sets, dasr_regions
+from inserve.server.stages.buckets import valid_cells
+from inserve.server.stages.dasr import DasrEngines, backpropagate_seeds, dasr_region_sets, dasr_regions, find_seeds
+from inserve.server.stages.nms import nms
 from inserve.server.stages.peaks import above_mean, local_maxima, mean_activation
+from inserve.server.stages.shapes import map_boxes, map_moments, moment_boxes
+
+
+def two_photo_batch(models_dir: Path, long_side: int = 192) -> tuple[ModelBundle, object]:
+    """coins (160 x 192) and astronaut (192 x 192) in one padded batch: coins' last rows are padding."""
+    config = ServerConfig(models=models_dir, image=ImageConfig(long_side=long_side), engine=EngineOptions(device="cpu"))
+    models = ModelBundle.open(models_dir, config.backbone, config.engine)
+    pipeline = Pipeline(models, {}, config.image)
+    return models, pipeline.features([pipeline.prepare(Image.fromarray(photo(n))) for n in ("coins", "astronaut")])
 
 
 def test_union_back_propagation_equals_each_kind_alone(models_dir: Path) -> None:
-    config = ServerConfig(models=models_dir, image=ImageConfig(long_side=192), engine=EngineOptions(device="cpu"))
-    models = ModelBundle.open(models_dir, config.backbone, config.engine)
-    pipeline = Pipeline(models, {}, config.image)
-    batch = pipeline.features([pipeline.prepare(Image.fromarray(photo(name))) for name in ("coffee", "chelsea")])
+    models, batch = two_photo_batch(models_dir)
     stride, dasr = 8, DasrConfig(seeds_per_run=16)
-    args = (models.backprop(stride), stride, batch.pixels, batch.maps["feat"], batch.sizes)
+    args = (DasrEngines(models.backprop(stride), None), stride, batch.pixels, batch.maps["feat"], batch.sizes)
     together = dasr_region_sets(*args, ("dasr", "dasr_star"), dasr)
     for kind in ("dasr", "dasr_star"):
         alone = dasr_regions(*args, kind, dasr)
@@ -48,3 +57,51 @@ def test_a_batch_described_with_both_kinds_back_propagates_once(models_dir: Path
     assert set(described) == {"dasr", "dasr_star", "gem"}
     assert len(described["dasr"].regions.boxes) > 0 and len(described["dasr_star"].regions.boxes) > 0
     assert len(runs) == -(-len(union) // config.dasr.seeds_per_run)  # one pass over the union of the seeds
+
+
+def explicit_maps(models: ModelBundle, batch, stride: int, seeds: list[np.ndarray]) -> list[np.ndarray]:
+    """Each image's exact maps of its seeds, cropped to its own cells."""
+    maps = backpropagate_seeds(models.backprop(stride), batch.pixels, seeds, per_run=64)
+    return [m[:, : valid_cells(size, stride)[0], : valid_cells(size, stride)[1]] for m, size in zip(maps, batch.sizes)]
+
+
+def test_adjoint_boxes_are_the_weighted_moment_boxes_of_the_exact_maps(models_dir: Path) -> None:
+    """adjoint mode, padded batch of two photos of different shapes: every region is the `moment_boxes` box of its
+    seed's exact map (cropped to the image's own cells), kept by NMS in activation order."""
+    models, batch = two_photo_batch(models_dir)
+    stride = 8
+    config = DasrConfig(mode="adjoint", sigmas=1.5)
+    engines = DasrEngines(models.backprop(stride), models.moments(stride))
+    got = dasr_regions(engines, stride, batch.pixels, batch.maps["feat"], batch.sizes, "dasr_star", config)
+    assert batch.sizes[0] != batch.sizes[1]
+    seeds = [find_seeds("dasr_star", mean_activation(f), config) for f in batch.maps["feat"]]
+    for regions, maps, positions, feat, (height, width) in zip(
+        got, explicit_maps(models, batch, stride, seeds), seeds, batch.maps["feat"], batch.sizes
+    ):
+        boxes, valid = moment_boxes(map_moments(maps), stride, config.sigmas, width, height)
+        scores = mean_activation(feat)[positions[:, 0], positions[:, 1]]
+        keep = nms(boxes[valid], scores[valid], config.nms_iou)
+        assert len(keep) > 1
+        np.testing.assert_allclose(regions.boxes, boxes[valid][keep], atol=1e-2)
+        np.testing.assert_array_equal(regions.scores, scores[valid][keep])
+
+
+def test_hybrid_regions_are_exact_boxes_of_the_adjoint_survivors(models_dir: Path) -> None:
+    models, batch = two_photo_batch(models_dir)
+    stride = 8
+    engines = DasrEngines(models.backprop(stride), models.moments(stride))
+    args = (engines, stride, batch.pixels, batch.maps["feat"], batch.sizes, "dasr_star")
+    adjoint = dasr_regions(*args, DasrConfig(mode="adjoint"))
+    hybrid = dasr_regions(*args, DasrConfig(mode="hybrid"))
+    seeds = [find_seeds("dasr_star", mean_activation(f), DasrConfig()) for f in batch.maps["feat"]]
+    for a, h, maps, positions, feat, (height, width) in zip(
+        adjoint, hybrid, explicit_maps(models, batch, stride, seeds), seeds, batch.maps["feat"], batch.sizes
+    ):
+        activation = mean_activation(feat)
+        survivors = [int(np.flatnonzero(activation[positions[:, 0], positions[:, 1]] == s)[0]) for s in a.scores]
+        exact, valid = map_boxes(maps[survivors], stride, 0.1, "moments", width, height)
+        scores = a.scores[valid]
+        keep = nms(exact[valid], scores, 0.3)
+        assert 0 < len(h.boxes) <= len(a.boxes)
+        np.testing.assert_allclose(h.boxes, exact[valid][keep], atol=1e-2)
+        np.testing.assert_array_equal(h.scores, scores[keep])

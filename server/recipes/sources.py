@@ -9,7 +9,7 @@ import numpy as np
 from inserve.server.config import ClustersConfig, DasrConfig
 from inserve.server.recipes.base import FeatureBatch
 from inserve.server.stages.components import threshold_boxes
-from inserve.server.stages.dasr import Regions, dasr_region_sets
+from inserve.server.stages.dasr import DasrEngines, Regions, dasr_region_sets
 from inserve.server.stages.ncut import colour_clusters, feature_clusters
 from inserve.server.stages.pooling import masks_to_boxes
 from inserve.server.stages.rmac import cells_to_boxes, rmac_grid
@@ -28,8 +28,10 @@ def dasr(batch: FeatureBatch, peaks: str, config: DasrConfig) -> list[Regions]:
     if key not in batch.derived:
         stride = config.stop_stride or batch.models.default_stop_stride
         kinds = tuple(sorted({peaks, *batch.dasr_peaks}))
-        engine = batch.models.backprop(stride)
-        found = dasr_region_sets(engine, stride, batch.pixels, batch.maps["feat"], batch.sizes, kinds, config)
+        engines = DasrEngines(
+            batch.models.backprop(stride), None if config.mode == "exact" else batch.models.moments(stride)
+        )
+        found = dasr_region_sets(engines, stride, batch.pixels, batch.maps["feat"], batch.sizes, kinds, config)
         for kind, regions in found.items():
             batch.derived.setdefault(dasr_key(kind, config), regions)
     return batch.derived[key]

@@ -1,4 +1,13 @@
-"""DASR and DASR* region sources: peaks of the mean activation map, back-propagated by the exported graph."""
+"""DASR and DASR* region sources: peaks of the mean activation map, back-propagated by the exported graphs.
+
+Three ways from seeds to boxes (`DasrConfig.mode`):
+- `exact`: one top-down pass per seed (dasr_backprop.onnx); each map thresholded at tau, the 2-sigma ellipse of
+  the support (seed 004). Costs about one forward pass per seed.
+- `adjoint`: the weighted moments of every cell's map from one pass of dasr_moments.onnx (K = 5 functionals
+  pulled up, whatever the number of seeds); box = centroid +- `sigmas` standard deviations. No threshold: the
+  weighting covers the map's whole mass, so `sigmas` replaces tau and the 2 of the exact ellipse.
+- `hybrid`: adjoint boxes for every candidate, NMS on them, exact maps only for the survivors.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +16,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from inserve.engines import Engine
-from inserve.server.config import DasrConfig
+from inserve.server.config import STAR_SEED_RULES, DasrConfig
 from inserve.server.stages.buckets import valid_cells
 from inserve.server.stages.nms import nms
-from inserve.server.stages.peaks import above_mean, local_maxima, mean_activation
-from inserve.server.stages.shapes import map_boxes
+from inserve.server.stages.peaks import above_mean, every_cell, local_maxima, mean_activation
+from inserve.server.stages.shapes import map_boxes, moment_boxes, moment_functionals
 
-PEAK_FINDERS = {"dasr": local_maxima, "dasr_star": above_mean}
+# DASR* seeds: seed 004 keeps every above-mean cell; with the adjoint every cell (or fewer) costs the same
+STAR_SEEDS = dict(zip(STAR_SEED_RULES, (above_mean, every_cell, local_maxima)))
+
+
+def find_seeds(kind: str, activation: np.ndarray, config: DasrConfig) -> np.ndarray:
+    """Seed positions (n, 2), best first: DASR's 3x3 local maxima, or DASR*'s candidates (`config.star_seeds`)."""
+    if kind == "dasr":
+        return local_maxima(activation)
+    return STAR_SEEDS[config.star_seeds](activation)
 
 
 @dataclass(frozen=True)
@@ -68,13 +85,23 @@ def backpropagate_seeds(engine: Engine, pixels: np.ndarray, seeds: list[np.ndarr
     return [np.concatenate(m) if m else np.zeros((0, 1, 1), dtype=np.float32) for m in maps]
 
 
-def seed_maps(
-    engine: Engine, pixels: np.ndarray, feat: list[np.ndarray], peaks: str, per_run: int
-) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """Mean activation map, peak positions (n, 2) and their probability maps (n, h, w) of each image."""
-    activations = [mean_activation(f) for f in feat]
-    seeds = [PEAK_FINDERS[peaks](a) for a in activations]
-    return activations, seeds, backpropagate_seeds(engine, pixels, seeds, per_run)
+def seed_moments(
+    engine: Engine, stride: int, pixels: np.ndarray, feat: list[np.ndarray], sizes: list[tuple[int, int]]
+) -> list[np.ndarray]:
+    """Per image, the moments (len(MOMENTS), h, w) of the map of every cell of its own `feat` cells as a seed,
+    in one run of the moments graph over the padded batch (the padding's cells weigh nothing)."""
+    shape = (pixels.shape[2] // stride, pixels.shape[3] // stride)
+    functionals = np.stack([moment_functionals(shape, valid_cells(size, stride)) for size in sizes])
+    out = engine.run({"image": pixels, "functionals": functionals}, ["moments"])["moments"]
+    return [m[:, : f.shape[1], : f.shape[2]] for m, f in zip(out, feat)]
+
+
+def _kept(boxes: np.ndarray, valid: np.ndarray, scores: np.ndarray, peaks: str, config: DasrConfig) -> np.ndarray:
+    """Indices of the regions kept, best activation first: `dasr_star` those surviving NMS, `dasr` all."""
+    (candidates,) = np.nonzero(valid)
+    boxes, scores = boxes[candidates], scores[candidates]
+    keep = nms(boxes, scores, config.nms_iou) if peaks == "dasr_star" else np.argsort(-scores, kind="stable")
+    return candidates[keep[: config.max_regions]]
 
 
 def regions_from_maps(
@@ -94,14 +121,44 @@ def regions_from_maps(
     scores = activation[positions[:, 0], positions[:, 1]].astype(np.float32)
     rows, cols = valid_cells((height, width), stride)
     boxes, valid = map_boxes(maps[:, :rows, :cols], stride, config.tau, config.shape, width, height)
-    boxes, scores = boxes[valid], scores[valid]
-    keep = nms(boxes, scores, config.nms_iou) if peaks == "dasr_star" else np.argsort(-scores, kind="stable")
-    keep = keep[: config.max_regions]
+    keep = _kept(boxes, valid, scores, peaks, config)
     return Regions(boxes[keep], scores[keep])
 
 
+def regions_from_moments(
+    activation: np.ndarray,
+    positions: np.ndarray,
+    moments: np.ndarray,
+    size: tuple[int, int],
+    stride: int,
+    peaks: str,
+    config: DasrConfig,
+) -> Regions:
+    """One image's regions from the moments (len(MOMENTS), h, w) of every seed's map: `regions_from_maps`
+    with each box from its map's weighted moments instead of the thresholded map."""
+    boxes, scores, keep = _moment_selection(activation, positions, moments, size, stride, peaks, config)
+    return Regions(boxes[keep], scores[keep])
+
+
+def _moment_selection(
+    activation: np.ndarray,
+    positions: np.ndarray,
+    moments: np.ndarray,
+    size: tuple[int, int],
+    stride: int,
+    peaks: str,
+    config: DasrConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every seed's moment box and score, and the indices of those kept."""
+    height, width = size
+    positions = positions.reshape(-1, 2)
+    scores = activation[positions[:, 0], positions[:, 1]].astype(np.float32)
+    boxes, valid = moment_boxes(moments[:, positions[:, 0], positions[:, 1]].T, stride, config.sigmas, width, height)
+    return boxes, scores, _kept(boxes, valid, scores, peaks, config)
+
+
 def dasr_regions(
-    engine: Engine,
+    engines: DasrEngines,
     stride: int,
     pixels: np.ndarray,
     feat: list[np.ndarray],
@@ -117,15 +174,19 @@ def dasr_regions(
     that survive NMS at IoU `config.nms_iou`, best activation first. Peaks are searched and
     probability maps thresholded inside each image's own cells only, never in the padding.
     """
-    activations, seeds, maps = seed_maps(engine, pixels, feat, peaks, config.seeds_per_run)
-    return [
-        regions_from_maps(activation, positions, image_maps, size, stride, peaks, config)
-        for activation, positions, image_maps, size in zip(activations, seeds, maps, sizes)
-    ]
+    return dasr_region_sets(engines, stride, pixels, feat, sizes, (peaks,), config)[peaks]
+
+
+@dataclass(frozen=True)
+class DasrEngines:
+    """The two DASR graphs at one stop stride; `moments` may be None for the `exact` mode."""
+
+    backprop: Engine
+    moments: Engine | None
 
 
 def dasr_region_sets(
-    engine: Engine,
+    engines: DasrEngines,
     stride: int,
     pixels: np.ndarray,
     feat: list[np.ndarray],
@@ -133,16 +194,33 @@ def dasr_region_sets(
     kinds: tuple[str, ...],
     config: DasrConfig,
 ) -> dict[str, list[Regions]]:
-    """`dasr_regions` of several peak kinds from one back-propagation of the union of their seeds: a seed's
-    probability map does not depend on the other seeds, and most DASR peaks are DASR* seeds too, so an index
-    built with both costs about what DASR* alone does."""
+    """`dasr_regions` of several peak kinds at once. `exact`: one back-propagation of the union of their seeds (a
+    seed's map does not depend on the other seeds, and most DASR peaks are DASR* seeds too); `adjoint`: one
+    moments run gives every cell's box; `hybrid`: exact maps of the union of the kinds' NMS survivors."""
     activations = [mean_activation(f) for f in feat]
-    found = {kind: [PEAK_FINDERS[kind](a) for a in activations] for kind in kinds}
+    found = {kind: [find_seeds(kind, a, config) for a in activations] for kind in kinds}
+    if config.mode != "exact":
+        moments = seed_moments(engines.moments, stride, pixels, feat, sizes)
+        if config.mode == "adjoint":
+            return {
+                kind: [
+                    regions_from_moments(a, p, m, size, stride, kind, config)
+                    for a, p, m, size in zip(activations, found[kind], moments, sizes)
+                ]
+                for kind in kinds
+            }
+        found = {
+            kind: [
+                p[_moment_selection(a, p, m, size, stride, kind, config)[2]]
+                for a, p, m, size in zip(activations, found[kind], moments, sizes)
+            ]
+            for kind in kinds
+        }
     union = [
         np.unique(np.concatenate([found[kind][i] for kind in kinds]).reshape(-1, 2), axis=0)
         for i in range(len(activations))
     ]
-    maps = backpropagate_seeds(engine, pixels, union, config.seeds_per_run)
+    maps = backpropagate_seeds(engines.backprop, pixels, union, config.seeds_per_run)
     regions: dict[str, list[Regions]] = {kind: [] for kind in kinds}
     for i, (activation, size) in enumerate(zip(activations, sizes)):
         width = activation.shape[1]

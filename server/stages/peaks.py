@@ -33,6 +33,11 @@ def above_mean(activation: np.ndarray) -> np.ndarray:
     return _by_value(activation, np.argwhere(activation > activation.mean()))
 
 
+def every_cell(activation: np.ndarray) -> np.ndarray:
+    """Every position (y, x) of the map, best first: the widest choice of DASR* seeds."""
+    return _by_value(activation, np.argwhere(np.ones(activation.shape, dtype=bool)))
+
+
 def _by_value(activation: np.ndarray, positions: np.ndarray) -> np.ndarray:
     values = activation[positions[:, 0], positions[:, 1]]
     order = np.lexsort((positions[:, 1], positions[:, 0], -values))

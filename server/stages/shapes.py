@@ -48,3 +48,45 @@ def map_boxes(
             boxes[i] = np.clip(box, 0, [width, height, width, height])
             valid[i] = boxes[i, 2] > boxes[i, 0] and boxes[i, 3] > boxes[i, 1]
     return boxes, valid
+
+
+MOMENTS = ("mass", "x", "y", "xx", "yy")  # what dasr_moments.onnx pulls up, in this order
+
+
+def moment_functionals(shape: tuple[int, int], valid: tuple[int, int]) -> np.ndarray:
+    """(len(MOMENTS), h, w) weightings of a stop map's cells whose sums against a map are its mass and its
+    first and second moments, in cell units (cell centres at index + 0.5); zero outside the `valid` rows and
+    columns, so that the bucket's padding counts for nothing (as the exact maps are cropped to them)."""
+    h, w = shape
+    rows, cols = valid
+    y = np.zeros((h, w), dtype=np.float64)
+    x = np.zeros((h, w), dtype=np.float64)
+    mask = np.zeros((h, w), dtype=np.float64)
+    mask[:rows, :cols] = 1.0
+    y[:rows, :cols] = (np.arange(rows) + 0.5)[:, None]
+    x[:rows, :cols] = (np.arange(cols) + 0.5)[None, :]
+    return np.stack([mask, x, y, x * x, y * y]).astype(np.float32)
+
+
+def map_moments(maps: np.ndarray) -> np.ndarray:
+    """(N, len(MOMENTS)): the same moments summed from explicit maps (N, h, w), for the `exact` path's tests."""
+    functionals = moment_functionals(maps.shape[1:], maps.shape[1:]).astype(np.float64)
+    return np.einsum("khw,nhw->nk", functionals, maps.astype(np.float64))
+
+
+def moment_boxes(
+    moments: np.ndarray, stride: int, sigmas: float, width: int, height: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (N, 4) from the weighted moments (N, len(MOMENTS)) of N maps: centroid +- `sigmas` standard
+    deviations, each variance with the cell's own extent (1/12 cell^2) added as in `ellipse_box`; clipped to a
+    width x height input. Maps without mass give no box."""
+    mass, sx, sy, sxx, syy = (moments[:, i].astype(np.float64) for i in range(len(MOMENTS)))
+    valid = mass > 0
+    m = np.where(valid, mass, 1.0)
+    mx, my = sx / m, sy / m
+    half_w = sigmas * np.sqrt(np.maximum(sxx / m - mx * mx, 0.0) + 1 / 12)
+    half_h = sigmas * np.sqrt(np.maximum(syy / m - my * my, 0.0) + 1 / 12)
+    boxes = np.stack([mx - half_w, my - half_h, mx + half_w, my + half_h], axis=1) * stride
+    boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+    valid &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes, valid
