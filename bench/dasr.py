@@ -3,7 +3,7 @@ how well its boxes cover composite-dev's instances, and the region stage's peak 
 
     python bench/dasr.py --data ../shared/data/composite-dev --models bench/out/models
 
-Exports efficientnet_lite0 (real weights) and resnet50 (RANDOM INIT) with DASR graphs at stop strides 4, 8 and 16
+Exports efficientnet_lite0 (real weights) and resnet50 (RANDOM INIT) with DASR graphs at stop strides 8 and 16
 into --models when they are not there. Prints four markdown tables (medians over images, one run):
 
 1. cost: backbone forward, then DASR* regions from its `feat` to boxes in each mode (`exact`, `adjoint`,
@@ -46,7 +46,7 @@ from inserve.server.stages.dasr import (
 from inserve.server.stages.nms import box_iou
 from inserve.server.stages.peaks import mean_activation
 
-STRIDES = (4, 8, 16)
+STRIDES = (8, 16)
 SIGMAS = (1.0, 1.25, 1.5, 1.75, 2.0)
 
 
@@ -98,7 +98,7 @@ def cost_table(bundles: dict[str, ModelBundle], inputs: list, images: dict[str, 
     rows = []
     for name, bundle in bundles.items():
         sample = inputs[: images[name]]
-        for stride in STRIDES:
+        for stride in bundle.stop_strides:
             configs = {mode: DasrConfig(stop_stride=stride, mode=mode) for mode in REGION_MODES}
             warm = sample[0].pixels[None]
             for config in configs.values():

@@ -1,11 +1,12 @@
-"""DASR on a CUDA GPU: the exported top-down graph against one autograd pass per peak, on the same device.
+"""DASR on a CUDA GPU: the exported top-down and adjoint graphs against the official procedure, on one device.
 
     python bench/dasr_gpu.py --data ../shared/data/composite-dev --images 20
 
-Runs the torch modules that `inserve export` writes to ONNX (BackboneGraph, DasrBackprop) in eager
-CUDA, so it measures the graph's maths on a GPU without TensorRT or onnxruntime-gpu; the official
-way is eager torch, batch 1, one autograd backward per peak (bench/dasr.py part 2, on CUDA). Also
-checks the CUDA maps against the CPU ones. Prints markdown tables of medians over images.
+Runs the torch modules that `inserve export` writes to ONNX (BackboneGraph, DasrBackprop, DasrMoments) in
+eager CUDA, so it measures the graphs' maths on a GPU without TensorRT or onnxruntime-gpu; the official
+procedure (bench/dasr_official.py: eager torch, batch 1, its own peaks, one autograd backward per peak down to
+the input) runs on the same device. Also checks the CUDA maps and moments against the CPU
+ones. Prints markdown tables of medians over images.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dasr import load_inputs, markdown, one_backward_per_peak, reference_parts
+from dasr import load_inputs, markdown, official_feat_fn
+from dasr_official import official_dasr_star
 
 from inserve.export.backbones import load_backbone
-from inserve.export.graphs import BackboneGraph, DasrBackprop
+from inserve.export.graphs import BackboneGraph, DasrBackprop, DasrMoments
 from inserve.server.evaluation import Dataset
 from inserve.server.stages.peaks import above_mean, mean_activation
+from inserve.server.stages.shapes import moment_functionals
 
 
 def synchronize() -> None:
@@ -60,7 +63,7 @@ def backbone_rows(name: str, pixels: list[np.ndarray], strides: list[int], batch
     program = loaded.spec.program(loaded.model, loaded.spec.default_desc)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     graph = BackboneGraph(loaded, program).to(device).eval()
-    reference = _reference_model(loaded).to(device)
+    model = loaded.model.to(device).eval()
     rows = []
     with torch.no_grad():
         images = [torch.from_numpy(p[None]).to(device) for p in pixels]
@@ -81,10 +84,18 @@ def backbone_rows(name: str, pixels: list[np.ndarray], strides: list[int], batch
             cpu = DasrBackprop(loaded, program, stride).eval()
             cpu_maps = cpu(images[0].cpu(), seeds[0][0].cpu(), seeds[0][1].cpu())
             error = float((gpu_maps - cpu_maps).abs().max() / cpu_maps.abs().max())
-        feat_fn, stop = reference_parts(name, reference, stride)
+            moments = DasrMoments(loaded, program, stride).to(device).eval()
+            cells = (images[0].shape[2] // stride, images[0].shape[3] // stride)
+            functionals = torch.from_numpy(moment_functionals(cells, cells))[None].to(device)
+            adjoint = [cuda_ms(partial(moments, x, functionals)) for x in images]
+            batched_adjoint = cuda_ms(partial(moments, stacked, functionals.expand(len(stacked), -1, -1, -1)))
+            cpu_moments = DasrMoments(loaded, program, stride).eval()(images[0].cpu(), functionals.cpu())
+            moments_error = float(
+                (moments(images[0], functionals).cpu() - cpu_moments).abs().max() / cpu_moments.abs().max()
+            )
         theirs = [
-            cuda_ms(partial(one_backward_per_peak, feat_fn, stop, graph.normalize(x), s_yx[0].cpu().numpy()), 1)
-            for x, (s_yx, _) in zip(images, seeds)
+            cuda_ms(partial(official_dasr_star, model, None, official_feat_fn(name, model), graph.normalize(x)), 1)
+            for x in images
         ]
         peaks = [s[0].shape[1] for s in seeds]
         rows.append(
@@ -96,20 +107,16 @@ def backbone_rows(name: str, pixels: list[np.ndarray], strides: list[int], batch
                 "graph_ms": statistics.median(ours),
                 "graph_ratio": statistics.median(o / f for o, f in zip(ours, forward)),
                 f"graph_ms_b{batch}": batched,
-                "autograd_ms": statistics.median(theirs),
-                "speedup": statistics.median(t / o for t, o in zip(theirs, ours)),
-                "cuda_vs_cpu": error,
+                "adjoint_ms": statistics.median(adjoint),
+                "adjoint_ratio": statistics.median(a / f for a, f in zip(adjoint, forward)),
+                f"adjoint_ms_b{batch}": batched_adjoint / len(stacked),
+                "official_ms": statistics.median(theirs),
+                "official / adjoint": statistics.median(t / a for t, a in zip(theirs, adjoint)),
+                "cuda_vs_cpu": max(error, moments_error),
             }
         )
         print(markdown(rows[-1:]), flush=True)
     return rows
-
-
-def _reference_model(loaded: object) -> torch.nn.Module:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from excitation_reference import folded_copy, with_eltwise_sums
-
-    return with_eltwise_sums(folded_copy(loaded.model))
 
 
 def main() -> None:
@@ -117,7 +124,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/composite-dev"))
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8, help="images per run for the batched column")
-    parser.add_argument("--strides", default="1,4,8")
+    parser.add_argument("--strides", default="8,16")
     parser.add_argument("--backbones", default="efficientnet_lite0,resnet50")
     args = parser.parse_args()
     dataset = Dataset.load(args.data)

@@ -34,7 +34,7 @@ import numpy as np
 
 from inserve.engines import EngineOptions
 from inserve.server.codebook import CODEBOOK, learn_codebook, save_codebook, vectors_from_index
-from inserve.server.config import CamConfig, RegionRecipeConfig, ServerConfig
+from inserve.server.config import REGION_MODES, STAR_SEED_RULES, CamConfig, DasrConfig, RegionRecipeConfig, ServerConfig
 from inserve.server.evaluation import Dataset, QueryScores
 from inserve.server.imaging import NetworkInput
 from inserve.server.index import DEFAULT_SPEC
@@ -154,6 +154,7 @@ class Bench:
             engine=EngineOptions(device="cpu"),
             # no detector weights ship: deep_region crops its top-2 DASR* regions, deepvision uses DASR* regions
             regions=RegionRecipeConfig(deep_region_source="dasr_star"),
+            dasr=DasrConfig(mode=args.dasr_mode, sigmas=args.sigmas, star_seeds=args.star_seeds),
         )
         self.models = ModelBundle.open(args.models, self.base.backbone, self.base.engine)
         self.pipeline = Pipeline(self.models, build_recipes(RECIPES, self.base), self.base.image)
@@ -422,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--reindex", nargs="*", default=[], help="recipes to index again")
     parser.add_argument("--rewhiten", action="store_true", help="learn the whitenings again (no CNN)")
+    parser.add_argument("--dasr-mode", default=DasrConfig.mode, choices=REGION_MODES, help="DASR region mode")
+    parser.add_argument("--sigmas", type=float, default=DasrConfig.sigmas, help="adjoint boxes: standard deviations")
+    parser.add_argument("--star-seeds", default=DasrConfig.star_seeds, choices=STAR_SEED_RULES)
     args = parser.parse_args(argv)
     args.datasets, args.recipes = tuple(args.datasets), tuple(args.recipes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)

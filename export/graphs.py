@@ -207,6 +207,8 @@ class _TopDown(nn.Module):
                 if op.src in program.signed:
                     self._register_terms(i, op.weight.clamp(max=0), op.groups, "neg", adjoint_weights)
             elif isinstance(op, Pool):
+                if op.src in program.signed:
+                    raise ValueError(f"pooling {op.dst!r} of a signed input has no excitation rule here")
                 channels = program.channels(op.src)
                 ones = torch.ones(channels, 1, op.kernel, op.kernel)
                 self._register_terms(i, ones, channels, "pos", adjoint_weights)
@@ -232,16 +234,14 @@ class _TopDown(nn.Module):
     def _terms(
         self, i: int, op: Conv | Pool, a: torch.Tensor
     ) -> tuple[int, list[tuple[torch.Tensor, str]], torch.Tensor]:
-        """groups, [(input part, weight sign)], and 1 / Z (0 where Z <= 0), all per image.
+        """groups, [(input part, weight sign)], and Z, all per image.
 
         Z = conv(A+, F+) + conv(A-, F-) depends only on the image: it is computed once per image and
-        broadcast over that image's seeds (or functionals)."""
+        broadcast over that image's seeds (or functionals). Inputs after a ReLU are their own positive part."""
         groups = op.groups if isinstance(op, Conv) else a.shape[1]
-        terms = [(a.clamp(min=0), "pos")]
-        if hasattr(self, f"neg{i}"):
-            terms.append((a.clamp(max=0), "neg"))
-        z = sum(_conv(x, getattr(self, f"{sign}{i}"), op, groups) for x, sign in terms)
-        return groups, terms, torch.where(z > 0, 1.0 / z.clamp(min=1e-30), torch.zeros_like(z))
+        signed = hasattr(self, f"neg{i}")
+        terms = [(a.clamp(min=0), "pos"), (a.clamp(max=0), "neg")] if signed else [(a, "pos")]
+        return groups, terms, sum(_conv(x, getattr(self, f"{sign}{i}"), op, groups) for x, sign in terms)
 
 
 class DasrBackprop(_TopDown):
@@ -296,8 +296,8 @@ class DasrBackprop(_TopDown):
 
     def _excite(self, i: int, op: Conv | Pool, a: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
         """P(input) = A * conv_transpose(P(output) / Z, F); `a` is per image, `p_out` per seed."""
-        groups, terms, inv_z = self._terms(i, op, a)
-        s = _per_seed(p_out, inv_z)
+        groups, terms, z = self._terms(i, op, a)
+        s = _per_seed(p_out, torch.where(z > 0, 1.0 / z.clamp(min=1e-30), torch.zeros_like(z)))
         return sum(
             _per_seed(_adjoint(s, getattr(self, f"{sign}{i}"), getattr(self, f"{sign}{i}_adjoint"), op, groups), x)
             for x, sign in terms
@@ -329,30 +329,61 @@ class DasrMoments(_TopDown):
 
     def __init__(self, loaded: LoadedBackbone, program: Program, stop_stride: int) -> None:
         super().__init__(loaded, program, stop_stride, adjoint_weights=False)
+        for i in self.steps:  # signed inputs of ungrouped convs: both terms as one convolution of twice the channels
+            if hasattr(self, f"neg{i}") and self.body.program.ops[i].groups == 1:
+                self.register_buffer(f"both{i}", torch.cat([getattr(self, f"pos{i}"), getattr(self, f"neg{i}")], 1))
 
     def forward(self, image: torch.Tensor, functionals: torch.Tensor) -> torch.Tensor:
+        """Each tensor's g is kept as (per-functional rows, per-image factor not yet applied): the 1 / Z of a
+        layer is folded into the next per-image product (its consumer's A, a residual share, the seed spread),
+        so a functional pays one multiplication per layer, not two."""
         program = self.body.program
         acts = self._activations(image)
         batch, k = functionals.shape[0], functionals.shape[1]
-        g = {self.stop: functionals.flatten(0, 1).unsqueeze(1).expand(-1, program.channels(self.stop), -1, -1)}
+        g: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {self.stop: (functionals.flatten(0, 1)[:, None], None)}
         for i in self.steps:
             op = program.ops[i]
             if isinstance(op, Conv | Pool):
-                groups, terms, inv_z = self._terms(i, op, acts[op.src])
-                pulled = sum(
-                    _conv(_per_seed(g[op.src], x), getattr(self, f"{sign}{i}"), op, groups) for x, sign in terms
-                )
-                g[op.dst] = _per_seed(pulled, inv_z)
+                rows, pending = g[op.src]
+                groups, terms, z = self._terms(i, op, acts[op.src])
+                parts = [_times(rows, _scaled(x, pending)) for x, _ in terms]
+                if hasattr(self, f"both{i}"):
+                    pulled = _conv(torch.cat(parts, 1), getattr(self, f"both{i}"), op, 1)
+                else:
+                    pulled = sum(
+                        _conv(x, getattr(self, f"{sign}{i}"), op, groups) for x, (_, sign) in zip(parts, terms)
+                    )
+                # where Z = 0 every product A * F+ of the window is 0, so `pulled` is exactly 0 there: no mask needed
+                g[op.dst] = (pulled, 1.0 / z.clamp(min=_TINY))
             elif isinstance(op, Add):
-                share_a, share_b = _positive_shares(acts[op.src], acts[op.other])
-                g[op.dst] = _per_seed(g[op.src], share_a) + _per_seed(g[op.other], share_b)
+                shares = _positive_shares(acts[op.src], acts[op.other])
+                g[op.dst] = (
+                    sum(_times(g[n][0], _scaled(share, g[n][1])) for n, share in zip((op.src, op.other), shares)),
+                    None,
+                )
             else:
                 g[op.dst] = g[op.src]
         feat = acts[program.feat].clamp(min=0)
         total = feat.sum(1, keepdim=True)
         spread = feat * torch.where(total > 0, 1.0 / total.clamp(min=1e-30), torch.zeros_like(total))
-        moments = _per_seed(g[program.feat], spread).sum(1)
+        rows, pending = g[program.feat]
+        moments = _times(rows, _scaled(spread, pending)).sum(1)
         return moments.reshape(batch, k, moments.shape[1], moments.shape[2])
+
+
+# Z below this is taken as this: 1 / Z then stays far from float32's range even times large activations, and no
+# Z of a real network is this small without being 0 (where the pulled-up value is 0 anyway)
+_TINY = 1e-20
+
+
+def _scaled(per_image: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+    return per_image if pending is None else per_image * pending
+
+
+def _times(rows: torch.Tensor, per_image: torch.Tensor) -> torch.Tensor:
+    """rows (B*K, C or 1, h, w) times per_image (B, C, h, w), broadcast over each image's K rows (and channels)."""
+    batch = per_image.shape[0]
+    return (rows.reshape(batch, -1, *rows.shape[1:]) * per_image.unsqueeze(1)).flatten(0, 1)
 
 
 def _positive_shares(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
