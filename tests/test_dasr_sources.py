@@ -2,9 +2,11 @@
 pipeline batch described by recipes of both kinds runs the back-propagation once; the `adjoint` and `hybrid`
 region modes give the boxes their definitions say, from the explicit maps."""
 
+import functools
 from pathlib import Path
 
 import numpy as np
+import pytest
 from photos import photo
 from PIL import Image
 
@@ -30,7 +32,7 @@ def two_photo_batch(models_dir: Path, long_side: int = 192) -> tuple[ModelBundle
 
 def test_union_back_propagation_equals_each_kind_alone(models_dir: Path) -> None:
     models, batch = two_photo_batch(models_dir)
-    stride, dasr = 8, DasrConfig(seeds_per_run=16)
+    stride, dasr = 8, DasrConfig(mode="exact", seeds_per_run=16)
     args = (DasrEngines(models.backprop(stride), None), stride, batch.pixels, batch.maps["feat"], batch.sizes)
     together = dasr_region_sets(*args, ("dasr", "dasr_star"), dasr)
     for kind in ("dasr", "dasr_star"):
@@ -42,21 +44,38 @@ def test_union_back_propagation_equals_each_kind_alone(models_dir: Path) -> None
             np.testing.assert_array_equal(got.scores, expected.scores)
 
 
-def test_a_batch_described_with_both_kinds_back_propagates_once(models_dir: Path) -> None:
-    config = ServerConfig(models=models_dir, image=ImageConfig(long_side=192), engine=EngineOptions(device="cpu"))
+@pytest.mark.parametrize("mode", ["exact", "adjoint"])
+def test_a_batch_described_with_both_kinds_back_propagates_once(models_dir: Path, mode: str) -> None:
+    """exact: one back-propagation of the union of DASR's and DASR*'s seeds; adjoint: one moments run, no maps."""
+    config = ServerConfig(
+        models=models_dir,
+        image=ImageConfig(long_side=192),
+        engine=EngineOptions(device="cpu"),
+        dasr=DasrConfig(mode=mode),
+    )
     models = ModelBundle.open(models_dir, config.backbone, config.engine)
     pipeline = Pipeline(models, build_recipes(("dasr", "dasr_star", "gem"), config), config.image)
     inp = pipeline.prepare(Image.fromarray(photo("coffee")))
     activation = mean_activation(pipeline.features([inp]).maps["feat"][0])
     union = {tuple(p) for p in local_maxima(activation)} | {tuple(p) for p in above_mean(activation)}
-    engine = models.backprop(models.default_stop_stride)
-    runs = []
-    original = engine.run
-    engine.run = lambda *args, **kwargs: runs.append(1) or original(*args, **kwargs)
+    stride = models.default_stop_stride
+    runs = {"backprop": [], "moments": []}
+    for graph in runs:
+        engine = getattr(models, graph)(stride)
+        engine.run = functools.partial(counted, engine.run, runs[graph])
     (described,) = pipeline.run([DescribeJob(inp)])
     assert set(described) == {"dasr", "dasr_star", "gem"}
     assert len(described["dasr"].regions.boxes) > 0 and len(described["dasr_star"].regions.boxes) > 0
-    assert len(runs) == -(-len(union) // config.dasr.seeds_per_run)  # one pass over the union of the seeds
+    if mode == "exact":
+        assert len(runs["backprop"]) == -(-len(union) // config.dasr.seeds_per_run)  # one pass over the union
+        assert runs["moments"] == []
+    else:
+        assert (len(runs["backprop"]), len(runs["moments"])) == (0, 1)
+
+
+def counted(run, calls: list, *args, **kwargs):
+    calls.append(1)
+    return run(*args, **kwargs)
 
 
 def explicit_maps(models: ModelBundle, batch, stride: int, seeds: list[np.ndarray]) -> list[np.ndarray]:
