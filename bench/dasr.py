@@ -12,7 +12,8 @@ into --models when they are not there. Prints four markdown tables (medians over
    the input) on the same images, against the three modes;
 3. boxes: share of composite-dev's ground-truth boxes that some region covers at IoU >= 0.5, the mean best IoU,
    and regions per image, for every mode, DASR* seed choice and adjoint multiplier `sigmas`;
-4. peak memory of the region stage at batch 8 (a fresh process per mode; VmHWM growth over the backbone's).
+4. peak memory of the region stage at batch 8 (a fresh process per mode; VmHWM growth over the backbone's);
+5. indexing cost per image: the pipeline describing an image with gem and with dasr_star_crops, side by side.
 """
 
 from __future__ import annotations
@@ -294,6 +295,37 @@ def memory_table(manifest: Path, size: int) -> list[dict]:
     return rows
 
 
+def indexing_table(bundle: ModelBundle, inputs: list, modes: tuple[str, ...]) -> list[dict]:
+    """Part 5: describing an image for the index (the pipeline's whole work but the write), gem against
+    dasr_star_crops in each region mode; the recipes take turns on every image."""
+    from inserve.server.config import ServerConfig
+    from inserve.server.pipeline import DescribeJob, Pipeline
+    from inserve.server.recipes import build_recipes
+
+    pipelines = {("gem", ""): Pipeline(bundle, build_recipes(("gem",), ServerConfig()), ImageConfig())}
+    for mode in modes:
+        config = ServerConfig(dasr=DasrConfig(mode=mode))
+        pipelines[("dasr_star_crops", mode)] = Pipeline(
+            bundle, build_recipes(("dasr_star_crops",), config), ImageConfig()
+        )
+    spent: dict[tuple[str, str], list[float]] = {key: [] for key in pipelines}
+    for pipeline in pipelines.values():
+        pipeline.run([DescribeJob(inputs[0])])
+    for inp in inputs:
+        for key, pipeline in pipelines.items():
+            spent[key].append(timed(pipeline.run, [DescribeJob(inp)]))
+    gem = spent[("gem", "")]
+    return [
+        {
+            "recipe": recipe,
+            "mode": mode,
+            "ms per image": median_ms(seconds),
+            "ratio to gem": statistics.median(s / g for s, g in zip(seconds, gem)),
+        }
+        for (recipe, mode), seconds in spent.items()
+    ]
+
+
 def markdown(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -312,7 +344,7 @@ def main() -> None:
     parser.add_argument("--official-images", type=int, default=2, help="images for the official comparison")
     parser.add_argument("--peaks-cap", type=int, default=8, help="peaks per image in the official comparison")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--parts", default="1,2,3,4")
+    parser.add_argument("--parts", default="1,2,3,4,5")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
 
@@ -345,6 +377,9 @@ def main() -> None:
     if "4" in parts:
         out["memory"] = memory_table(manifests["efficientnet_lite0"], 512)
         print("## 4. Peak memory of the region stage\n\n" + markdown(out["memory"]) + "\n", flush=True)
+    if "5" in parts:
+        out["indexing"] = indexing_table(lite0, inputs[: args.images], ("adjoint", "exact"))
+        print("## 5. Indexing cost per image, dasr_star_crops against gem\n\n" + markdown(out["indexing"]) + "\n")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
 

@@ -24,6 +24,7 @@ from inserve.server.recipes import (
     RecipeUnavailable,
     build_recipes,
     recipe_specs,
+    sources,
 )
 from inserve.server.search import GROUPINGS, Hit, SearchOptions, search
 
@@ -72,6 +73,8 @@ class InstanceSearch:
                 self.unavailable[name] = str(exc)
                 log.warning("recipe %s is unavailable (the others are served): %s", name, exc)
         available = {name: r for name, r in self.recipes.items() if name not in self.unavailable}
+        if any(recipe.dasr_peaks for recipe in available.values()):
+            sources.dasr_engines(self.models, config.dasr)
         self.pipeline = Pipeline(self.models, available, config.image, config.batcher.buckets)
         self.index = InstanceIndex(config.data_dir, config.index, recipe_specs(self.recipes))
         self.batcher = DynamicBatcher(self.pipeline.run, self.pipeline.job_bucket, config.batcher)

@@ -3,6 +3,8 @@ pipeline batch described by recipes of both kinds runs the back-propagation once
 region modes give the boxes their definitions say, from the explicit maps."""
 
 import functools
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ from PIL import Image
 
 from inserve.engines import EngineOptions
 from inserve.server.config import DasrConfig, ImageConfig, ServerConfig
-from inserve.server.models import ModelBundle
+from inserve.server.instance_search import InstanceSearch
+from inserve.server.models import ModelBundle, ModelsError
 from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import build_recipes
 from inserve.server.stages.buckets import valid_cells
@@ -124,3 +127,20 @@ def test_hybrid_regions_are_exact_boxes_of_the_adjoint_survivors(models_dir: Pat
         assert 0 < len(h.boxes) <= len(a.boxes)
         np.testing.assert_allclose(h.boxes, exact[valid][keep], atol=1e-2)
         np.testing.assert_array_equal(h.scores, scores[keep])
+
+
+def test_an_export_without_the_adjoint_graph_is_refused_at_start(models_dir: Path, tmp_path: Path) -> None:
+    """An export from before dasr_moments.onnx existed: the server refuses to start in adjoint mode, saying what to
+    do, and starts in exact mode."""
+    old = tmp_path / "models" / "efficientnet_lite0"
+    old.mkdir(parents=True)
+    for file in (models_dir / "efficientnet_lite0").iterdir():
+        (old / file.name).symlink_to(file)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["graphs"]["dasr_moments"]
+    (old / "manifest.json").unlink()
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    config = ServerConfig(models=old.parent, data_dir=tmp_path / "data", engine=EngineOptions(device="cpu"))
+    with pytest.raises(ModelsError, match=r"dasr_moments to stride 8 was not exported.*export again"):
+        InstanceSearch(config)
+    InstanceSearch(replace(config, dasr=DasrConfig(mode="exact"), data_dir=tmp_path / "exact")).close()

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from inserve.server.config import ClustersConfig, DasrConfig
+from inserve.server.models import ModelBundle
 from inserve.server.recipes.base import FeatureBatch
 from inserve.server.stages.components import threshold_boxes
 from inserve.server.stages.dasr import DasrEngines, Regions, dasr_region_sets
@@ -28,13 +29,22 @@ def dasr(batch: FeatureBatch, peaks: str, config: DasrConfig) -> list[Regions]:
     if key not in batch.derived:
         stride = config.stop_stride or batch.models.default_stop_stride
         kinds = tuple(sorted({peaks, *batch.dasr_peaks}))
-        engines = DasrEngines(
-            batch.models.backprop(stride), None if config.mode == "exact" else batch.models.moments(stride)
+        found = dasr_region_sets(
+            dasr_engines(batch.models, config), stride, batch.pixels, batch.maps["feat"], batch.sizes, kinds, config
         )
-        found = dasr_region_sets(engines, stride, batch.pixels, batch.maps["feat"], batch.sizes, kinds, config)
         for kind, regions in found.items():
             batch.derived.setdefault(dasr_key(kind, config), regions)
     return batch.derived[key]
+
+
+def dasr_engines(models: ModelBundle, config: DasrConfig) -> DasrEngines:
+    """The DASR graphs the region mode runs, opened (ModelsError when the export lacks one: the server calls this
+    at start, so that an old export is refused then, with what to do, not at the first image)."""
+    stride = config.stop_stride or models.default_stop_stride
+    return DasrEngines(
+        models.backprop(stride) if config.mode != "adjoint" else None,
+        models.moments(stride) if config.mode != "exact" else None,
+    )
 
 
 def rmac(height: int, width: int, stride: int, levels: int = 3) -> tuple[np.ndarray, np.ndarray]:

@@ -179,9 +179,10 @@ def dasr_regions(
 
 @dataclass(frozen=True)
 class DasrEngines:
-    """The two DASR graphs at one stop stride; `moments` may be None for the `exact` mode."""
+    """The DASR graphs at one stop stride: `backprop` for the exact maps, `moments` for the adjoint (each may be
+    None where the region mode does not run it)."""
 
-    backprop: Engine
+    backprop: Engine | None
     moments: Engine | None
 
 
