@@ -214,7 +214,7 @@ def boxes_table(bundle: ModelBundle, dataset: Dataset, names: list[str], inputs:
             positions = find_seeds("dasr_star", activation, config)
             size = inp.pixels.shape[1:]
             if mode == "adjoint":
-                found = regions_from_moments(activation, positions, moments, size, stride, "dasr_star", config)
+                found, _ = regions_from_moments(activation, positions, moments, size, stride, "dasr_star", config)
             elif mode == "exact":
                 (maps,) = _exact_maps(eng, pixels, positions, config)
                 found = regions_from_maps(activation, positions, maps, size, stride, "dasr_star", config)

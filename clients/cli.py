@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--desc-layer", default=None, help="descriptor layer (default: the backbone's)")
     p.add_argument("--cam-top-n", type=int, default=64)
     p.add_argument("--dasr-strides", type=_ints, default=(8,), help="stop strides to export, e.g. 1,4,8")
-    p.add_argument("--stop-stride", type=int, default=8, help="default DASR stop stride (dasr_backprop.onnx)")
+    p.add_argument("--stop-stride", type=int, default=8, help="default DASR stop stride (dasr_*.onnx)")
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker and the parity check")
     p.set_defaults(fn=cmd_export)
 

@@ -35,10 +35,7 @@ class DasrConfig:
     tau: float = 0.1  # threshold on the [0,1]-normalised probability map
     shape: str = "moments"  # "moments": pixels >= tau, 2-sigma ellipse; "official": 95th percentile
     nms_iou: float = 0.3  # beta of DASR*
-    # one of REGION_MODES. adjoint: the fastest (bench/README.md "DASR regions at the cost of a few forward
-    # passes"), and on composite-dev its boxes localise better than the exact ones (dasr_star_crops mAP 0.838,
-    # loc 0.515 against 0.808, 0.451), so it is the default
-    mode: str = "adjoint"
+    mode: str = "adjoint"  # one of REGION_MODES; why adjoint: server/stages/dasr.py
     sigmas: float = 1.5  # adjoint boxes: centroid +- sigmas standard deviations of the weighted map
     star_seeds: str = "above_mean"  # one of STAR_SEED_RULES
 
