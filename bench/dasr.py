@@ -38,6 +38,7 @@ from inserve.server.models import ModelBundle, locate_manifest
 from inserve.server.stages.dasr import (
     STAR_SEEDS,
     DasrEngines,
+    backpropagate_seeds,
     dasr_regions,
     find_seeds,
     regions_from_maps,
@@ -216,7 +217,7 @@ def boxes_table(bundle: ModelBundle, dataset: Dataset, names: list[str], inputs:
             if mode == "adjoint":
                 found, _ = regions_from_moments(activation, positions, moments, size, stride, "dasr_star", config)
             elif mode == "exact":
-                (maps,) = _exact_maps(eng, pixels, positions, config)
+                (maps,) = backpropagate_seeds(eng.backprop, pixels, [positions], config.seeds_per_run)
                 found = regions_from_maps(activation, positions, maps, size, stride, "dasr_star", config)
             else:
                 (found,) = dasr_regions(eng, stride, pixels, [feat], [pixels.shape[2:]], "dasr_star", config)
@@ -236,12 +237,6 @@ def boxes_table(bundle: ModelBundle, dataset: Dataset, names: list[str], inputs:
         }
         for mode, seeds, sigmas in variants
     ]
-
-
-def _exact_maps(eng: DasrEngines, pixels: np.ndarray, positions: np.ndarray, config: DasrConfig) -> list[np.ndarray]:
-    from inserve.server.stages.dasr import backpropagate_seeds
-
-    return backpropagate_seeds(eng.backprop, pixels, [positions], config.seeds_per_run)
 
 
 MEMORY_CHILD = """

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import MethodType
 
 import numpy as np
@@ -44,6 +46,9 @@ import torch
 from torch import nn
 from torch.autograd import Function
 from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from excitation_reference import first_output_into  # tests/ holds the shared autograd helpers
 
 EPS = 1e-10  # |Z| below this gives no gradient (the official PostHook's epsilon)
 SEED_RULES = ("official", "above_mean")
@@ -188,14 +193,6 @@ def official_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarra
     return np.asarray(keep, dtype=np.int64)
 
 
-def _first_output(captured: list[torch.Tensor]) -> Callable:
-    def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
-        if not captured:
-            captured.append(output)
-
-    return hook
-
-
 def official_regions(
     model: nn.Module,
     stop: nn.Module | None,
@@ -230,7 +227,7 @@ def official_regions(
     start = time.perf_counter()
     x = image.detach().clone().requires_grad_()
     captured: list[torch.Tensor] = []
-    handle = stop.register_forward_hook(_first_output(captured)) if stop is not None else None
+    handle = stop.register_forward_hook(first_output_into(captured)) if stop is not None else None
     try:
         with official_rules(model):
             activation = feat_fn(x).mean(dim=1, keepdim=True)

@@ -181,9 +181,10 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, op: Conv | Pool, groups: int) -
 
 
 def _per_seed(p: torch.Tensor, per_image: torch.Tensor) -> torch.Tensor:
-    """p (B*S, ...) times per_image (B, ...), broadcast over each image's S seeds without copying."""
+    """p (B*S, C or 1, ...) times per_image (B, C, ...), broadcast over each image's S seeds (or functionals, and
+    over channels where p has one) without copying."""
     batch = per_image.shape[0]
-    return (p.reshape(batch, -1, *p.shape[1:]) * per_image.unsqueeze(1)).reshape(p.shape)
+    return (p.reshape(batch, -1, *p.shape[1:]) * per_image.unsqueeze(1)).flatten(0, 1)
 
 
 class _TopDown(nn.Module):
@@ -346,7 +347,7 @@ class DasrMoments(_TopDown):
             if isinstance(op, Conv | Pool):
                 rows, pending = g[op.src]
                 groups, terms, z = self._terms(i, op, acts[op.src])
-                parts = [_times(rows, _scaled(x, pending)) for x, _ in terms]
+                parts = [_per_seed(rows, _scaled(x, pending)) for x, _ in terms]
                 if hasattr(self, f"both{i}"):
                     pulled = _conv(torch.cat(parts, 1), getattr(self, f"both{i}"), op, 1)
                 else:
@@ -358,7 +359,7 @@ class DasrMoments(_TopDown):
             elif isinstance(op, Add):
                 shares = _positive_shares(acts[op.src], acts[op.other])
                 g[op.dst] = (
-                    sum(_times(g[n][0], _scaled(share, g[n][1])) for n, share in zip((op.src, op.other), shares)),
+                    sum(_per_seed(g[n][0], _scaled(share, g[n][1])) for n, share in zip((op.src, op.other), shares)),
                     None,
                 )
             else:
@@ -367,7 +368,7 @@ class DasrMoments(_TopDown):
         total = feat.sum(1, keepdim=True)
         spread = feat * torch.where(total > 0, 1.0 / total.clamp(min=1e-30), torch.zeros_like(total))
         rows, pending = g[program.feat]
-        moments = _times(rows, _scaled(spread, pending)).sum(1)
+        moments = _per_seed(rows, _scaled(spread, pending)).sum(1)
         return moments.reshape(batch, k, moments.shape[1], moments.shape[2])
 
 
@@ -378,12 +379,6 @@ _TINY = 1e-20
 
 def _scaled(per_image: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
     return per_image if pending is None else per_image * pending
-
-
-def _times(rows: torch.Tensor, per_image: torch.Tensor) -> torch.Tensor:
-    """rows (B*K, C or 1, h, w) times per_image (B, C, h, w), broadcast over each image's K rows (and channels)."""
-    batch = per_image.shape[0]
-    return (rows.reshape(batch, -1, *rows.shape[1:]) * per_image.unsqueeze(1)).flatten(0, 1)
 
 
 def _positive_shares(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

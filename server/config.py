@@ -38,6 +38,8 @@ class DasrConfig:
     mode: str = "adjoint"  # one of REGION_MODES; why adjoint: server/stages/dasr.py
     sigmas: float = 1.5  # adjoint boxes: centroid +- sigmas standard deviations of the weighted map
     star_seeds: str = "above_mean"  # one of STAR_SEED_RULES
+    max_regions: int = 64  # per image, best first
+    seeds_per_run: int = 48  # seeds back-propagated in one engine run (memory bound)
 
     def __post_init__(self) -> None:
         if self.mode not in REGION_MODES:
@@ -46,9 +48,6 @@ class DasrConfig:
             raise ValueError(f"unknown DASR* seeds {self.star_seeds!r}; choose one of {', '.join(STAR_SEED_RULES)}")
         if self.sigmas <= 0:
             raise ValueError(f"sigmas must be positive, got {self.sigmas}")
-
-    max_regions: int = 64  # per image, best first
-    seeds_per_run: int = 48  # seeds back-propagated in one engine run (memory bound)
 
 
 @dataclass(frozen=True)

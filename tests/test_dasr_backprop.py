@@ -95,14 +95,19 @@ def test_conv_3x3_by_hand() -> None:
     np.testing.assert_array_equal(maps[2], np.zeros((3, 3)))
 
 
+SIGNED_PIXELS = [[2, -1, 0], [1, 3, -2], [0, 0, 0]]
+
+
+def signed_net() -> tuple[LoadedBackbone, Program]:
+    """A 3x3 conv with signed weights on a signed input, then ReLU."""
+    kernel = [[1, 2, 0], [-1, 1, -1], [0, 0, 0]]
+    return tiny([conv("image", "c", on_channel_0(kernel), pads=(1, 1, 1, 1)), Act("c", "feat", "relu")], "feat")
+
+
 def test_signed_input_z_plus_rule_by_hand() -> None:
     """Signed inputs: positive inputs through positive weights and negative inputs through negative weights."""
-    kernel = [[1, 2, 0], [-1, 1, -1], [0, 0, 0]]
-    pixels = [[2, -1, 0], [1, 3, -2], [0, 0, 0]]
-    loaded, program = tiny(
-        [conv("image", "c", on_channel_0(kernel), pads=(1, 1, 1, 1)), Act("c", "feat", "relu")], "feat"
-    )
-    (map_,) = run(loaded, program, image_from(pixels), [[(1, 1, 1.0)]])[0]
+    loaded, program = signed_net()
+    (map_,) = run(loaded, program, image_from(SIGNED_PIXELS), [[(1, 1, 1.0)]])[0]
     # A*W over the window: 2*1 = 2, (-1)*2 = -2, 1*(-1) = -1, 3*1 = 3, (-2)*(-1) = 2: conv = 4 > 0.
     # (A*W)+ keeps 2, 3 and 2 (the last a negative input through a negative weight): Z = 7
     np.testing.assert_allclose(map_, [[2 / 7, 0, 0], [0, 3 / 7, 2 / 7], [0, 0, 0]], rtol=1e-6)
@@ -150,18 +155,25 @@ def test_stop_stride_stops_at_the_stage_tensor() -> None:
     np.testing.assert_allclose(maps[0, 0], [[0, 1], [0, 0]])
 
 
-def test_residual_sum_splits_by_positive_parts() -> None:
-    """s = a + b with signed branches a(x) = A(x) and b(x) = A(x + 1): each branch gets its positive part's share."""
-    pixels = [[3, -1, 6, 2, -4, 5]]
+RESIDUAL_PIXELS = [[3, -1, 6, 2, -4, 5]]
+
+
+def residual_net() -> tuple[LoadedBackbone, Program]:
+    """s = a + b with signed branches a(x) = A(x) and b(x) = A(x + 1), then ReLU."""
     ops = [
         conv("image", "a", on_channel_0([[1]])),
         conv("image", "b", on_channel_0([[0, 0, 1]]), pads=(1, 1, 0, 0)),
         Add("a", "b", "s"),
         Act("s", "feat", "relu"),
     ]
-    loaded, program = tiny(ops, "feat")
+    return tiny(ops, "feat")
+
+
+def test_residual_sum_splits_by_positive_parts() -> None:
+    """Each branch of a residual sum gets its positive part's share."""
+    loaded, program = residual_net()
     seeds = [(0, x, 1.0) for x in range(5)]
-    maps = run(loaded, program, image_from(pixels), [seeds])[0, :, 0]
+    maps = run(loaded, program, image_from(RESIDUAL_PIXELS), [seeds])[0, :, 0]
     # a = [3, -1, 6, 2, -4, 5], b = [-1, 6, 2, -4, 5, 0], s = [2, 5, 8, -2, 1, 5]
     expected = [
         [1, 0, 0, 0, 0, 0],  # x=0: a+ = 3, b+ = 0: all to a, i.e. to pixel 0
@@ -173,12 +185,19 @@ def test_residual_sum_splits_by_positive_parts() -> None:
     np.testing.assert_allclose(maps, expected, rtol=1e-6, atol=1e-7)
 
 
+SAME_PAD_PIXELS = [[1, 2, 3, 4], [5, 6, 7, 8], [1, 1, 1, 1], [2, 2, 2, 2]]
+
+
+def same_pad_net() -> tuple[LoadedBackbone, Program]:
+    """A 3x3 stride-2 conv with TensorFlow SAME padding (0, 1), then ReLU."""
+    ops = [conv("image", "c", on_channel_0([[1, 1, 1], [1, 1, 1], [1, 1, 1]]), pads=(0, 1, 0, 1), stride=2)]
+    return tiny([*ops, Act("c", "feat", "relu")], "feat")
+
+
 def test_stride_2_conv_with_asymmetric_same_padding_by_hand() -> None:
     """EfficientNet's stride-2 convs pad (0, 1) (TensorFlow SAME); the transposed pass must crop alike."""
-    pixels = [[1, 2, 3, 4], [5, 6, 7, 8], [1, 1, 1, 1], [2, 2, 2, 2]]
-    ops = [conv("image", "c", on_channel_0([[1, 1, 1], [1, 1, 1], [1, 1, 1]]), pads=(0, 1, 0, 1), stride=2)]
-    loaded, program = tiny([*ops, Act("c", "feat", "relu")], "feat")
-    maps = run(loaded, program, image_from(pixels), [[(0, 0, 1.0), (1, 1, 1.0)]])[0]
+    loaded, program = same_pad_net()
+    maps = run(loaded, program, image_from(SAME_PAD_PIXELS), [[(0, 0, 1.0), (1, 1, 1.0)]])[0]
     expected = np.zeros((2, 4, 4))
     expected[0, :3, :3] = np.array([[1, 2, 3], [5, 6, 7], [1, 1, 1]]) / 27  # window rows/cols 0..2
     expected[1, 2:, 2:] = np.array([[1, 1], [2, 2]]) / 6  # rows/cols 2..4, the 4th is padding

@@ -24,6 +24,9 @@ from test_dasr_backprop import (
     NO_PADS,
     PIXELS,
     POOL_PIXELS,
+    RESIDUAL_PIXELS,
+    SAME_PAD_PIXELS,
+    SIGNED_PIXELS,
     WIDTH,
     backbone_case,
     conv,
@@ -31,12 +34,15 @@ from test_dasr_backprop import (
     on_channel_0,
     pooled_net,
     random_net,
+    residual_net,
+    same_pad_net,
+    signed_net,
     tiny,
 )
 
 from inserve.engines import EngineOptions, open_engine
 from inserve.export.graphs import DasrBackprop, DasrMoments
-from inserve.export.programs import Act, Add
+from inserve.export.programs import Act
 from inserve.server.stages.buckets import valid_cells
 from inserve.server.stages.dasr import backpropagate_seeds, seed_moments
 from inserve.server.stages.shapes import MOMENTS, map_moments, moment_functionals
@@ -94,12 +100,8 @@ def test_conv_3x3_with_a_seed_that_has_no_mass() -> None:
 
 
 def test_signed_input() -> None:
-    kernel = [[1, 2, 0], [-1, 1, -1], [0, 0, 0]]
-    pixels = [[2, -1, 0], [1, 3, -2], [0, 0, 0]]
-    loaded, program = tiny(
-        [conv("image", "c", on_channel_0(kernel), pads=(1, 1, 1, 1)), Act("c", "feat", "relu")], "feat"
-    )
-    check_random_functionals(loaded, program, image_from(pixels), 1)
+    loaded, program = signed_net()
+    check_random_functionals(loaded, program, image_from(SIGNED_PIXELS), 1)
 
 
 @pytest.mark.parametrize(("kind", "kernel", "pads"), [("max", 2, NO_PADS), ("avg", 2, NO_PADS), ("max", 3, (1,) * 4)])
@@ -110,20 +112,13 @@ def test_pooling(kind: str, kernel: int, pads: tuple) -> None:
 
 
 def test_residual_sum() -> None:
-    ops = [
-        conv("image", "a", on_channel_0([[1]])),
-        conv("image", "b", on_channel_0([[0, 0, 1]]), pads=(1, 1, 0, 0)),
-        Add("a", "b", "s"),
-        Act("s", "feat", "relu"),
-    ]
-    loaded, program = tiny(ops, "feat")
-    check_random_functionals(loaded, program, image_from([[3, -1, 6, 2, -4, 5]]), 1)
+    loaded, program = residual_net()
+    check_random_functionals(loaded, program, image_from(RESIDUAL_PIXELS), 1)
 
 
 def test_stride_2_conv_with_asymmetric_same_padding() -> None:
-    ops = [conv("image", "c", on_channel_0([[1, 1, 1], [1, 1, 1], [1, 1, 1]]), pads=(0, 1, 0, 1), stride=2)]
-    loaded, program = tiny([*ops, Act("c", "feat", "relu")], "feat")
-    check_random_functionals(loaded, program, image_from([[1, 2, 3, 4], [5, 6, 7, 8], [1, 1, 1, 1], [2, 2, 2, 2]]), 1)
+    loaded, program = same_pad_net()
+    check_random_functionals(loaded, program, image_from(SAME_PAD_PIXELS), 1)
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
