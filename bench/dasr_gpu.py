@@ -89,9 +89,9 @@ def backbone_rows(name: str, pixels: list[np.ndarray], strides: list[int], batch
             functionals = torch.from_numpy(moment_functionals(cells, cells))[None].to(device)
             adjoint = [cuda_ms(partial(moments, x, functionals)) for x in images]
             batched_adjoint = cuda_ms(partial(moments, stacked, functionals.expand(len(stacked), -1, -1, -1)))
-            cpu_moments = DasrMoments(loaded, program, stride).eval()(images[0].cpu(), functionals.cpu())
+            cpu_moments = DasrMoments(loaded, program, stride).eval()(images[0].cpu(), functionals.cpu())[-1]
             moments_error = float(
-                (moments(images[0], functionals).cpu() - cpu_moments).abs().max() / cpu_moments.abs().max()
+                (moments(images[0], functionals)[-1].cpu() - cpu_moments).abs().max() / cpu_moments.abs().max()
             )
         theirs = [
             cuda_ms(partial(official_dasr_star, model, None, official_feat_fn(name, model), graph.normalize(x)), 1)

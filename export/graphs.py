@@ -221,9 +221,10 @@ class _TopDown(nn.Module):
         if adjoint:
             self.register_buffer(f"{sign}{i}_adjoint", adjoint_weight(weight, groups))
 
-    def _activations(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _activations(self, image: torch.Tensor, also: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        """The forward maps the top-down rules read (the inputs of every layer above the stop, `feat`), and `also`."""
         ops = self.body.program.ops
-        names = {self.body.program.feat}
+        names = {self.body.program.feat, *also}
         for i in self.steps:
             op = ops[i]
             if isinstance(op, Conv | Pool):
@@ -309,9 +310,11 @@ class DasrMoments(_TopDown):
     """The adjoint of DasrBackprop: linear functionals of the map of *every* `feat` cell as a seed, at once.
 
     Inputs: image (B,3,H,W) 0..255; functionals (B,K,H/s,W/s), K weightings of the stop map's cells.
-    Output: moments (B,K,h,w) with moments[b,k,y,x] = sum_p functionals[b,k,p] * map(p), where map is
-    DasrBackprop's map of a unit seed at (y, x) of image b. With the functionals 1, x, y, x^2, y^2 these are
-    the mass, centroid and variances of every possible seed's map (server/stages/shapes.py).
+    Outputs: feat, desc, logits as BackboneGraph gives them, from the same forward pass (so that indexing runs
+    the network once, not once for the maps and again for the moments); moments (B,K,h,w) with
+    moments[b,k,y,x] = sum_p functionals[b,k,p] * map(p), where map is DasrBackprop's map of a unit seed at
+    (y, x) of image b. With the functionals 1, x, y, x^2, y^2 these are the mass, centroid and variances of
+    every possible seed's map (server/stages/shapes.py).
 
     Why: the top-down pass is linear in the seed once the forward pass is fixed, P_stop = M P_feat, so a
     functional g of the map is g^T M P_feat = (M^T g)^T P_feat. M^T is a product of per-layer transposes,
@@ -330,16 +333,19 @@ class DasrMoments(_TopDown):
 
     def __init__(self, loaded: LoadedBackbone, program: Program, stop_stride: int) -> None:
         super().__init__(loaded, program, stop_stride, adjoint_weights=False)
+        self.head = ClassifierHead(loaded)
         for i in self.steps:  # signed inputs of ungrouped convs: both terms as one convolution of twice the channels
             if hasattr(self, f"neg{i}") and self.body.program.ops[i].groups == 1:
                 self.register_buffer(f"both{i}", torch.cat([getattr(self, f"pos{i}"), getattr(self, f"neg{i}")], 1))
 
-    def forward(self, image: torch.Tensor, functionals: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image: torch.Tensor, functionals: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each tensor's g is kept as (per-functional rows, per-image factor not yet applied): the 1 / Z of a
         layer is folded into the next per-image product (its consumer's A, a residual share, the seed spread),
         so a functional pays one multiplication per layer, not two."""
         program = self.body.program
-        acts = self._activations(image)
+        acts = self._activations(image, frozenset({program.desc}))
         batch, k = functionals.shape[0], functionals.shape[1]
         g: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {self.stop: (functionals.flatten(0, 1)[:, None], None)}
         for i in self.steps:
@@ -364,12 +370,14 @@ class DasrMoments(_TopDown):
                 )
             else:
                 g[op.dst] = g[op.src]
-        feat = acts[program.feat].clamp(min=0)
-        total = feat.sum(1, keepdim=True)
-        spread = feat * torch.where(total > 0, 1.0 / total.clamp(min=1e-30), torch.zeros_like(total))
+        positive = acts[program.feat].clamp(min=0)
+        total = positive.sum(1, keepdim=True)
+        spread = positive * torch.where(total > 0, 1.0 / total.clamp(min=1e-30), torch.zeros_like(total))
         rows, pending = g[program.feat]
         moments = _per_seed(rows, _scaled(spread, pending)).sum(1)
-        return moments.reshape(batch, k, moments.shape[1], moments.shape[2])
+        feat = acts[program.feat]
+        moments = moments.reshape(batch, k, moments.shape[1], moments.shape[2])
+        return feat, acts[program.desc], self.head.logits(feat), moments
 
 
 # Z below this is taken as this: 1 / Z then stays far from float32's range even times large activations, and no

@@ -108,6 +108,7 @@ def export_backbone(
     seed_dims = {0: batch, 1: torch.export.Dim("seeds", min=1)}
     dasr_inputs = ["image", "seed_yx", "seed_value"]
     moment_inputs = ["image", "functionals"]
+    moment_outputs = ["feat", "desc", "logits", "moments"]  # the backbone's maps from the same forward pass
     checks = [(backbone, (sample,), graphs["backbone"]), (cam, (feat, logits), graphs["cam_head"])]
     for graph in ("dasr_backprop", "dasr_moments"):
         files = {}
@@ -117,7 +118,7 @@ def export_backbone(
                 args = (sample, *seeds)
                 dims = {"image": image_dims, "seed_yx": seed_dims, "seed_value": seed_dims}
             else:
-                module, inputs, outputs = DasrMoments(loaded, program, stride).eval(), moment_inputs, ["moments"]
+                module, inputs, outputs = DasrMoments(loaded, program, stride).eval(), moment_inputs, moment_outputs
                 args = (sample, torch.rand(2, 5, sample.shape[2] // stride, sample.shape[3] // stride))
                 cells = {2: (m // stride) * rows, 3: (m // stride) * cols}
                 dims = {"image": image_dims, "functionals": {0: batch, 1: torch.export.Dim("k", min=1), **cells}}

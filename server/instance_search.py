@@ -75,7 +75,7 @@ class InstanceSearch:
         available = {name: r for name, r in self.recipes.items() if name not in self.unavailable}
         if any(recipe.dasr_peaks for recipe in available.values()):
             sources.dasr_engines(self.models, config.dasr)
-        self.pipeline = Pipeline(self.models, available, config.image, config.batcher.buckets)
+        self.pipeline = Pipeline(self.models, available, config.image, config.batcher.buckets, config.dasr)
         self.index = InstanceIndex(config.data_dir, config.index, recipe_specs(self.recipes))
         self.batcher = DynamicBatcher(self.pipeline.run, self.pipeline.job_bucket, config.batcher)
         self._whitening = threading.Lock()

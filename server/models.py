@@ -91,23 +91,31 @@ class ModelBundle:
         """pixels (B, 3, H, W) 0..255 -> feat, desc, logits."""
         return self.backbone.run({"image": pixels})
 
+    def features_and_moments(self, pixels: np.ndarray, stride: int, functionals: np.ndarray) -> dict[str, np.ndarray]:
+        """`features` and the DASR moments to `stride` of every `feat` cell, from one forward pass (the moments
+        graph outputs the backbone's maps too): what indexing with the adjoint regions runs."""
+        return self.moments(stride).run({"image": pixels, "functionals": functionals})
+
     def cams(self, feat: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
         """-> classes (B, N), scores (B, N), cams (B, N, h, w) of the top-N classes."""
         return self._engine(self.manifest["graphs"]["cam_head"]).run({"feat": feat, "logits": logits})
 
     def backprop(self, stride: int) -> Engine:
         """DASR's top-down pass to `stride`: one map per seed."""
-        return self._dasr_engine("dasr_backprop", stride)
+        return self._engine(self._dasr_entry("dasr_backprop", stride))
 
     def moments(self, stride: int) -> Engine:
-        """Its adjoint to `stride`: the moments of every cell's map at once."""
-        return self._dasr_engine("dasr_moments", stride)
+        """Its adjoint to `stride`: the moments of every cell's map at once, with the backbone's maps."""
+        entry = self._dasr_entry("dasr_moments", stride)
+        if "feat" not in entry["outputs"]:
+            raise ModelsError(f"{entry['file']} predates the backbone's maps among its outputs; export it again")
+        return self._engine(entry)
 
-    def _dasr_engine(self, graph: str, stride: int) -> Engine:
+    def _dasr_entry(self, graph: str, stride: int) -> dict:
         strides = self.manifest["graphs"].get(graph, {}).get("strides", {})
         if str(stride) not in strides:
             raise ModelsError(
                 f"{graph} to stride {stride} was not exported (have {sorted(int(s) for s in strides)}); "
                 f"export again with --dasr-strides {stride}"
             )
-        return self._engine(strides[str(stride)])
+        return strides[str(stride)]

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from inserve.server.config import BatcherConfig, ImageConfig
+from inserve.server.config import BatcherConfig, DasrConfig, ImageConfig
 from inserve.server.imaging import NetworkInput, decode_image, prepare, validate_box
 from inserve.server.models import ModelBundle
 from inserve.server.recipes import FeatureBatch, ImageVectors, QueryVector, Recipe
 from inserve.server.stages.buckets import Shape, bucket_shapes, choose_bucket, crop_map, pad_batch
+from inserve.server.stages.dasr import batch_functionals
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,17 @@ class Pipeline:
         recipes: dict[str, Recipe],
         image: ImageConfig,
         buckets: tuple[str, ...] = BatcherConfig.buckets,
+        dasr: DasrConfig | None = None,
     ) -> None:
+        """`dasr`: the recipes' DASR configuration; when its regions come from the adjoint moments, batches to
+        describe run the moments graph in place of the backbone (one forward pass for both)."""
         self.models = models
         self.recipes = recipes
         self.image = image
         self.shapes = bucket_shapes(buckets, image.long_side, models.size_multiple)
+        self.moments_stride = None
+        if dasr is not None and dasr.mode != "exact":
+            self.moments_stride = dasr.stop_stride or models.default_stop_stride
 
     def load(self, data: bytes) -> NetworkInput:
         """Decoded, checked and resized; raises ImageError with the reason."""
@@ -65,30 +72,37 @@ class Pipeline:
     def job_bucket(self, job: Job) -> Shape:
         return self.bucket(job.inp)
 
-    def features(self, inputs: list[NetworkInput]) -> FeatureBatch:
-        """One backbone run over images of one bucket; every map cropped back to each image's own cells."""
+    def features(self, inputs: list[NetworkInput], moments: bool = False) -> FeatureBatch:
+        """One backbone run over images of one bucket; every map cropped back to each image's own cells.
+        `moments`: also every feat cell's DASR moments (maps["moments"]), from the same forward pass."""
         shape = self.bucket(inputs[0])
         if any(self.bucket(inp) != shape for inp in inputs):
             raise ValueError("features() takes images of one shape bucket")
         pixels = pad_batch([inp.pixels for inp in inputs], shape, self.models.pad_value)
-        maps = self.models.features(pixels)
+        stride = self.moments_stride if moments else None
+        if stride is None:
+            maps = self.models.features(pixels)
+        else:
+            sizes = [(inp.pixels.shape[1], inp.pixels.shape[2]) for inp in inputs]
+            maps = self.models.features_and_moments(pixels, stride, batch_functionals(pixels, sizes, stride))
         cropped = {
             name: [crop_map(m, (inp.pixels.shape[1], inp.pixels.shape[2]), shape[0]) for m, inp in zip(out, inputs)]
             if out.ndim == 4
             else list(out)
             for name, out in maps.items()
         }
-        return FeatureBatch(inputs, pixels, cropped, self.models)
+        return FeatureBatch(inputs, pixels, cropped, self.models, moments_stride=stride)
 
     def run(self, jobs: list[Job]) -> list[dict[str, ImageVectors] | QueryVector]:
         """Jobs of one bucket in one backbone run (and one DASR run for those to describe), results in order."""
-        batch = self.features([job.inp for job in jobs])
-        results: list[dict[str, ImageVectors] | QueryVector] = [{} for _ in jobs]
         describe = [i for i, job in enumerate(jobs) if isinstance(job, DescribeJob)]
+        names = {name: None for i in describe for name in (jobs[i].recipes or self.recipes)}
+        peaks = tuple(sorted({p for name in names for p in self.recipes[name].dasr_peaks}))
+        batch = self.features([job.inp for job in jobs], moments=bool(peaks))
+        results: list[dict[str, ImageVectors] | QueryVector] = [{} for _ in jobs]
         if describe:
             sub = batch if len(describe) == len(jobs) else batch.subset(describe)
-            names = {name: None for i in describe for name in (jobs[i].recipes or self.recipes)}
-            sub.dasr_peaks = tuple(sorted({p for name in names for p in self.recipes[name].dasr_peaks}))
+            sub.dasr_peaks = peaks
             for name in names:
                 for i, vectors in zip(describe, self.recipes[name].describe(sub)):
                     if jobs[i].recipes is None or name in jobs[i].recipes:

@@ -38,10 +38,12 @@ NO_PADS = (0, 0, 0, 0)
 
 
 def tiny(ops: list, feat: str, stage_points: dict[int, str] | None = None) -> tuple[LoadedBackbone, Program]:
-    """A hand-built backbone: the image goes in unnormalised (mean 0, std 1)."""
+    """A hand-built backbone: the image goes in unnormalised (mean 0, std 1); a random two-class linear head."""
     program = Program(ops, feat=feat, desc=feat, stage_points=stage_points or {1: "image"}, size_multiple=1)
     spec = BackboneSpec("tiny", (0.0,) * 3, (1.0,) * 3, feat, "gap_linear", nn.Identity, lambda m, d: program)
-    return LoadedBackbone(spec, nn.Identity(), "hand-built"), program
+    model = nn.Module()
+    model.fc = nn.Linear(program.channels(feat), 2)
+    return LoadedBackbone(spec, model, "hand-built"), program
 
 
 def conv(src: str, dst: str, weight: list, pads=NO_PADS, stride: int = 1, groups: int = 1, bias=None) -> Conv:

@@ -63,7 +63,7 @@ def every_cell_maps(loaded, program, image: torch.Tensor, stride: int) -> torch.
 def pulled_up(loaded, program, image: torch.Tensor, functionals: torch.Tensor, stride: int) -> torch.Tensor:
     """(B, K, h*w): the adjoint graph's value of each functional for every cell."""
     with torch.no_grad():
-        return DasrMoments(loaded, program, stride)(image, functionals).flatten(2)
+        return DasrMoments(loaded, program, stride)(image, functionals)[-1].flatten(2)
 
 
 def assert_functionals_match(got, expected) -> None:
@@ -169,10 +169,18 @@ def test_exported_graph_equals_the_explicit_maps_moments(request: pytest.Fixture
     shape = tuple(maps.shape[2:])
     functionals = np.broadcast_to(moment_functionals(shape, shape), (2, len(MOMENTS), *shape))
     engine = open_engine(moments_file(request, name, stride), EngineOptions(device="cpu"))
-    got = engine.run({"image": case["image"].numpy(), "functionals": np.ascontiguousarray(functionals)})["moments"]
+    outputs = engine.run({"image": case["image"].numpy(), "functionals": np.ascontiguousarray(functionals)})
+    got = outputs.pop("moments")
     assert got.shape == (2, len(MOMENTS), HEIGHT // 32, WIDTH // 32)
     expected = np.stack([map_moments(m.numpy()).T for m in maps])
     assert_functionals_match(got.reshape(2, len(MOMENTS), -1), expected)
+    # the backbone's maps, from the same forward pass, are the backbone graph's
+    backbone = json.loads((backbone_dir(request, name) / "manifest.json").read_text())["graphs"]["backbone"]
+    alone = open_engine(backbone_dir(request, name) / backbone["file"], EngineOptions(device="cpu"))
+    expected_maps = alone.run({"image": case["image"].numpy()})
+    assert set(outputs) == set(expected_maps) == {"feat", "desc", "logits"}
+    for output, value in outputs.items():
+        np.testing.assert_allclose(value, expected_maps[output], rtol=1e-4, atol=1e-4 * np.abs(value).max())
 
 
 def test_padded_batch_moments_count_only_each_images_own_cells(request: pytest.FixtureRequest) -> None:

@@ -57,23 +57,29 @@ def test_a_batch_described_with_both_kinds_back_propagates_once(models_dir: Path
         dasr=DasrConfig(mode=mode),
     )
     models = ModelBundle.open(models_dir, config.backbone, config.engine)
-    pipeline = Pipeline(models, build_recipes(("dasr", "dasr_star", "gem"), config), config.image)
+    recipes = build_recipes(("dasr", "dasr_star", "gem"), config)
+    pipeline = Pipeline(models, recipes, config.image, dasr=config.dasr)
     inp = pipeline.prepare(Image.fromarray(photo("coffee")))
     activation = mean_activation(pipeline.features([inp]).maps["feat"][0])
     union = {tuple(p) for p in local_maxima(activation)} | {tuple(p) for p in above_mean(activation)}
+    (separately,) = Pipeline(models, recipes, config.image).run([DescribeJob(inp)])  # backbone, then the DASR graph
     stride = models.default_stop_stride
-    runs = {"backprop": [], "moments": []}
+    runs = {"backbone": [], "backprop": [], "moments": []}
     for graph in runs:
-        engine = getattr(models, graph)(stride)
+        engine = models.backbone if graph == "backbone" else getattr(models, graph)(stride)
         engine.run = functools.partial(counted, engine.run, runs[graph])
     (described,) = pipeline.run([DescribeJob(inp)])
     assert set(described) == {"dasr", "dasr_star", "gem"}
     assert len(described["dasr"].regions.boxes) > 0 and len(described["dasr_star"].regions.boxes) > 0
     if mode == "exact":
         assert len(runs["backprop"]) == -(-len(union) // config.dasr.seeds_per_run)  # one pass over the union
-        assert runs["moments"] == []
-    else:
-        assert (len(runs["backprop"]), len(runs["moments"])) == (0, 1)
+        assert (len(runs["backbone"]), len(runs["moments"])) == (1, 0)
+    else:  # one forward pass: the moments graph gives the backbone's maps too
+        assert (len(runs["backbone"]), len(runs["backprop"]), len(runs["moments"])) == (0, 0, 1)
+    for name, vectors in described.items():
+        np.testing.assert_allclose(vectors.regions.boxes, separately[name].regions.boxes, atol=1e-2)
+        for got, expected in zip(vectors.vectors, separately[name].vectors, strict=True):
+            np.testing.assert_allclose(got.raw, expected.raw, atol=1e-5)
 
 
 def counted(run, calls: list, *args, **kwargs):
@@ -129,18 +135,37 @@ def test_hybrid_regions_are_exact_boxes_of_the_adjoint_survivors(models_dir: Pat
         np.testing.assert_array_equal(h.scores, scores[keep])
 
 
-def test_an_export_without_the_adjoint_graph_is_refused_at_start(models_dir: Path, tmp_path: Path) -> None:
-    """An export from before dasr_moments.onnx existed: the server refuses to start in adjoint mode, saying what to
-    do, and starts in exact mode."""
+def older_export(models_dir: Path, tmp_path: Path, edit) -> Path:
+    """The models directory as an older export wrote it: the same files (linked), the manifest changed by `edit`."""
     old = tmp_path / "models" / "efficientnet_lite0"
     old.mkdir(parents=True)
     for file in (models_dir / "efficientnet_lite0").iterdir():
-        (old / file.name).symlink_to(file)
-    manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["graphs"]["dasr_moments"]
-    (old / "manifest.json").unlink()
+        if file.name != "manifest.json":
+            (old / file.name).symlink_to(file)
+    manifest = json.loads((models_dir / "efficientnet_lite0" / "manifest.json").read_text())
+    edit(manifest["graphs"])
     (old / "manifest.json").write_text(json.dumps(manifest))
-    config = ServerConfig(models=old.parent, data_dir=tmp_path / "data", engine=EngineOptions(device="cpu"))
+    return old.parent
+
+
+def test_an_export_without_the_adjoint_graph_is_refused_at_start(models_dir: Path, tmp_path: Path) -> None:
+    """An export from before dasr_moments.onnx existed: the server refuses to start in adjoint mode, saying what to
+    do, and starts in exact mode."""
+    models = older_export(models_dir, tmp_path, lambda graphs: graphs.pop("dasr_moments"))
+    config = ServerConfig(models=models, data_dir=tmp_path / "data", engine=EngineOptions(device="cpu"))
     with pytest.raises(ModelsError, match=r"dasr_moments to stride 8 was not exported.*export again"):
         InstanceSearch(config)
     InstanceSearch(replace(config, dasr=DasrConfig(mode="exact"), data_dir=tmp_path / "exact")).close()
+
+
+def test_a_moments_graph_without_the_backbones_maps_is_refused_at_start(models_dir: Path, tmp_path: Path) -> None:
+    """An export from before the moments graph gave the backbone's maps too: refused in adjoint mode."""
+
+    def moments_only(graphs: dict) -> None:
+        for entry in graphs["dasr_moments"]["strides"].values():
+            entry["outputs"] = ["moments"]
+
+    models = older_export(models_dir, tmp_path, moments_only)
+    config = ServerConfig(models=models, data_dir=tmp_path / "data", engine=EngineOptions(device="cpu"))
+    with pytest.raises(ModelsError, match=r"dasr_moments.*predates the backbone's maps.*export it again"):
+        InstanceSearch(config)

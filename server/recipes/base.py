@@ -36,6 +36,8 @@ class FeatureBatch:
     derived: dict[str, object] = field(default_factory=dict)
     # DASR peak kinds the recipes describing this batch ask for: computed together, in one back-propagation
     dasr_peaks: tuple[str, ...] = ()
+    # the stop stride of maps["moments"] (every feat cell's DASR moments, from the backbone's run), if it ran
+    moments_stride: int | None = None
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -52,6 +54,7 @@ class FeatureBatch:
             self.pixels[indices],
             {name: [maps[i] for i in indices] for name, maps in self.maps.items()},
             self.models,
+            moments_stride=self.moments_stride,
         )
 
     @staticmethod

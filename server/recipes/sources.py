@@ -29,9 +29,9 @@ def dasr(batch: FeatureBatch, peaks: str, config: DasrConfig) -> list[Regions]:
     if key not in batch.derived:
         stride = config.stop_stride or batch.models.default_stop_stride
         kinds = tuple(sorted({peaks, *batch.dasr_peaks}))
-        found = dasr_region_sets(
-            dasr_engines(batch.models, config), stride, batch.pixels, batch.maps["feat"], batch.sizes, kinds, config
-        )
+        moments = batch.maps["moments"] if batch.moments_stride == stride else None
+        engines = dasr_engines(batch.models, config)
+        found = dasr_region_sets(engines, stride, batch.pixels, batch.maps["feat"], batch.sizes, kinds, config, moments)
         for kind, regions in found.items():
             batch.derived.setdefault(dasr_key(kind, config), regions)
     return batch.derived[key]

@@ -89,14 +89,21 @@ def backpropagate_seeds(engine: Engine, pixels: np.ndarray, seeds: list[np.ndarr
     return [np.concatenate(m) if m else np.zeros((0, 1, 1), dtype=np.float32) for m in maps]
 
 
+def batch_functionals(pixels: np.ndarray, sizes: list[tuple[int, int]], stride: int) -> np.ndarray:
+    """The moments graph's functionals (B, len(MOMENTS), H/s, W/s) for a padded batch: each image's own cells
+    weigh, its padding's do not."""
+    shape = (pixels.shape[2] // stride, pixels.shape[3] // stride)
+    return np.stack([moment_functionals(shape, valid_cells(size, stride)) for size in sizes])
+
+
 def seed_moments(
     engine: Engine, stride: int, pixels: np.ndarray, feat: list[np.ndarray], sizes: list[tuple[int, int]]
 ) -> list[np.ndarray]:
     """Per image, the moments (len(MOMENTS), h, w) of the map of every cell of its own `feat` cells as a seed,
-    in one run of the moments graph over the padded batch (the padding's cells weigh nothing)."""
-    shape = (pixels.shape[2] // stride, pixels.shape[3] // stride)
-    functionals = np.stack([moment_functionals(shape, valid_cells(size, stride)) for size in sizes])
-    out = engine.run({"image": pixels, "functionals": functionals}, ["moments"])["moments"]
+    in one run of the moments graph over the padded batch. Indexing gets them with the backbone's maps instead
+    (Pipeline.features); this is for batches whose backbone ran alone."""
+    feeds = {"image": pixels, "functionals": batch_functionals(pixels, sizes, stride)}
+    out = engine.run(feeds, ["moments"])["moments"]
     return [m[:, : f.shape[1], : f.shape[2]] for m, f in zip(out, feat)]
 
 
@@ -185,14 +192,17 @@ def dasr_region_sets(
     sizes: list[tuple[int, int]],
     kinds: tuple[str, ...],
     config: DasrConfig,
+    moments: list[np.ndarray] | None = None,
 ) -> dict[str, list[Regions]]:
     """`dasr_regions` of several peak kinds at once. `exact`: one back-propagation of the union of their seeds (a
     seed's map does not depend on the other seeds, and most DASR peaks are DASR* seeds too); `adjoint`: one
-    moments run gives every cell's box; `hybrid`: exact maps of the union of the kinds' NMS survivors."""
+    moments run gives every cell's box (none when `moments`, per image, came with the backbone's maps);
+    `hybrid`: exact maps of the union of the kinds' NMS survivors."""
     activations = [mean_activation(f) for f in feat]
     found = {kind: [find_seeds(kind, a, config) for a in activations] for kind in kinds}
     if config.mode != "exact":
-        moments = seed_moments(engines.moments, stride, pixels, feat, sizes)
+        if moments is None:
+            moments = seed_moments(engines.moments, stride, pixels, feat, sizes)
         adjoint = {
             kind: [
                 regions_from_moments(a, p, m, size, stride, kind, config)

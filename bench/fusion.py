@@ -1,0 +1,158 @@
+"""Fusing a whole-image descriptor with region crops (issue 13): mAP of each fusion rule and weight on the dev sets.
+
+    python bench/fusion.py --models bench/out/models --data ../shared/data
+
+Embeds every database image once with gem (global) and dasr_star_crops (DASR* regions plus the whole image,
+cropped and re-embedded), and every query with both and with its own regions; caches the vectors in --work.
+Then, for every query and database image, the component similarities:
+- `global`: cosine of the GeM vectors, PCA-whitened as `inserve whiten` learns it on the database (shrinkage
+  IndexConfig.whiten_shrinkage), or raw;
+- `region`: the best cosine between the query's crop (its box, or the whole image) and the image's regions;
+- `regions`: the best cosine between any of the query's own regions (and its whole crop) and the image's regions,
+and prints the mAP of the fusion rules over a sweep of their weight, one table per rule, every dev set side by
+side. A rule and a weight are chosen on these dev sets; the recipe then states them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from inserve.server.config import IndexConfig, ServerConfig
+from inserve.server.evaluation import Dataset, average_precision
+from inserve.server.models import ModelBundle
+from inserve.server.pipeline import DescribeJob, Pipeline
+from inserve.server.recipes import build_recipes
+from inserve.server.recipes.crops import crop_batch
+from inserve.server.stages.nms import box_iou
+from inserve.server.stages.pooling import l2_normalize
+from inserve.server.stages.whitening import pca_whiten
+
+DATASETS = ("holidays-dev", "composite-dev", "ukbench-dev")
+WEIGHTS = tuple(round(w, 2) for w in np.linspace(0, 1, 11))
+log = logging.getLogger("fusion")
+
+
+def embed(pipeline: Pipeline, dataset: Dataset, cache: Path) -> dict[str, np.ndarray | list]:
+    """Database and query vectors of one dataset (cached in `cache`, an .npz per dataset)."""
+    if cache.is_file():
+        stored = np.load(cache, allow_pickle=True)
+        return {key: stored[key] for key in stored.files}
+    crops = pipeline.recipes["dasr_star_crops"]
+    db_global, db_regions, db_boxes = [], [], []
+    for n, name in enumerate(dataset.images):
+        inp = pipeline.load(dataset.path(name).read_bytes())
+        (described,) = pipeline.run([DescribeJob(inp)])
+        db_global.append(described["gem"].vectors[0].raw[0])
+        regions = described["dasr_star_crops"]
+        db_regions.append(l2_normalize(regions.vectors[0].raw))
+        db_boxes.append(regions.regions.boxes)
+        if n % 50 == 0:
+            log.info("%s: %d/%d images", dataset.name, n, len(dataset.images))
+    q_global, q_crop, q_regions = [], [], []
+    for q in dataset.queries:
+        inp = pipeline.load(dataset.path(q.image).read_bytes())
+        box = pipeline.query_job(inp, q.box, "gem").box
+        batch = pipeline.features([inp])
+        q_global.append(pipeline.recipes["gem"].query(batch, box).raw)
+        q_crop.append(crops.query(batch, box).raw)
+        inner = crop_batch(batch, box, pipeline.image.long_side)
+        q_regions.append(l2_normalize(crops.describe(inner)[0].vectors[0].raw))
+    out = {
+        "db_global": np.stack(db_global),
+        "db_regions": np.array(db_regions, dtype=object),
+        "db_boxes": np.array(db_boxes, dtype=object),
+        "q_global": np.stack(q_global),
+        "q_crop": l2_normalize(np.stack(q_crop)),
+        "q_regions": np.array(q_regions, dtype=object),
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **out)
+    return out
+
+
+def similarities(vectors: dict) -> dict[str, np.ndarray]:
+    """(Q, N) component similarities and the index of each image's best region for the query's crop."""
+    whitening = pca_whiten(vectors["db_global"], shrinkage=IndexConfig.whiten_shrinkage)
+    raw = l2_normalize(vectors["q_global"]) @ l2_normalize(vectors["db_global"]).T
+    white = whitening.apply(vectors["q_global"]) @ whitening.apply(vectors["db_global"]).T
+    queries, images = raw.shape
+    region = np.zeros((queries, images), np.float32)
+    regions = np.zeros((queries, images), np.float32)
+    best = np.zeros((queries, images), np.int64)
+    for j, r in enumerate(vectors["db_regions"]):
+        crop = vectors["q_crop"] @ r.T  # (Q, n_j)
+        region[:, j], best[:, j] = crop.max(1), crop.argmax(1)
+        for i, own in enumerate(vectors["q_regions"]):
+            regions[i, j] = max(float((own @ r.T).max()), float(crop[i].max()))
+    return {"global": white, "global raw": raw, "region": region, "regions": regions, "best": best}
+
+
+def scores_map(dataset: Dataset, scores: np.ndarray) -> float:
+    aps = []
+    for q, row in zip(dataset.queries, scores):
+        ranked = [dataset.images[j] for j in np.argsort(-row, kind="stable")]
+        aps.append(average_precision(ranked, q.positives, q.junk))
+    return float(np.mean(aps))
+
+
+def localisation(dataset: Dataset, vectors: dict, best: np.ndarray) -> float | None:
+    """Share of positives with a box whose best region (for the query's crop) has IoU >= 0.5 with the truth."""
+    index = {name: j for j, name in enumerate(dataset.images)}
+    located, total = 0, 0
+    for i, q in enumerate(dataset.queries):
+        for name, truth in q.boxes.items():
+            j = index[name]
+            box = vectors["db_boxes"][j][best[i, j]]
+            located += box_iou(np.array(box)[None], np.array(truth)[None])[0, 0] >= 0.5
+            total += 1
+    return located / total if total else None
+
+
+RULES = {
+    "w global + (1-w) region": lambda s, w: w * s["global"] + (1 - w) * s["region"],
+    "w global + (1-w) regions": lambda s, w: w * s["global"] + (1 - w) * s["regions"],
+    "w raw global + (1-w) region": lambda s, w: w * s["global raw"] + (1 - w) * s["region"],
+    "max(global, region) + w min": lambda s, w: (
+        np.maximum(s["global"], s["region"]) + w * np.minimum(s["global"], s["region"])
+    ),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=Path("bench/out/models"))
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--work", type=Path, default=Path("bench/out/fusion"))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    config = ServerConfig()
+    models = ModelBundle.open(args.models, config.backbone, config.engine)
+    recipes = build_recipes(("gem", "dasr_star_crops"), config)
+    pipeline = Pipeline(models, recipes, config.image, dasr=config.dasr)
+    found = {}
+    for name in args.datasets:
+        dataset = Dataset.load(args.data / name)
+        vectors = embed(pipeline, dataset, args.work / f"{name}.npz")
+        found[name] = (dataset, vectors, similarities(vectors))
+    print("| dataset | " + " | ".join(("global", "global raw", "region", "regions")) + " | loc@0.5 |")
+    print("|---|---|---|---|---|---|")
+    for name, (dataset, vectors, sims) in found.items():
+        maps = [scores_map(dataset, sims[k]) for k in ("global", "global raw", "region", "regions")]
+        loc = localisation(dataset, vectors, sims["best"])
+        print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in maps) + f" | {'' if loc is None else f'{loc:.3f}'} |")
+    for rule, fuse in RULES.items():
+        print(f"\n{rule}\n\n| w | " + " | ".join(found) + " | mean |")
+        print("|---|" + "---|" * (len(found) + 1))
+        for w in WEIGHTS:
+            maps = [scores_map(dataset, fuse(sims, w)) for dataset, _, sims in found.values()]
+            print(f"| {w} | " + " | ".join(f"{m:.3f}" for m in maps) + f" | {np.mean(maps):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
