@@ -83,13 +83,26 @@ def similarities(vectors: dict) -> dict[str, np.ndarray]:
     queries, images = raw.shape
     region = np.zeros((queries, images), np.float32)
     regions = np.zeros((queries, images), np.float32)
+    regions_mean = np.zeros((queries, images), np.float32)
+    own_mean = np.zeros((queries, images), np.float32)
     best = np.zeros((queries, images), np.int64)
     for j, r in enumerate(vectors["db_regions"]):
         crop = vectors["q_crop"] @ r.T  # (Q, n_j)
         region[:, j], best[:, j] = crop.max(1), crop.argmax(1)
         for i, own in enumerate(vectors["q_regions"]):
-            regions[i, j] = max(float((own @ r.T).max()), float(crop[i].max()))
-    return {"global": white, "global raw": raw, "region": region, "regions": regions, "best": best}
+            # best match of each of the query's own regions (the last is its whole image: the crop stands for it)
+            each = np.concatenate([(own[:-1] @ r.T).max(1), crop[i].max(keepdims=True)])
+            regions[i, j], regions_mean[i, j] = each.max(), each.mean()
+            own_mean[i, j] = each[:-1].mean() if len(each) > 1 else each[-1]
+    return {
+        "global": white,
+        "global raw": raw,
+        "region": region,
+        "regions": regions,
+        "regions mean": regions_mean,
+        "own mean": own_mean,
+        "best": best,
+    }
 
 
 def scores_map(dataset: Dataset, scores: np.ndarray) -> float:
@@ -113,7 +126,29 @@ def localisation(dataset: Dataset, vectors: dict, best: np.ndarray) -> float | N
     return located / total if total else None
 
 
+def standardized(s: np.ndarray) -> np.ndarray:
+    """Each query's similarities (a row) as z-scores over the database: the two terms on one scale."""
+    return (s - s.mean(1, keepdims=True)) / s.std(1, keepdims=True).clip(min=1e-6)
+
+
+def z_sum(s: dict, w: float, region: str = "region") -> np.ndarray:
+    return w * standardized(s["global"]) + (1 - w) * standardized(s[region])
+
+
 RULES = {
+    "w z(global) + (1-w) z(region)": z_sum,
+    "w z(global) + (1-w) z(regions)": lambda s, w: z_sum(s, w, "regions"),
+    "w z(global) + (1-w) z(regions mean)": lambda s, w: z_sum(s, w, "regions mean"),
+    "w z(global) + (1-w)/2 (z(region) + z(regions mean))": lambda s, w: (
+        w * standardized(s["global"]) + (1 - w) / 2 * (standardized(s["region"]) + standardized(s["regions mean"]))
+    ),
+    "w z(regions mean) + (1-w) z(region)": lambda s, w: z_sum({**s, "global": s["regions mean"]}, w),
+    "w regions mean + (1-w) region": lambda s, w: w * s["regions mean"] + (1 - w) * s["region"],
+    "w own mean + (1-w) region": lambda s, w: w * s["own mean"] + (1 - w) * s["region"],
+    "max(z(global), z(region)) + w min": lambda s, w: (
+        np.maximum(standardized(s["global"]), standardized(s["region"]))
+        + w * np.minimum(standardized(s["global"]), standardized(s["region"]))
+    ),
     "w global + (1-w) region": lambda s, w: w * s["global"] + (1 - w) * s["region"],
     "w global + (1-w) regions": lambda s, w: w * s["global"] + (1 - w) * s["regions"],
     "w raw global + (1-w) region": lambda s, w: w * s["global raw"] + (1 - w) * s["region"],
@@ -140,10 +175,10 @@ def main() -> None:
         dataset = Dataset.load(args.data / name)
         vectors = embed(pipeline, dataset, args.work / f"{name}.npz")
         found[name] = (dataset, vectors, similarities(vectors))
-    print("| dataset | " + " | ".join(("global", "global raw", "region", "regions")) + " | loc@0.5 |")
-    print("|---|---|---|---|---|---|")
+    print("| dataset | " + " | ".join(("global", "global raw", "region", "regions", "regions mean")) + " | loc@0.5 |")
+    print("|---|---|---|---|---|---|---|")
     for name, (dataset, vectors, sims) in found.items():
-        maps = [scores_map(dataset, sims[k]) for k in ("global", "global raw", "region", "regions")]
+        maps = [scores_map(dataset, sims[k]) for k in ("global", "global raw", "region", "regions", "regions mean")]
         loc = localisation(dataset, vectors, sims["best"])
         print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in maps) + f" | {'' if loc is None else f'{loc:.3f}'} |")
     for rule, fuse in RULES.items():

@@ -59,9 +59,10 @@ DASR_OF = {
     "dasr_star_crops": "dasr_star",
     "deepvision": "dasr_star",
     "deep_region": "dasr_star",
+    "whole_and_regions": "dasr_star",
 }
 # recipes whose query finds DASR* regions in the query image itself
-QUERY_REGIONS = ("dasr_star_vlad", "deep_region")
+QUERY_REGIONS = ("dasr_star_vlad", "deep_region", "whole_and_regions")
 RERANK, EXPAND = 100, 5
 WHITENED = "+W"  # suffix of the whitened copy of a recipe's index, and of its variants' labels
 TIMED = "holidays-dev"  # the dataset whose indexing pass gives the ms/image column
@@ -78,9 +79,9 @@ class Variant:
     whitened: bool = False
 
 
-def variants(recipes: tuple[str, ...], whitening: frozenset[str]) -> list[Variant]:
-    """Each recipe plain, then with the second stages that apply to it; those of recipes with a space that
-    learns a whitening also whitened."""
+def variants(recipes: tuple[str, ...], whitening: frozenset[str], fused: frozenset[str]) -> list[Variant]:
+    """Each recipe plain, then with the second stages that apply to it (none to `fused` recipes, which score
+    every candidate on all their spaces); those of recipes with a space that learns a whitening also whitened."""
     plain = SearchOptions(query_expansion=0, rerank_top=0)
     qe = SearchOptions(query_expansion=EXPAND, rerank_top=0)
     rr = SearchOptions(query_expansion=0, rerank_top=RERANK)
@@ -88,6 +89,8 @@ def variants(recipes: tuple[str, ...], whitening: frozenset[str]) -> list[Varian
     out = []
     for recipe in recipes:
         out.append(Variant(recipe, recipe, plain))
+        if recipe in fused:
+            continue
         if recipe in ("mac", "spoc", "gem", "crow", "dasr", "dasr_star", "dasr_star_crops"):
             # no region space (global ones), or the first stage already compares regions (region ones)
             out.append(Variant(recipe, f"{recipe} +QE{EXPAND}", qe))
@@ -164,6 +167,7 @@ class Bench:
             for name, recipe in self.pipeline.recipes.items()
             if any(recipe.spaces().get(kind, DEFAULT_SPEC).whiten for kind in (recipe.search_kind, *recipe.spaces()))
         )
+        self.fused = frozenset(n for n, recipe in self.pipeline.recipes.items() if recipe.region_set_weight is not None)
 
     def data_dir(self, dataset: str, recipe: str, whitened: bool = False) -> Path:
         return self.args.work / dataset / (recipe + WHITENED if whitened else recipe)
@@ -288,7 +292,7 @@ class Bench:
         path = self.results_path(name)
         rows = json.loads(path.read_text()) if path.is_file() else []
         measured = {r["variant"] for r in rows}
-        chosen = [v for v in variants(self.args.recipes, self.whitening) if v.label not in measured]
+        chosen = [v for v in variants(self.args.recipes, self.whitening, self.fused) if v.label not in measured]
         if not chosen:
             return rows
         dataset = Dataset.load(self.args.data / name)
@@ -440,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     codebooks = {name: bench.set_codebook(name) for name in args.datasets if "dasr_star_vlad" in args.recipes}
     rows = [row for name in args.datasets for row in bench.evaluate(name) if row["recipe"] in args.recipes]
     costs = {name: bench.costs(name) for name in args.datasets}
-    order = {v.label: i for i, v in enumerate(variants(args.recipes, bench.whitening))}
+    order = {v.label: i for i, v in enumerate(variants(args.recipes, bench.whitening, bench.fused))}
     rows.sort(key=lambda r: order.get(r["variant"], len(order)))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps({"rows": rows, "costs": costs, "codebooks": codebooks}, indent=1))

@@ -91,6 +91,9 @@ class RegionRecipeConfig:
     crop_margin: float = 0.0
     vlad_k: int = 4  # codebook size (seed 004)
     vlad_alpha: float = 0.5  # power-law exponent
+    # whole_and_regions: weight of the mean of the query's own regions' best matches (the rest: its crop's best
+    # match); chosen on the dev sets (bench/fusion.py)
+    region_set_weight: float = 0.4
 
 
 @dataclass(frozen=True)

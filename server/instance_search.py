@@ -26,7 +26,7 @@ from inserve.server.recipes import (
     recipe_specs,
     sources,
 )
-from inserve.server.search import GROUPINGS, Hit, SearchOptions, search
+from inserve.server.search import GROUPINGS, REGION_SET_DEPTH, Hit, SearchOptions, region_set_search, search
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,10 @@ class InstanceSearch:
                 raise RequestError(f"{label} must be between 0 and {self.config.max_top_k}, got {value}")
         if rerank and chosen.rerank_kind is None:
             raise RequestError(f"recipe {recipe} stores no regions: spatial re-ranking needs a recipe that does")
+        if (rerank or expansion) and chosen.region_set_weight is not None:
+            raise RequestError(
+                f"recipe {recipe} scores every candidate by all its regions: it takes no query_expansion or rerank_top"
+            )
         if options.group not in GROUPINGS:
             raise RequestError(f"unknown grouping {options.group!r}; choose one of {GROUPINGS}")
         self._check_learned(recipe)
@@ -198,6 +202,9 @@ class InstanceSearch:
         chosen = self.recipes[recipe]
 
         def ranked(k: int) -> list[Hit]:
+            if chosen.region_set_weight is not None:
+                weight, depth = chosen.region_set_weight, max(k, REGION_SET_DEPTH)
+                return region_set_search(self.index, recipe, query, k, weight, depth, chosen.region_source)
             return search(self.index, recipe, query, k, options, chosen.rerank_kind, chosen.region_source)
 
         with self.index.reading():  # a write (a re-indexed video) lands before or after, never in the middle

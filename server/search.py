@@ -9,9 +9,11 @@ import numpy as np
 
 from inserve.server.index import ImageRow, InstanceIndex, VectorRow
 from inserve.server.recipes import QueryVector
-from inserve.server.stages.matching import best_region, expand_query, rerank_order
+from inserve.server.stages.matching import best_region, expand_query, region_set_score, rerank_order
 
 GROUPINGS = ("none", "video", "shot")
+# region-set recipes score in full the top this many images of each query vector's kNN (or top_k, if more)
+REGION_SET_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -159,3 +161,35 @@ def search(
         source = region_source if row.box is not None else ""
         hits.append(Hit(images[m.image_id], m.score, row.box, row.score, row.label, source))
     return hits
+
+
+def region_set_search(
+    index: InstanceIndex,
+    recipe: str,
+    query: QueryVector,
+    top_k: int,
+    set_weight: float,
+    depth: int,
+    region_source: str = "",
+) -> list[Hit]:
+    """Hits of a region-set recipe: each image scores `region_set_score` of its regions against the query's crop
+    and own regions (`query.regions`, the crop first); the hit's box is the region that best matches the crop.
+    Candidates: the top `depth` images of each query vector's kNN, every one then scored on all of them (an
+    image that only one kNN found still gets every term)."""
+    if index.space(recipe, "region") is None:
+        return []
+    queries = np.stack([index.transform(recipe, "region", q) for q in query.regions])
+    candidates = set()
+    for q in queries:
+        candidates |= {row.image_id for row, _ in best_per_image(index, recipe, "region", q, depth)}
+    scored = []
+    for image_id, (rows, vectors) in index.image_vectors(recipe, "region", sorted(candidates)).items():
+        score, best = region_set_score(queries @ vectors.T, set_weight)
+        scored.append((score, image_id, rows[best]))
+    scored.sort(key=lambda item: (-item[0], item[1]))
+    images = index.images([image_id for _, image_id, _ in scored[:top_k]])
+    return [
+        Hit(images[image_id], score, row.box, row.score, row.label, region_source)
+        for score, image_id, row in scored[:top_k]
+        if image_id in images
+    ]

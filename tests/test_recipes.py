@@ -79,7 +79,8 @@ def service(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     core.close()
 
 
-REGION_RECIPES = {"dasr", "dasr_star", "dasr_star_crops"}  # boxes without re-ranking
+REGION_RECIPES = {"dasr", "dasr_star", "dasr_star_crops", "whole_and_regions"}  # boxes without re-ranking
+FUSED = {"whole_and_regions"}  # every image scored by its whole and its regions: no re-ranking, no QE
 # VLAD describes whole images (seed 004 uses it for image-level search): a cat covering 16 % of a coffee
 # table scene does not make that scene's VLAD the closest to a cat photo's among 7, so this image-level
 # recipe finds the instance through its region re-ranking, as an instance query on it should
@@ -98,7 +99,7 @@ def test_recipe_finds_the_planted_instance(service: tuple[InstanceSearch, tuple]
         assert hits[0].region_source == core.recipes[recipe].region_source
 
 
-@pytest.mark.parametrize("recipe", [r for r in RECIPES if r not in ("mac", "spoc", "gem", "crow")])
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r not in ("mac", "spoc", "gem", "crow", *FUSED)])
 def test_reranking_localises_the_planted_instance(service: tuple[InstanceSearch, tuple], recipe: str) -> None:
     core, truth = service
     hits = core.search(jpeg("chelsea"), None, 5, recipe, SearchOptions(query_expansion=1, rerank_top=5))
@@ -111,6 +112,13 @@ def test_global_recipes_refuse_reranking(service: tuple[InstanceSearch, tuple]) 
     core, _ = service
     with pytest.raises(ValueError, match="stores no regions"):
         core.search(jpeg("chelsea"), None, 5, "gem", SearchOptions(rerank_top=5))
+
+
+@pytest.mark.parametrize("options", [SearchOptions(rerank_top=5), SearchOptions(query_expansion=2)])
+def test_fused_recipes_refuse_reranking_and_expansion(service: tuple[InstanceSearch, tuple], options) -> None:
+    core, _ = service
+    with pytest.raises(ValueError, match=r"whole_and_regions .* takes no query_expansion or rerank_top"):
+        core.search(jpeg("chelsea"), None, 5, "whole_and_regions", options)
 
 
 def test_deepvision_defaults_to_rerank_and_qe_over_dasr_star(service: tuple[InstanceSearch, tuple]) -> None:

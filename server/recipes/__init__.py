@@ -3,7 +3,7 @@
 Every method of the five seed papers and the usual baselines, on the same index format:
 mac, spoc, gem, rmac, crow (baselines); cam (seed 001); deepvision (seed 000); deep_region (seed 002);
 clusters (seed 003); dasr, dasr_star, dasr_star_vlad (seed 004); dasr_star_crops (seed 004's DASR* regions
-re-embedded as seed 002 does its detections).
+re-embedded as seed 002 does its detections); whole_and_regions (GeM and those crops, an image scored by both).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def _factories(config: ServerConfig) -> dict[str, Callable[[], Recipe]]:
     from inserve.server.recipes.cam import CamRecipe
     from inserve.server.recipes.dasr import DasrCropsRecipe, DasrRecipe, DasrVladRecipe
     from inserve.server.recipes.detection import DeepRegionRecipe, DeepVisionRecipe
+    from inserve.server.recipes.fused import WholeAndRegionsRecipe
     from inserve.server.recipes.pooled import ClustersRecipe, GlobalPoolingRecipe, RmacRecipe
 
     detector = Detector(config.detector, config.engine)  # shared: one detector run serves both recipes
@@ -56,6 +57,7 @@ def _factories(config: ServerConfig) -> dict[str, Callable[[], Recipe]]:
         "dasr_star": lambda: DasrRecipe("dasr_star", "dasr_star", config.dasr),
         "dasr_star_vlad": lambda: DasrVladRecipe(config.dasr, config.regions, config.image),
         "dasr_star_crops": lambda: DasrCropsRecipe(config.dasr, config.regions),
+        "whole_and_regions": lambda: WholeAndRegionsRecipe(config.dasr, config.regions, config.image),
     }
 
 
@@ -73,6 +75,7 @@ RECIPES: tuple[str, ...] = (
     "dasr_star",
     "dasr_star_vlad",
     "dasr_star_crops",
+    "whole_and_regions",
 )
 
 

@@ -108,6 +108,7 @@ class QueryVector:
     raw: np.ndarray
     rerank: np.ndarray | None = None
     tags: np.ndarray | None = None
+    regions: np.ndarray | None = None  # (m, D) raw region vectors, the query's crop first (region-set recipes)
 
 
 class Recipe(ABC):
@@ -119,6 +120,8 @@ class Recipe(ABC):
     default_query_expansion: int = 0
     learned_models: tuple[str, ...] = ()  # models learned on other data that search needs (e.g. "codebook")
     dasr_peaks: tuple[str, ...] = ()  # the DASR peak kinds ("dasr", "dasr_star") `describe` uses
+    # region-set recipes: an image scores by all the query's regions (search.region_set_search) with this weight
+    region_set_weight: float | None = None
 
     @abstractmethod
     def describe(self, batch: FeatureBatch) -> list[ImageVectors]:

@@ -17,6 +17,18 @@ def best_region(query: np.ndarray, regions: np.ndarray) -> tuple[int, float]:
     return best, float(sims[best])
 
 
+def region_set_score(sims: np.ndarray, set_weight: float) -> tuple[float, int]:
+    """An image's score from the cosines (m, n) of a query's crop (row 0) and its own regions (the other rows)
+    with the image's n regions: `set_weight` x the mean of the query regions' best matches + the rest x the
+    crop's best match (the crop's alone when the query has no regions of its own); and the region that best
+    matches the crop (the hit's box). Both terms are cosines in one space, so they add on one scale."""
+    best = sims.max(axis=1)
+    crop = int(np.argmax(sims[0]))
+    if len(best) == 1:
+        return float(best[0]), crop
+    return float(set_weight * best[1:].mean() + (1.0 - set_weight) * best[0]), crop
+
+
 def rerank_order(first: np.ndarray, second: np.ndarray, top: int) -> np.ndarray:
     """Order of a ranking after re-scoring its first `top` entries with `second` (best first, stable); the
     rest keep their order behind them (seed 000's spatial re-ranking of the top N)."""

@@ -1,0 +1,80 @@
+"""Region-set search (whole_and_regions) over hand-made vectors: every candidate scores w x the mean of the
+query regions' best matches + (1 - w) x the crop's best match, computed here by hand; the box is the region
+that best matches the crop."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inserve.server.config import IndexConfig
+from inserve.server.index import InstanceIndex, NewVectors, SpaceSpec
+from inserve.server.recipes import QueryVector
+from inserve.server.search import region_set_search
+from inserve.server.stages.matching import region_set_score
+from inserve.server.stages.pooling import l2_normalize
+
+SPECS = {("s", "region"): SpaceSpec(whiten=False)}
+BOXES = np.array([[0, 0, 4, 4], [5, 5, 9, 9], [0, 0, 10, 10]], dtype=np.float32)
+# three regions per image, at BOXES: two parts and the whole image
+IMAGES = {
+    "instance": [[0, 0, 0, 1], [0, 1, 0, 0], [0.2, 0.5, 0, 0.5]],  # the query's object at BOXES[0], small
+    "same scene": [[1, 0, 0, 0.3], [0, 0, 1, 0], [0.7, 0, 0.7, 0.3]],  # the query's parts, not the object itself
+    "neither": [[0, 1, 0, 0], [0, 1, 0.1, 0], [0, 1, 0.05, 0]],
+}
+# the query: its crop first (the object), then its own regions (parts of its photo)
+QUERY_REGIONS = l2_normalize(np.array([[0, 0, 0.2, 1], [1, 0, 0, 0], [0, 0, 1, 0]], np.float32))
+QUERY = QueryVector("region", QUERY_REGIONS[0], rerank=QUERY_REGIONS[0], regions=QUERY_REGIONS)
+
+
+@pytest.fixture
+def index(tmp_path: Path):
+    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0), SPECS)
+    for name, regions in IMAGES.items():
+        vectors = NewVectors("s", "region", np.array(regions, np.float32), BOXES, np.array([0.5, 0.25, 0], np.float32))
+        index.add_image(name, [vectors], width=10, height=10)
+    yield index
+    index.close()
+
+
+def by_hand(weight: float) -> dict[str, tuple[float, int]]:
+    """Each image's score and the region that best matches the crop, from the definition."""
+    expected = {}
+    for name, regions in IMAGES.items():
+        sims = QUERY_REGIONS @ l2_normalize(np.array(regions, np.float32)).T  # (query vectors, regions)
+        crop, own = sims[0].max(), sims[1:].max(axis=1).mean()
+        expected[name] = (weight * float(own) + (1 - weight) * float(crop), int(sims[0].argmax()))
+    return expected
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.4, 1.0])
+def test_scores_boxes_and_order_are_the_definition(index: InstanceIndex, weight: float) -> None:
+    hits = region_set_search(index, "s", QUERY, 3, weight, depth=3, region_source="dasr_star")
+    expected = by_hand(weight)
+    assert [h.image.external_id for h in hits] == sorted(expected, key=lambda n: -expected[n][0])
+    for hit in hits:
+        score, best = expected[hit.image.external_id]
+        assert hit.score == pytest.approx(score, abs=1e-5)
+        np.testing.assert_array_equal(hit.box, BOXES[best])
+        assert hit.region_source == "dasr_star"
+
+
+def test_the_weight_moves_the_instance_and_the_scene(index: InstanceIndex) -> None:
+    """The crop's best match alone: the image holding the object first; the query regions' alone: the scene."""
+    assert region_set_search(index, "s", QUERY, 1, 0.0, depth=3)[0].image.external_id == "instance"
+    assert region_set_search(index, "s", QUERY, 1, 1.0, depth=3)[0].image.external_id == "same scene"
+
+
+def test_a_candidate_found_by_one_query_vector_is_scored_on_all(index: InstanceIndex) -> None:
+    """depth 1: the crop's kNN finds `instance`, the query regions' kNNs `same scene`; each is scored on every
+    query vector, and `neither` (no kNN's first) is not returned."""
+    hits = region_set_search(index, "s", QUERY, 3, 0.4, depth=1)
+    expected = by_hand(0.4)
+    assert {h.image.external_id for h in hits} == {"instance", "same scene"}
+    for hit in hits:
+        assert hit.score == pytest.approx(expected[hit.image.external_id][0], abs=1e-5)
+
+
+def test_a_query_without_regions_of_its_own_scores_by_its_crop() -> None:
+    sims = np.array([[0.2, 0.9, 0.5]])
+    assert region_set_score(sims, 0.4) == (pytest.approx(0.9), 1)
