@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 MODELS ?= models
 DATA   ?= data
 PORT   ?= 50051
-RECIPES ?= dasr_star,gem
+RECIPES ?= whole_and_regions,gem
 
 .PHONY: setup models serve test lint clean
 

@@ -105,12 +105,29 @@ def similarities(vectors: dict) -> dict[str, np.ndarray]:
     }
 
 
-def scores_map(dataset: Dataset, scores: np.ndarray) -> float:
+def query_aps(dataset: Dataset, scores: np.ndarray) -> np.ndarray:
     aps = []
     for q, row in zip(dataset.queries, scores):
         ranked = [dataset.images[j] for j in np.argsort(-row, kind="stable")]
         aps.append(average_precision(ranked, q.positives, q.junk))
-    return float(np.mean(aps))
+    return np.array(aps)
+
+
+def scores_map(dataset: Dataset, scores: np.ndarray) -> float:
+    return float(query_aps(dataset, scores).mean())
+
+
+def per_query(found: dict, rule: str, weight: float, worst: int = 3) -> None:
+    """The served rule against plain gem (unwhitened, as the service stores it), query by query."""
+    print(f"\n{rule} at {weight} against gem, per query (equal: |AP difference| < 0.005)\n")
+    print("| dataset | better | worse | equal | mean AP difference | worst queries (gem AP -> AP) |")
+    print("|---|---|---|---|---|---|")
+    for name, (dataset, _, sims) in found.items():
+        ours, gem = query_aps(dataset, RULES[rule](sims, weight)), query_aps(dataset, sims["global raw"])
+        delta = ours - gem
+        lows = ", ".join(f"{dataset.queries[i].image} {gem[i]:.2f} -> {ours[i]:.2f}" for i in np.argsort(delta)[:worst])
+        counts = f"{(delta >= 0.005).sum()} | {(delta <= -0.005).sum()} | {(abs(delta) < 0.005).sum()}"
+        print(f"| {name} | {counts} | {delta.mean():+.3f} | {lows} |")
 
 
 def localisation(dataset: Dataset, vectors: dict, best: np.ndarray) -> float | None:
@@ -135,6 +152,7 @@ def z_sum(s: dict, w: float, region: str = "region") -> np.ndarray:
     return w * standardized(s["global"]) + (1 - w) * standardized(s[region])
 
 
+SERVED = "w own mean + (1-w) region"  # whole_and_regions (server/stages/matching.region_set_score)
 RULES = {
     "w z(global) + (1-w) z(region)": z_sum,
     "w z(global) + (1-w) z(regions)": lambda s, w: z_sum(s, w, "regions"),
@@ -187,6 +205,7 @@ def main() -> None:
         for w in WEIGHTS:
             maps = [scores_map(dataset, fuse(sims, w)) for dataset, _, sims in found.values()]
             print(f"| {w} | " + " | ".join(f"{m:.3f}" for m in maps) + f" | {np.mean(maps):.3f} |")
+    per_query(found, SERVED, config.regions.region_set_weight)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from inserve.clients.cli_flags import add_connection_flags, add_server_flags, apply_server_flags, channel_security
-from inserve.server.config import REGION_MODES, STAR_SEED_RULES, DasrConfig
+from inserve.server.config import REGION_MODES, STAR_SEED_RULES, DasrConfig, ServerConfig
 from inserve.server.logs import FORMATS, configure_logging
 
 if TYPE_CHECKING:
@@ -57,17 +57,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: Path):
-    """The one place where flags become a ServerConfig."""
+    """The one place where flags become a ServerConfig (ConfigError, before any model loads, when they cannot)."""
     from inserve.engines import EngineOptions
-    from inserve.server.config import (
-        CamConfig,
-        DasrConfig,
-        DetectorConfig,
-        ImageConfig,
-        RegionRecipeConfig,
-        ServerConfig,
-    )
+    from inserve.server.config import CamConfig, DetectorConfig, ImageConfig, RegionRecipeConfig
+    from inserve.server.recipes import check_recipe_names
 
+    check_recipe_names(recipes)
     config = ServerConfig(
         data_dir=data_dir,
         models=args.models,
@@ -327,7 +322,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def stored_recipe_index(data_dir: Path):
     """The index of a data directory with the space settings of the recipes it holds (default configuration)."""
-    from inserve.server.config import ServerConfig
     from inserve.server.index import InstanceIndex, MetadataStore
     from inserve.server.recipes import RECIPES, build_recipes, recipe_specs
 
@@ -396,8 +390,9 @@ def cmd_learn_codebook(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from inserve.server.config import ConfigError
     from inserve.server.evaluation import Dataset, evaluate
-    from inserve.server.instance_search import InstanceSearch
+    from inserve.server.instance_search import InstanceSearch, RequestError, UnavailableError
     from inserve.server.search import SearchOptions
 
     dataset = Dataset.load(args.dataset)
@@ -419,6 +414,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 vectors = codebook_vectors(args, args.codebook_from)
                 save_codebook(service.index, learn_codebook(vectors, config.regions.vlad_k), str(args.codebook_from))
             options = SearchOptions(query_expansion=args.qe, rerank_top=args.rerank)
+            try:  # options the recipe cannot take are refused now, not after indexing the dataset
+                service.search_options(args.recipe, options)
+            except (RequestError, UnavailableError) as exc:
+                raise ConfigError(str(exc)) from exc
             result = evaluate(service, dataset, args.recipe, options, progress)
         finally:
             service.close()
@@ -465,7 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--host", default="[::]")
-    p.add_argument("--recipe", default="dasr_star", help="recipe(s) to index with, comma-separated; first = default")
+    p.add_argument(
+        "--recipe",
+        default=",".join(ServerConfig.recipes),
+        help="recipe(s) to index with, comma-separated; first = default",
+    )
     p.add_argument("--workers", type=int, default=2, help="threads decoding images and writing the index")
     p.add_argument("--max-message-mb", type=int, default=64)
     batching = "(default: BatcherConfig in server/config.py)"
@@ -541,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="mAP, mP@10 and localisation on a gnd.json dataset, in-process")
     p.add_argument("dataset", type=Path)
-    p.add_argument("--recipe", default="dasr_star")
+    p.add_argument("--recipe", default=ServerConfig.recipes[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--qe", type=int, default=None, help="query expansion with the top M hits (default: recipe's)")
     p.add_argument("--rerank", type=int, default=None, help="spatially re-rank the top N (default: recipe's)")
@@ -561,10 +564,14 @@ def main(argv: list[str] | None = None) -> int:
     import grpc
 
     from inserve.engines import EngineUnavailable
+    from inserve.server.config import ConfigError
     from inserve.server.models import ModelsError
 
     try:
         return args.fn(args)
+    except ConfigError as exc:  # flags that cannot work together: one line saying what is valid
+        print(f"inserve {args.command}: {exc}", file=sys.stderr)
+        return 2
     except grpc.RpcError as exc:  # refused calls the command does not explain itself (auth, limits...)
         print(f"inserve {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

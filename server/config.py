@@ -8,6 +8,10 @@ from pathlib import Path
 from inserve.engines import EngineOptions
 
 
+class ConfigError(ValueError):
+    """A setting, or a combination of settings, that cannot work; the message says what is valid."""
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """How images are checked and resized before the network sees them."""
@@ -43,11 +47,11 @@ class DasrConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in REGION_MODES:
-            raise ValueError(f"unknown DASR region mode {self.mode!r}; choose one of {', '.join(REGION_MODES)}")
+            raise ConfigError(f"unknown DASR region mode {self.mode!r}; choose one of {', '.join(REGION_MODES)}")
         if self.star_seeds not in STAR_SEED_RULES:
-            raise ValueError(f"unknown DASR* seeds {self.star_seeds!r}; choose one of {', '.join(STAR_SEED_RULES)}")
+            raise ConfigError(f"unknown DASR* seeds {self.star_seeds!r}; choose one of {', '.join(STAR_SEED_RULES)}")
         if self.sigmas <= 0:
-            raise ValueError(f"sigmas must be positive, got {self.sigmas}")
+            raise ConfigError(f"sigmas must be positive, got {self.sigmas}")
 
 
 @dataclass(frozen=True)
@@ -200,7 +204,7 @@ class ServerConfig:
     data_dir: Path = Path("data")
     models: Path = Path("models")
     backbone: str = "efficientnet_lite0"
-    recipes: tuple[str, ...] = ("dasr_star",)  # indexed with every recipe listed; the first is the default
+    recipes: tuple[str, ...] = ("whole_and_regions",)  # indexed with every recipe listed; the first is the default
     host: str = "[::]"
     port: int = 50051
     max_message_bytes: int = 64 << 20

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from inserve.server.config import ServerConfig
+from inserve.server.config import ConfigError, ServerConfig
 from inserve.server.index import SpaceSpec
 from inserve.server.recipes.base import (
     FeatureBatch,
@@ -30,6 +30,7 @@ __all__ = [
     "Recipe",
     "RecipeUnavailable",
     "build_recipes",
+    "check_recipe_names",
     "recipe_specs",
 ]
 
@@ -39,8 +40,8 @@ def _factories(config: ServerConfig) -> dict[str, Callable[[], Recipe]]:
     from inserve.server.recipes.cam import CamRecipe
     from inserve.server.recipes.dasr import DasrCropsRecipe, DasrRecipe, DasrVladRecipe
     from inserve.server.recipes.detection import DeepRegionRecipe, DeepVisionRecipe
-    from inserve.server.recipes.fused import WholeAndRegionsRecipe
     from inserve.server.recipes.pooled import ClustersRecipe, GlobalPoolingRecipe, RmacRecipe
+    from inserve.server.recipes.whole_and_regions import WholeAndRegionsRecipe
 
     detector = Detector(config.detector, config.engine)  # shared: one detector run serves both recipes
     return {
@@ -79,10 +80,15 @@ RECIPES: tuple[str, ...] = (
 )
 
 
-def build_recipes(names: tuple[str, ...] | list[str], config: ServerConfig) -> dict[str, Recipe]:
+def check_recipe_names(names: tuple[str, ...] | list[str]) -> None:
+    """ConfigError naming the unknown recipes and every valid one."""
     unknown = [n for n in names if n not in RECIPES]
-    if unknown:
-        raise ValueError(f"unknown recipe(s) {unknown}; choose from {list(RECIPES)}")
+    if unknown or not names:
+        raise ConfigError(f"unknown recipe(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(RECIPES)}")
+
+
+def build_recipes(names: tuple[str, ...] | list[str], config: ServerConfig) -> dict[str, Recipe]:
+    check_recipe_names(names)
     factories = _factories(config)
     return {name: factories[name]() for name in names}
 

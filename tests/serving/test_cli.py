@@ -79,3 +79,18 @@ def test_missing_models_are_one_line_naming_the_export_command(tmp_path: Path) -
 def test_a_missing_dataset_is_one_line(tmp_path: Path) -> None:
     done = inserve("eval", str(tmp_path / "no-dataset"))
     assert done.returncode == 2 and "Traceback" not in done.stderr and "gnd.json" in done.stderr
+
+
+def test_an_unknown_recipe_is_one_line_listing_the_valid_ones_before_any_model_loads(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    done = inserve("serve", "--recipe", "gem,nope", "--models", str(tmp_path / "nowhere"), "--data-dir", data)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+    assert "unknown recipe(s) nope; choose from mac, spoc, gem," in done.stderr and "whole_and_regions" in done.stderr
+
+
+def test_options_a_recipe_cannot_take_are_refused_before_indexing(models_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "gnd.json").write_text('{"images": [], "queries": []}')
+    args = ("eval", str(tmp_path), "--models", str(models_dir), "--recipe", "whole_and_regions", "--qe", "2")
+    done = inserve(*args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+    assert "whole_and_regions scores every candidate by all its regions: it takes no query_expansion" in done.stderr
