@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from inserve.clients.render import HIT_COLOUR, QUERY_COLOUR, Tile, render_results
 from inserve.server.config import IndexConfig, ServerConfig
 from inserve.server.evaluation import Dataset, average_precision
 from inserve.server.models import ModelBundle
@@ -152,6 +154,57 @@ def z_sum(s: dict, w: float, region: str = "region") -> np.ndarray:
     return w * standardized(s["global"]) + (1 - w) * standardized(s[region])
 
 
+MISS_KINDS = ("located", "too large", "part of it", "elsewhere", "shifted")
+
+
+def miss_kind(box: np.ndarray, truth: np.ndarray) -> str:
+    """How a returned box relates to the ground truth: IoU >= 0.5; covering it with as much again or more
+    around it; inside it, covering part; (almost) not touching it; or overlapping it otherwise."""
+    iou = box_iou(box[None], truth[None])[0, 0]
+    if iou >= 0.5:
+        return "located"
+    width = max(0.0, min(box[2], truth[2]) - max(box[0], truth[0]))
+    ix = width * max(0.0, min(box[3], truth[3]) - max(box[1], truth[1]))
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    truth_area = (truth[2] - truth[0]) * (truth[3] - truth[1])
+    if ix >= 0.9 * truth_area:
+        return "too large"
+    if ix >= 0.9 * area:
+        return "part of it"
+    return "elsewhere" if ix < 0.1 * truth_area else "shifted"
+
+
+def misses(dataset: Dataset, vectors: dict, best: np.ndarray, picture: Path | None, per_kind: int = 3) -> None:
+    """The composite positives by how the box of their best region (for the query's crop) misses; with
+    `picture`, a sheet of the first misses of each kind: ground truth (green) beside the returned box (red)."""
+    index = {name: j for j, name in enumerate(dataset.images)}
+    kinds: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {kind: [] for kind in MISS_KINDS}
+    for i, q in enumerate(dataset.queries):
+        for name, truth in q.boxes.items():
+            box = np.asarray(vectors["db_boxes"][index[name]][best[i, index[name]]], dtype=np.float32)
+            kinds[miss_kind(box, np.asarray(truth, dtype=np.float32))].append((name, box, np.asarray(truth)))
+    total = sum(len(v) for v in kinds.values())
+    print(f"\n{dataset.name}: where the best region's box falls, {total} positives\n")
+    missed = [(box, truth) for kind in MISS_KINDS[1:] for _, box, truth in kinds[kind]]
+    ious = [box_iou(box[None], truth[None])[0, 0] for box, truth in missed]
+    ratios = [np.prod(box[2:] - box[:2]) / np.prod(truth[2:] - truth[:2]) for box, truth in missed]
+    print("| " + " | ".join(MISS_KINDS) + " | misses: median IoU | misses: median area / truth's |")
+    print("|" + "---|" * (len(MISS_KINDS) + 2))
+    shares = " | ".join(f"{len(kinds[k]) / total:.3f}" for k in MISS_KINDS)
+    print(f"| {shares} | {np.median(ious):.2f} | {np.median(ratios):.2f} |")
+    if picture is None:
+        return
+    tiles = []
+    for kind in MISS_KINDS[1:]:
+        for name, box, truth in kinds[kind][:per_kind]:
+            image = Image.open(dataset.path(name)).convert("RGB")
+            tiles.append(Tile(image, image.width, image.height, tuple(truth), f"{name}\ntruth", QUERY_COLOUR))
+            tiles.append(Tile(image, image.width, image.height, tuple(box), f"{kind}", HIT_COLOUR))
+    picture.parent.mkdir(parents=True, exist_ok=True)
+    render_results(tiles, columns=2 * per_kind).save(picture)
+    print(f"\nmisses drawn in {picture} (rows: {', '.join(MISS_KINDS[1:])})")
+
+
 SERVED = "w own mean + (1-w) region"  # whole_and_regions (server/stages/matching.region_set_score)
 RULES = {
     "w z(global) + (1-w) z(region)": z_sum,
@@ -182,6 +235,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--work", type=Path, default=Path("bench/out/fusion"))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--misses", type=Path, default=None, help="draw composite-dev's typical box misses here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     config = ServerConfig()
@@ -206,6 +260,9 @@ def main() -> None:
             maps = [scores_map(dataset, fuse(sims, w)) for dataset, _, sims in found.values()]
             print(f"| {w} | " + " | ".join(f"{m:.3f}" for m in maps) + f" | {np.mean(maps):.3f} |")
     per_query(found, SERVED, config.regions.region_set_weight)
+    if "composite-dev" in found:
+        dataset, vectors, sims = found["composite-dev"]
+        misses(dataset, vectors, sims["best"], args.misses)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from inserve.clients.cli_flags import add_connection_flags, add_server_flags, apply_server_flags, channel_security
-from inserve.server.config import REGION_MODES, STAR_SEED_RULES, DasrConfig, ServerConfig
+from inserve.server.config import REGION_MODES, STAR_SEED_RULES, DasrConfig, RegionRecipeConfig, ServerConfig
 from inserve.server.logs import FORMATS, configure_logging
 
 if TYPE_CHECKING:
@@ -54,12 +54,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cam-mode", default="offline", choices=["offline", "online"], help="cam: class aggregation")
     p.add_argument("--deep-region-source", default="detector", choices=["detector", "dasr_star"])
     p.add_argument("--deep-region-fusion", default="concat", choices=["concat", "mean", "max"])
+    p.add_argument(
+        "--region-set-weight",
+        type=float,
+        default=RegionRecipeConfig.region_set_weight,
+        help="whole_and_regions: weight of the mean of the query regions' best matches (0..1)",
+    )
 
 
 def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: Path):
     """The one place where flags become a ServerConfig (ConfigError, before any model loads, when they cannot)."""
     from inserve.engines import EngineOptions
-    from inserve.server.config import CamConfig, DetectorConfig, ImageConfig, RegionRecipeConfig
+    from inserve.server.config import CamConfig, DetectorConfig, ImageConfig
     from inserve.server.recipes import check_recipe_names
 
     check_recipe_names(recipes)
@@ -80,7 +86,9 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
         cam=CamConfig(mode=args.cam_mode),
         detector=DetectorConfig(path=args.detector),
         regions=RegionRecipeConfig(
-            deep_region_source=args.deep_region_source, deep_region_fusion=args.deep_region_fusion
+            deep_region_source=args.deep_region_source,
+            deep_region_fusion=args.deep_region_fusion,
+            region_set_weight=args.region_set_weight,
         ),
     )
     if args.command == "serve":

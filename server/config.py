@@ -99,6 +99,10 @@ class RegionRecipeConfig:
     # match); chosen on the dev sets (bench/fusion.py)
     region_set_weight: float = 0.4
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.region_set_weight <= 1.0:
+            raise ConfigError(f"region_set_weight must be between 0 and 1, got {self.region_set_weight}")
+
 
 @dataclass(frozen=True)
 class IndexConfig:
