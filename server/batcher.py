@@ -57,8 +57,6 @@ class DynamicBatcher(Generic[J, R]):
         config: BatcherConfig,
         name: str = "batcher",
     ) -> None:
-        if config.max_batch < 1 or config.queue_depth < config.max_batch or config.runners < 1:
-            raise ValueError(f"need 1 <= max_batch <= queue_depth and runners >= 1, got {config}")
         self._run = run
         self._key = key
         self.config = config

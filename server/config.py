@@ -141,7 +141,20 @@ class BatcherConfig:
     # network input shapes as width:height ratios at the configured long side; every image is padded into
     # the smallest that holds it, alone or batched, so its vectors do not depend on its company
     buckets: tuple[str, ...] = ("16:9", "4:3", "1:1", "3:4")  # wide (video), landscape, square, portrait
-    stream_window: int = 8  # requests of one stream (IndexImages, SearchStream) in flight at once
+    stream_window: int = 8  # requests of one stream (IndexImages, SearchStream) in flight at once, at most
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.runners < 1 or self.stream_window < 1:
+            raise ConfigError(f"max_batch, runners and stream_window must be >= 1, got {self}")
+        if self.queue_depth < self.max_batch:
+            raise ConfigError(
+                f"queue_depth {self.queue_depth} is below max_batch {self.max_batch}: need max_batch <= queue_depth"
+            )
+
+    @property
+    def window(self) -> int:
+        """A stream's requests in flight: never more than the queue holds, or a stream alone would be refused."""
+        return min(self.stream_window, self.queue_depth)
 
 
 @dataclass(frozen=True)

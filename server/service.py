@@ -126,7 +126,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
     def __init__(self, core: InstanceSearch, executor: ThreadPoolExecutor) -> None:
         self.core = core
         self.executor = executor
-        self.window = core.config.batcher.stream_window
+        self.window = core.config.batcher.window
         self.request_limit_s = core.config.limits.request_deadline_s  # per image or query, even on a stream
         self._videos = threading.BoundedSemaphore(core.config.video.max_concurrent)
 

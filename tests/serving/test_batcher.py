@@ -10,7 +10,7 @@ from concurrent.futures import Future, wait
 import pytest
 
 from inserve.server.batcher import BatcherClosed, DeadlineExceeded, DynamicBatcher, Overloaded
-from inserve.server.config import BatcherConfig
+from inserve.server.config import BatcherConfig, ConfigError
 
 
 class Recorder:
@@ -159,7 +159,7 @@ def test_close_runs_what_is_queued_then_refuses() -> None:
 
 
 def test_config_must_let_a_batch_fit_the_queue() -> None:
-    with pytest.raises(ValueError, match="max_batch <= queue_depth"):
+    with pytest.raises(ConfigError, match="need max_batch <= queue_depth"):
         batcher(Recorder(), max_batch=8, queue_depth=4)
 
 

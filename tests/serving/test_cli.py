@@ -85,10 +85,13 @@ BAD_SETTINGS = [
     (("--recipe", "gem,nope"), "unknown recipe(s) nope; choose from mac, spoc, gem, rmac"),
     (("--region-set-weight", "1.5"), "region_set_weight must be between 0 and 1, got 1.5"),
     (("--sigmas", "0"), "sigmas must be positive"),
+    (("--queue-depth", "4"), "queue_depth 4 is below max_batch 8: need max_batch <= queue_depth"),
 ]
 
 
-@pytest.mark.parametrize(("flags", "message"), BAD_SETTINGS, ids=["recipe", "region-set-weight", "sigmas"])
+@pytest.mark.parametrize(
+    ("flags", "message"), BAD_SETTINGS, ids=["recipe", "region-set-weight", "sigmas", "queue-depth"]
+)
 def test_bad_settings_are_one_line_saying_what_is_valid_before_any_model_loads(tmp_path: Path, flags, message) -> None:
     done = inserve("serve", *flags, "--models", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path / "data"))
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1

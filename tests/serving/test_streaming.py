@@ -207,3 +207,14 @@ def test_cancelled_and_expired_calls_leave_the_queue_unrun(models_dir: Path, tmp
             assert grpc.StatusCode.DEADLINE_EXCEEDED in codes, outcome[:3]
             assert expired_ran <= codes.count(grpc.StatusCode.OK) + calls // 4, (expired_ran, codes)
             assert client.search(image, top_k=1)[0].id == "astronaut"
+
+
+def test_one_stream_longer_than_a_small_queue_is_indexed_whole(models_dir: Path, tmp_path: Path) -> None:
+    """A queue of 4, below the stream window of 8: a lone 10-image IndexImages stream keeps at most 4 images in
+    flight and is indexed whole, none refused."""
+    photos = dict(list(twenty_photos().items())[:10])
+    small = running_server(models_dir, tmp_path / "data", "--recipe", "gem", "--queue-depth", "4", "--max-batch", "2")
+    with small as running, InstanceSearchClient(running.address) as client:
+        client.wait_ready()
+        acks = list(client.index_images(ImageItem(name, image) for name, image in photos.items()))
+    assert [a.id for a in acks] == list(photos)  # a refusal would have ended the stream with RESOURCE_EXHAUSTED
