@@ -89,6 +89,12 @@ def test_delete_removes_hits_and_reports_missing_ids(index: InstanceIndex) -> No
     assert index.delete(["a"]) == (0, ["a"])
 
 
+def test_an_id_deleted_twice_in_one_call_counts_once(index: InstanceIndex) -> None:
+    add(index, "a", 1)
+    assert index.delete(["a", "a", "nope", "nope"]) == (1, ["nope"])
+    assert index.count_images() == 0
+
+
 def test_dimension_mismatch_is_refused(index: InstanceIndex) -> None:
     add(index, "a", 1)
     wrong = NewVectors(RECIPE, "region", np.ones((1, DIM + 1), dtype=np.float32))

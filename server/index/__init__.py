@@ -179,12 +179,14 @@ class InstanceIndex:
             self.snapshot()
 
     def delete(self, external_ids: list[str]) -> tuple[int, list[str]]:
-        """Delete images; returns how many were deleted and the ids that were not indexed."""
+        """Delete images; returns how many were deleted and the ids that were not indexed (an id given twice
+        counts once)."""
+        unique = list(dict.fromkeys(external_ids))
         with self._lock.writing():
-            labels, missing = self.store.delete_images(external_ids)
+            labels, missing = self.store.delete_images(unique)
             for space in self._spaces.values():
                 space.remove(labels)
-        return len(external_ids) - len(missing), missing
+        return len(unique) - len(missing), missing
 
     def contains(self, external_id: str) -> bool:
         return self.store.has_image(external_id)
