@@ -205,6 +205,58 @@ def misses(dataset: Dataset, vectors: dict, best: np.ndarray, picture: Path | No
     print(f"\nmisses drawn in {picture} (rows: {', '.join(MISS_KINDS[1:])})")
 
 
+def pca_basis(regions: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and the top `dims` principal axes (dims, D) of l2-normalised region vectors: a plain rotation and
+    truncation, no whitening (which lowered the crops)."""
+    x = l2_normalize(regions.astype(np.float64))
+    mean = x.mean(0)
+    _, vectors = np.linalg.eigh((x - mean).T @ (x - mean))
+    return mean, vectors[:, ::-1][:, :dims].T
+
+
+def compacted(vectors: dict, basis: tuple[np.ndarray, np.ndarray] | None, dtype: type) -> dict:
+    """The region vectors as a compact store would hold them: projected on `basis` (None: all dims), l2,
+    rounded to `dtype` and back."""
+
+    def store(x: np.ndarray) -> np.ndarray:
+        if basis is not None:
+            x = (l2_normalize(x) - basis[0]) @ basis[1].T
+        return l2_normalize(l2_normalize(x).astype(dtype).astype(np.float32))
+
+    out = dict(vectors)
+    out["db_regions"] = np.array([store(r) for r in vectors["db_regions"]], dtype=object)
+    out["q_crop"] = store(vectors["q_crop"])
+    out["q_regions"] = np.array([store(r) for r in vectors["q_regions"]], dtype=object)
+    return out
+
+
+# where each dataset's PCA is learned: another dev set, as a deployment learns it before indexing its own data
+PCA_FROM = {"holidays-dev": "ukbench-dev", "ukbench-dev": "holidays-dev", "composite-dev": "holidays-dev"}
+
+
+def compaction(found: dict, weight: float) -> None:
+    """mAP of the served rule with the region vectors compacted: PCA learned on another dev set's regions, to
+    128 or 256 dims, float16; and the bytes per vector."""
+    print(f"\n{SERVED} at {weight}, region vectors compacted (PCA learned on another dev set)\n")
+    print("| store | bytes / vector (SQLite + graph) | " + " | ".join(found) + " |")
+    print("|---|---|" + "---|" * len(found))
+    for dims in (None, 256, 128):
+        for dtype in (np.float32, np.float16):
+            maps = []
+            for name, (dataset, vectors, _) in found.items():
+                source = found.get(PCA_FROM[name])
+                if dims is not None and source is None:
+                    maps.append(float("nan"))
+                    continue
+                basis = None if dims is None else pca_basis(np.concatenate(list(source[1]["db_regions"])), dims)
+                sims = similarities(compacted(vectors, basis, dtype))
+                maps.append(scores_map(dataset, RULES[SERVED](sims, weight)))
+            d = dims or vectors["db_regions"][0].shape[1]
+            size = d * np.dtype(dtype).itemsize + d * 4  # SQLite at dtype, hnswlib at float32
+            label = f"{'all ' if dims is None else ''}{d} dims, {np.dtype(dtype).name}"
+            print(f"| {label} | {size} | " + " | ".join(f"{m:.3f}" for m in maps) + " |")
+
+
 SERVED = "w own mean + (1-w) region"  # whole_and_regions (server/stages/matching.region_set_score)
 RULES = {
     "w z(global) + (1-w) z(region)": z_sum,
@@ -260,6 +312,7 @@ def main() -> None:
             maps = [scores_map(dataset, fuse(sims, w)) for dataset, _, sims in found.values()]
             print(f"| {w} | " + " | ".join(f"{m:.3f}" for m in maps) + f" | {np.mean(maps):.3f} |")
     per_query(found, SERVED, config.regions.region_set_weight)
+    compaction(found, config.regions.region_set_weight)
     if "composite-dev" in found:
         dataset, vectors, sims = found["composite-dev"]
         misses(dataset, vectors, sims["best"], args.misses)

@@ -39,4 +39,4 @@ class WholeAndRegionsRecipe(DasrCropsRecipe):
         own = super().describe(crop_batch(batch, box, self.image.long_side))[0].vectors[0].raw
         # the crop's own regions; its last is the crop whole, already first
         regions = np.concatenate([crop.raw[None], l2_normalize(own[:-1])])
-        return QueryVector("region", crop.raw, rerank=crop.raw, regions=regions)
+        return QueryVector("region", crop.raw, regions=regions)
