@@ -30,6 +30,7 @@ from inserve.server.models import ModelBundle
 from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import build_recipes
 from inserve.server.recipes.crops import crop_batch
+from inserve.server.stages.matching import soft_box
 from inserve.server.stages.nms import box_iou
 from inserve.server.stages.pooling import l2_normalize
 from inserve.server.stages.whitening import pca_whiten
@@ -257,6 +258,31 @@ def compaction(found: dict, weight: float) -> None:
             print(f"| {label} | {size} | " + " | ".join(f"{m:.3f}" for m in maps) + " |")
 
 
+def box_sweep(dataset: Dataset, vectors: dict) -> None:
+    """Localisation of the served box (stages/matching.py soft_box: region boxes averaged by softmax(similarity
+    to the query's crop / t)) over t, every positive; and with the whole-image region (the last) left out
+    unless it is the best."""
+    index = {name: j for j, name in enumerate(dataset.images)}
+    temperatures = (0.0, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1)
+    print(f"\n{dataset.name}: localisation of the served box by temperature\n")
+    print("| box | " + " | ".join(f"t = {t}" for t in temperatures) + " |\n|---|" + "---|" * len(temperatures))
+    for label, whole in (("softmax over every region", True), ("whole image only when best", False)):
+        cells = []
+        for t in temperatures:
+            located, total = 0, 0
+            for i, q in enumerate(dataset.queries):
+                for name, truth in q.boxes.items():
+                    j = index[name]
+                    sims = vectors["db_regions"][j] @ vectors["q_crop"][i]
+                    if not whole and sims.argmax() != len(sims) - 1:
+                        sims[-1] = -np.inf
+                    box = soft_box(np.asarray(vectors["db_boxes"][j], np.float64), sims, t)
+                    located += box_iou(box[None], np.asarray(truth, np.float64)[None])[0, 0] >= 0.5
+                    total += 1
+            cells.append(f"{located / total:.3f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 SERVED = "w own mean + (1-w) region"  # whole_and_regions (server/stages/matching.region_set_score)
 RULES = {
     "w z(global) + (1-w) z(region)": z_sum,
@@ -316,6 +342,7 @@ def main() -> None:
     if "composite-dev" in found:
         dataset, vectors, sims = found["composite-dev"]
         misses(dataset, vectors, sims["best"], args.misses)
+        box_sweep(dataset, vectors)
 
 
 if __name__ == "__main__":

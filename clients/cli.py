@@ -60,6 +60,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         default=RegionRecipeConfig.region_set_weight,
         help="whole_and_regions: weight of the mean of the query regions' best matches (0..1)",
     )
+    p.add_argument(
+        "--box-temperature",
+        type=float,
+        default=RegionRecipeConfig.box_temperature,
+        help="whole_and_regions: hits' boxes average the regions by softmax(similarity / this); 0 = best region",
+    )
 
 
 def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: Path):
@@ -89,6 +95,7 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
             deep_region_source=args.deep_region_source,
             deep_region_fusion=args.deep_region_fusion,
             region_set_weight=args.region_set_weight,
+            box_temperature=args.box_temperature,
         ),
     )
     if args.command == "serve":

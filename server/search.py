@@ -9,7 +9,7 @@ import numpy as np
 
 from inserve.server.index import ImageRow, InstanceIndex, VectorRow
 from inserve.server.recipes import QueryVector
-from inserve.server.stages.matching import best_region, expand_query, region_set_score, rerank_order
+from inserve.server.stages.matching import best_region, expand_query, region_set_score, rerank_order, soft_box
 
 GROUPINGS = ("none", "video", "shot")
 # region-set recipes score in full the top this many images of each query vector's kNN (or top_k, if more)
@@ -171,11 +171,13 @@ def region_set_search(
     set_weight: float,
     depth: int,
     region_source: str = "",
+    box_temperature: float = 0.0,
 ) -> list[Hit]:
     """Hits of a region-set recipe: each image scores `region_set_score` of its regions against the query's crop
-    and own regions (`query.regions`, the crop first); the hit's box is the region that best matches the crop.
-    Candidates: the top `depth` images of each query vector's kNN, every one then scored on all of them (an
-    image that only one kNN found still gets every term)."""
+    and own regions (`query.regions`, the crop first); the hit's box is `soft_box` of its regions' boxes by their
+    similarity to the crop (its region and region score: the best match's). Candidates: the top `depth` images
+    of each query vector's kNN, every one then scored on all of them (an image that only one kNN found still
+    gets every term)."""
     if index.space(recipe, "region") is None:
         return []
     queries = np.stack([index.transform(recipe, "region", q) for q in query.regions])
@@ -184,12 +186,14 @@ def region_set_search(
         candidates |= {row.image_id for row, _ in best_per_image(index, recipe, "region", q, depth)}
     scored = []
     for image_id, (rows, vectors) in index.image_vectors(recipe, "region", sorted(candidates)).items():
-        score, best = region_set_score(queries @ vectors.T, set_weight)
-        scored.append((score, image_id, rows[best]))
+        sims = queries @ vectors.T
+        score, best = region_set_score(sims, set_weight)
+        box = soft_box(np.array([row.box for row in rows], dtype=np.float64), sims[0], box_temperature)
+        scored.append((score, image_id, rows[best], tuple(float(x) for x in box)))
     scored.sort(key=lambda item: (-item[0], item[1]))
-    images = index.images([image_id for _, image_id, _ in scored[:top_k]])
+    images = index.images([image_id for _, image_id, _, _ in scored[:top_k]])
     return [
-        Hit(images[image_id], score, row.box, row.score, row.label, region_source)
-        for score, image_id, row in scored[:top_k]
+        Hit(images[image_id], score, box, row.score, row.label, region_source)
+        for score, image_id, row, box in scored[:top_k]
         if image_id in images
     ]

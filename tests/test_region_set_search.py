@@ -11,7 +11,7 @@ from inserve.server.config import IndexConfig
 from inserve.server.index import InstanceIndex, NewVectors, SpaceSpec
 from inserve.server.recipes import QueryVector
 from inserve.server.search import region_set_search
-from inserve.server.stages.matching import region_set_score
+from inserve.server.stages.matching import region_set_score, soft_box
 from inserve.server.stages.pooling import l2_normalize
 
 SPECS = {("s", "region"): SpaceSpec(whiten=False)}
@@ -78,3 +78,21 @@ def test_a_candidate_found_by_one_query_vector_is_scored_on_all(index: InstanceI
 def test_a_query_without_regions_of_its_own_scores_by_its_crop() -> None:
     sims = np.array([[0.2, 0.9, 0.5]])
     assert region_set_score(sims, 0.4) == (pytest.approx(0.9), 1)
+
+
+def test_the_box_averages_the_regions_by_their_match_to_the_crop(index: InstanceIndex) -> None:
+    """Temperature t: each hit's box is sum softmax(crop similarity / t) x box over the image's regions."""
+    t = 0.1
+    for hit in region_set_search(index, "s", QUERY, 3, 0.4, depth=3, box_temperature=t):
+        sims = l2_normalize(np.array(IMAGES[hit.image.external_id], np.float32)) @ QUERY_REGIONS[0]
+        weights = np.exp((sims - sims.max()) / t) / np.exp((sims - sims.max()) / t).sum()
+        np.testing.assert_allclose(hit.box, weights @ BOXES, rtol=1e-5, atol=1e-4)
+
+
+def test_soft_box_by_hand() -> None:
+    boxes = np.array([[0, 0, 10, 10], [10, 10, 20, 20]], dtype=np.float64)
+    # equal similarities: the middle; temperature 0: the best region's box
+    np.testing.assert_allclose(soft_box(boxes, np.array([0.5, 0.5]), 0.05), [5, 5, 15, 15])
+    np.testing.assert_array_equal(soft_box(boxes, np.array([0.4, 0.5]), 0.0), [10, 10, 20, 20])
+    # a gap of t ln 3 weighs the boxes 3 : 1
+    np.testing.assert_allclose(soft_box(boxes, np.array([0.5 + 0.05 * np.log(3), 0.5]), 0.05), [2.5, 2.5, 12.5, 12.5])

@@ -122,6 +122,7 @@ class Recipe(ABC):
     dasr_peaks: tuple[str, ...] = ()  # the DASR peak kinds ("dasr", "dasr_star") `describe` uses
     # region-set recipes: an image scores by all the query's regions (search.region_set_search) with this weight
     region_set_weight: float | None = None
+    box_temperature: float = 0.0  # region-set recipes: how hits' boxes average their regions (stages.matching)
 
     @abstractmethod
     def describe(self, batch: FeatureBatch) -> list[ImageVectors]:

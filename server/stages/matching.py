@@ -29,6 +29,16 @@ def region_set_score(sims: np.ndarray, set_weight: float) -> tuple[float, int]:
     return float(set_weight * best[1:].mean() + (1.0 - set_weight) * best[0]), crop
 
 
+def soft_box(boxes: np.ndarray, sims: np.ndarray, temperature: float) -> np.ndarray:
+    """The mean of an image's region boxes (n, 4) weighted by softmax(sims / temperature): the regions that match
+    the query almost as well as the best pull its box toward where they agree (the best region alone is
+    often off-centre, bench/README "One default recipe"); temperature 0 = the best region's box."""
+    if temperature <= 0:
+        return boxes[int(np.argmax(sims))]
+    weights = np.exp((sims - sims.max()) / temperature)
+    return (boxes * weights[:, None]).sum(axis=0) / weights.sum()
+
+
 def rerank_order(first: np.ndarray, second: np.ndarray, top: int) -> np.ndarray:
     """Order of a ranking after re-scoring its first `top` entries with `second` (best first, stable); the
     rest keep their order behind them (seed 000's spatial re-ranking of the top N)."""
