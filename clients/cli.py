@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gRPC server")
     p.add_argument("--data-dir", type=Path, default=Path("data"))
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--host", default="[::]")
+    p.add_argument("--host", default=ServerConfig.host, help="interface to bind; [::] = every interface")
     p.add_argument(
         "--recipe",
         default=",".join(ServerConfig.recipes),

@@ -33,6 +33,14 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def is_loopback(host: str) -> bool:
+    """True when binding `host` keeps the server reachable from this machine only."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT; then stop taking calls, finish those in flight, snapshot, return."""
     stopping = asyncio.Event()
@@ -57,6 +65,13 @@ async def serve(config: ServerConfig) -> None:
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if not (credentials or tokens or is_loopback(config.host)):
+        log.warning(
+            "listening on %s in plaintext without tokens: whoever reaches port %d can index, search and delete; "
+            "add --tls-cert/--tls-key or --token-file, or bind --host localhost",
+            config.host,
+            port,
+        )
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -227,7 +227,7 @@ class ServerConfig:
     models: Path = Path("models")
     backbone: str = "efficientnet_lite0"
     recipes: tuple[str, ...] = ("whole_and_regions",)  # indexed with every recipe listed; the first is the default
-    host: str = "[::]"
+    host: str = "localhost"  # loopback; beyond it without TLS or tokens the server warns (server/app.py)
     port: int = 50051
     max_message_bytes: int = 64 << 20
     workers: int = 2  # threads decoding images and writing the index (the networks run in the batcher)

@@ -252,3 +252,21 @@ def test_unusable_security_settings_stop_the_server_before_it_starts(
     paths = [str(pki.folder / flag) if not flag.startswith("--") else flag for flag in flags]
     done = cli("serve", "--data-dir", str(tmp_path), "--models", str(tmp_path / "no-models"), *paths)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_the_server_binds_loopback_by_default() -> None:
+    from inserve.clients.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).host == "localhost"
+
+
+@pytest.mark.parametrize("guarded", [False, True], ids=["plaintext-open", "tokens"])
+def test_binding_beyond_loopback_without_tls_or_tokens_warns(
+    models_dir: Path, tmp_path: Path, pki: Pki, guarded: bool
+) -> None:
+    flags = ("--recipe", "gem", "--host", "0.0.0.0", *(("--token-file", str(pki.tokens)) if guarded else ()))
+    with running_server(models_dir, tmp_path, *flags) as server:
+        with InstanceSearchClient(server.address, security=ChannelSecurity(token=TOKEN if guarded else None)) as c:
+            c.wait_ready()  # the warning, if any, comes before the line that says the port
+        warned = any("in plaintext without tokens" in line for line in server.output)
+    assert warned is not guarded
