@@ -4,6 +4,7 @@ graceful stop on SIGTERM / SIGINT (stop taking calls, drain those in flight, sna
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -33,12 +34,14 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
-
-
 def is_loopback(host: str) -> bool:
     """True when binding `host` keeps the server reachable from this machine only."""
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another host name: it may resolve anywhere
+        return False
 
 
 async def serve(config: ServerConfig) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 from inserve.server.config import BatcherConfig, DasrConfig, ImageConfig
 from inserve.server.imaging import NetworkInput, decode_image, prepare, validate_box
 from inserve.server.models import ModelBundle
-from inserve.server.recipes import FeatureBatch, ImageVectors, QueryVector, Recipe
+from inserve.server.recipes import FeatureBatch, ImageVectors, QueryVector, Recipe, sources
 from inserve.server.stages.buckets import Shape, bucket_shapes, choose_bucket, crop_map, pad_batch
 from inserve.server.stages.dasr import batch_functionals
 
@@ -56,7 +56,7 @@ class Pipeline:
         self.shapes = bucket_shapes(buckets, image.long_side, models.size_multiple)
         self.moments_stride = None
         if dasr is not None and dasr.mode != "exact":
-            self.moments_stride = dasr.stop_stride or models.default_stop_stride
+            self.moments_stride = sources.stop_stride(models, dasr)
 
     def load(self, data: bytes) -> NetworkInput:
         """Decoded, checked and resized; raises ImageError with the reason."""

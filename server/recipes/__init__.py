@@ -3,7 +3,8 @@
 Every method of the five seed papers and the usual baselines, on the same index format:
 mac, spoc, gem, rmac, crow (baselines); cam (seed 001); deepvision (seed 000); deep_region (seed 002);
 clusters (seed 003); dasr, dasr_star, dasr_star_vlad (seed 004); dasr_star_crops (seed 004's DASR* regions
-re-embedded as seed 002 does its detections); whole_and_regions (GeM and those crops, an image scored by both).
+re-embedded as seed 002 does its detections); whole_and_regions (those crops, matched against a query's crop
+and its own regions).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def dasr(batch: FeatureBatch, peaks: str, config: DasrConfig) -> list[Regions]:
     finds the other kinds the batch's recipes need (`batch.dasr_peaks`), in the same back-propagation."""
     key = dasr_key(peaks, config)
     if key not in batch.derived:
-        stride = config.stop_stride or batch.models.default_stop_stride
+        stride = stop_stride(batch.models, config)
         kinds = tuple(sorted({peaks, *batch.dasr_peaks}))
         moments = batch.maps["moments"] if batch.moments_stride == stride else None
         engines = dasr_engines(batch.models, config)
@@ -37,10 +37,15 @@ def dasr(batch: FeatureBatch, peaks: str, config: DasrConfig) -> list[Regions]:
     return batch.derived[key]
 
 
+def stop_stride(models: ModelBundle, config: DasrConfig) -> int:
+    """Where the DASR graphs stop: the configured stride, else the export's default."""
+    return config.stop_stride or models.default_stop_stride
+
+
 def dasr_engines(models: ModelBundle, config: DasrConfig) -> DasrEngines:
     """The DASR graphs the region mode runs, opened (ModelsError when the export lacks one: the server calls this
     at start, so that an old export is refused then, with what to do, not at the first image)."""
-    stride = config.stop_stride or models.default_stop_stride
+    stride = stop_stride(models, config)
     return DasrEngines(
         models.backprop(stride) if config.mode != "adjoint" else None,
         models.moments(stride) if config.mode != "exact" else None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from inserve.server.config import DasrConfig, ImageConfig, RegionRecipeConfig
+from inserve.server.recipes import sources
 from inserve.server.recipes.base import FeatureBatch, QueryVector
 from inserve.server.recipes.crops import crop_batch
 from inserve.server.recipes.dasr import DasrCropsRecipe
@@ -37,8 +38,7 @@ class WholeAndRegionsRecipe(DasrCropsRecipe):
         self.image = image
 
     def query(self, batch: FeatureBatch, box: np.ndarray | None) -> QueryVector:
-        crop = super().query(batch, box)
-        own = super().describe(crop_batch(batch, box, self.image.long_side))[0].vectors[0].raw
-        # the crop's own regions; its last is the crop whole, already first
-        regions = np.concatenate([crop.raw[None], l2_normalize(own[:-1])])
-        return QueryVector("region", crop.raw, regions=regions)
+        crop = super().query(batch, box).raw
+        inner = crop_batch(batch, box, self.image.long_side)  # the crop as an image of its own
+        (own,) = self.embed(inner, [sources.dasr(inner, "dasr_star", self.config)[0].boxes.reshape(-1, 4)])
+        return QueryVector("region", crop, regions=np.concatenate([crop[None], l2_normalize(own)]))
