@@ -26,6 +26,7 @@ from PIL import Image
 from inserve.clients.render import HIT_COLOUR, QUERY_COLOUR, Tile, render_results
 from inserve.server.config import IndexConfig, ServerConfig
 from inserve.server.evaluation import Dataset, average_precision
+from inserve.server.index.codec import decode_vectors, encode_vector
 from inserve.server.models import ModelBundle
 from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import build_recipes
@@ -33,7 +34,7 @@ from inserve.server.recipes.crops import crop_batch
 from inserve.server.stages.matching import soft_box
 from inserve.server.stages.nms import box_iou
 from inserve.server.stages.pooling import l2_normalize
-from inserve.server.stages.whitening import pca_whiten
+from inserve.server.stages.whitening import Whitening, pca_reduce, pca_whiten
 
 DATASETS = ("holidays-dev", "composite-dev", "ukbench-dev")
 WEIGHTS = tuple(round(w, 2) for w in np.linspace(0, 1, 11))
@@ -206,56 +207,67 @@ def misses(dataset: Dataset, vectors: dict, best: np.ndarray, picture: Path | No
     print(f"\nmisses drawn in {picture} (rows: {', '.join(MISS_KINDS[1:])})")
 
 
-def pca_basis(regions: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and the top `dims` principal axes (dims, D) of l2-normalised region vectors: a plain rotation and
-    truncation, no whitening (which lowered the crops)."""
-    x = l2_normalize(regions.astype(np.float64))
-    mean = x.mean(0)
-    _, vectors = np.linalg.eigh((x - mean).T @ (x - mean))
-    return mean, vectors[:, ::-1][:, :dims].T
+def compacted(vectors: dict, reduction: Whitening | None) -> dict:
+    """The region vectors as a compact space holds them (server/index): the database's stored in int8
+    (codec.py), read back and reduced; the query's reduced from float32. None: full dims, float32."""
 
+    def reduce(x: np.ndarray) -> np.ndarray:
+        return l2_normalize(x) if reduction is None else reduction.apply(x)
 
-def compacted(vectors: dict, basis: tuple[np.ndarray, np.ndarray] | None, dtype: type) -> dict:
-    """The region vectors as a compact store would hold them: projected on `basis` (None: all dims), l2,
-    rounded to `dtype` and back."""
-
-    def store(x: np.ndarray) -> np.ndarray:
-        if basis is not None:
-            x = (l2_normalize(x) - basis[0]) @ basis[1].T
-        return l2_normalize(l2_normalize(x).astype(dtype).astype(np.float32))
+    def stored(x: np.ndarray) -> np.ndarray:
+        return reduce(x if reduction is None else decode_vectors([encode_vector(v, int8=True) for v in x]))
 
     out = dict(vectors)
-    out["db_regions"] = np.array([store(r) for r in vectors["db_regions"]], dtype=object)
-    out["q_crop"] = store(vectors["q_crop"])
-    out["q_regions"] = np.array([store(r) for r in vectors["q_regions"]], dtype=object)
+    out["db_regions"] = np.array([stored(r) for r in vectors["db_regions"]], dtype=object)
+    out["q_crop"] = reduce(vectors["q_crop"])
+    out["q_regions"] = np.array([reduce(r) for r in vectors["q_regions"]], dtype=object)
     return out
 
 
-# where each dataset's PCA is learned: another dev set, as a deployment learns it before indexing its own data
+# where each dataset's PCA is learned when not on its own regions: another dev set, as a deployment would learn
+# it before indexing its own data
 PCA_FROM = {"holidays-dev": "ukbench-dev", "ukbench-dev": "holidays-dev", "composite-dev": "holidays-dev"}
+COMPACTIONS = (
+    (None, ""),
+    (512, "all"),
+    (384, "other"),
+    (384, "all"),
+    (384, "half"),
+    (256, "all"),
+    (256, "half"),
+    (128, "all"),
+)
+LEARNED_ON = {
+    "other": "another dev set",
+    "all": "all its regions (after `inserve whiten`, `inserve eval`)",
+    "half": "its first half (the least a growing index has learned from)",
+}
 
 
-def compaction(found: dict, weight: float) -> None:
-    """mAP of the served rule with the region vectors compacted: PCA learned on another dev set's regions, to
-    128 or 256 dims, float16; and the bytes per vector."""
-    print(f"\n{SERVED} at {weight}, region vectors compacted (PCA learned on another dev set)\n")
-    print("| store | bytes / vector (SQLite + graph) | " + " | ".join(found) + " |")
-    print("|---|---|" + "---|" * len(found))
-    for dims in (None, 256, 128):
-        for dtype in (np.float32, np.float16):
-            maps = []
-            for name, (dataset, vectors, _) in found.items():
-                source = found.get(PCA_FROM[name])
-                if dims is not None and source is None:
-                    maps.append(float("nan"))
-                    continue
-                basis = None if dims is None else pca_basis(np.concatenate(list(source[1]["db_regions"])), dims)
-                sims = similarities(compacted(vectors, basis, dtype))
-                maps.append(scores_map(dataset, RULES[SERVED](sims, weight)))
-            d = dims or vectors["db_regions"][0].shape[1]
-            size = d * np.dtype(dtype).itemsize + d * 4  # SQLite at dtype, hnswlib at float32
-            label = f"{'all ' if dims is None else ''}{d} dims, {np.dtype(dtype).name}"
-            print(f"| {label} | {size} | " + " | ".join(f"{m:.3f}" for m in maps) + " |")
+def compaction(found: dict, weight: float, hnsw_m: int) -> None:
+    """mAP of the served rule with the region vectors compacted as the index compacts them (pca_reduce, int8
+    raw), the reduction learned on another dev set's regions, on all of the set's own database regions or on
+    their first half; and the bytes per region (int8 raw in SQLite + the graph's level-0 entry)."""
+    print(f"\n{SERVED} at {weight}, region vectors compacted\n")
+    print("| graph holds | PCA learned on | bytes / region | " + " | ".join(found) + " |")
+    print("|---|---|---|" + "---|" * len(found))
+    for dims, learned_on in COMPACTIONS:
+        maps = []
+        for name, (dataset, vectors, _) in found.items():
+            source = found.get(PCA_FROM[name]) if learned_on == "other" else found[name]
+            if dims is not None and source is None:
+                maps.append(float("nan"))
+                continue
+            regions = np.concatenate(list(source[1]["db_regions"]))
+            if learned_on == "half":
+                regions = regions[: len(regions) // 2]
+            sims = similarities(compacted(vectors, None if dims is None else pca_reduce(regions, dims)))
+            maps.append(scores_map(dataset, RULES[SERVED](sims, weight)))
+        d = dims or vectors["db_regions"][0].shape[1]
+        raw = 4 * d if dims is None else len(encode_vector(np.zeros(vectors["db_regions"][0].shape[1]), int8=True))
+        size = raw + 4 * d + 4 * (2 * hnsw_m + 1) + 8
+        label = f"all {d} dims, float32" if dims is None else f"PCA {d} dims (raw int8)"
+        print(f"| {label} | {LEARNED_ON.get(learned_on, '')} | {size} | " + " | ".join(f"{m:.3f}" for m in maps) + " |")
 
 
 def box_sweep(dataset: Dataset, vectors: dict) -> None:
@@ -338,7 +350,7 @@ def main() -> None:
             maps = [scores_map(dataset, fuse(sims, w)) for dataset, _, sims in found.values()]
             print(f"| {w} | " + " | ".join(f"{m:.3f}" for m in maps) + f" | {np.mean(maps):.3f} |")
     per_query(found, SERVED, config.regions.region_set_weight)
-    compaction(found, config.regions.region_set_weight)
+    compaction(found, config.regions.region_set_weight, config.index.hnsw_m)
     if "composite-dev" in found:
         dataset, vectors, sims = found["composite-dev"]
         misses(dataset, vectors, sims["best"], args.misses)

@@ -351,7 +351,7 @@ def cmd_whiten(args: argparse.Namespace) -> int:
     try:
         stats = sorted(index.stats(), key=lambda s: index.spec(s.recipe, s.kind).aggregate is not None)
         for s in stats:
-            if args.recipe in (None, s.recipe) and index.spec(s.recipe, s.kind).whiten and s.vectors >= 2:
+            if args.recipe in (None, s.recipe) and index.learns(s.recipe, s.kind) and s.vectors >= 2:
                 version = index.learn_whitening(s.recipe, s.kind, args.dims)
                 print(f"{s.recipe}/{s.kind}: whitening v{version} from {s.vectors} vectors")
     finally:

@@ -122,9 +122,22 @@ class IndexConfig:
     whiten_dims: int | None = None  # None = all dimensions the data supports
     # regularised whitening: component i scaled by (lambda_i + a lambda_1)^-1/2 (stages/whitening.py); 0 = plain
     whiten_shrinkage: float = 0.1
+    # compact spaces (SpaceSpec.compact: whole_and_regions' regions): the graph holds a PCA reduction to this many
+    # dims learned on the space's own vectors, SQLite every vector at full dims in int8 (server/index/codec.py);
+    # 0 = full dims, float32. Learned once the space holds compact_after vectors and again each time it doubles,
+    # up to 64 x compact_after (bench/README.md, "Compact storage": 384 dims, ~29 KiB per image, cost the dev sets
+    # <= 0.009 mAP learned on all their regions, composite-dev 0.036 learned on the first half)
+    compact_dims: int = 384
+    compact_after: int = 1024
     # vectors added before the graphs are snapshot again; whatever SQLite holds beyond the last snapshot is
     # added back at start, so this trades snapshot time for start-up time, never data
     snapshot_every: int = 20_000
+
+    def __post_init__(self) -> None:
+        if self.compact_dims < 0 or self.compact_after < 2:
+            raise ConfigError(
+                f"compact_dims must be >= 0 and compact_after >= 2, got {self.compact_dims} and {self.compact_after}"
+            )
 
 
 @dataclass(frozen=True)

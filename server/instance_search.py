@@ -260,7 +260,7 @@ class InstanceSearch:
             return {
                 (s.recipe, s.kind): self.index.learn_whitening(s.recipe, s.kind)
                 for s in self._parts_first()
-                if recipe in (None, s.recipe) and s.vectors >= 2 and self.index.spec(s.recipe, s.kind).whiten
+                if recipe in (None, s.recipe) and s.vectors >= 2 and self.index.learns(s.recipe, s.kind)
             }
 
     def relearn_whitening(self) -> None:

@@ -1,4 +1,5 @@
-"""PCA-whitening of server/stages/whitening.py (Jegou & Chum 2012): learned on l2-normalised vectors."""
+"""PCA-whitening and PCA reduction of server/stages/whitening.py (Jegou & Chum 2012): learned on l2-normalised
+vectors."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from inserve.server.stages.pooling import l2_normalize
-from inserve.server.stages.whitening import pca_whiten
+from inserve.server.stages.whitening import pca_reduce, pca_whiten
 
 
 def training(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -83,3 +84,22 @@ def test_shrinkage_adds_a_fraction_of_the_largest_eigenvalue_by_hand() -> None:
     np.testing.assert_allclose(np.abs(plain.projection), [[0.8**-0.5, 0], [0, 0.4**-0.5]], rtol=1e-5)
     # lambda + 0.5 * lambda_1 = 0.8 + 0.4, 0.4 + 0.4
     np.testing.assert_allclose(np.abs(shrunk.projection), [[1.2**-0.5, 0], [0, 0.8**-0.5]], rtol=1e-5)
+
+
+def test_reduction_projects_on_the_leading_axes_of_the_second_moments() -> None:
+    raw = training(400, 12)
+    r = pca_reduce(raw, dims=5)
+    assert r.dims == 5
+    np.testing.assert_array_equal(r.mean, 0.0)  # not centred
+    np.testing.assert_allclose(r.projection @ r.projection.T, np.eye(5), atol=1e-5)  # rotation, no scaling
+    x = l2_normalize(raw).astype(np.float64)
+    values = np.sort(np.linalg.eigvalsh(x.T @ x))[::-1]
+    np.testing.assert_allclose(np.sum((x @ r.projection.T) ** 2, axis=0), values[:5], rtol=1e-3)
+
+
+def test_reduction_to_all_dims_keeps_every_cosine() -> None:
+    raw = training(100, 6)
+    r = pca_reduce(raw, dims=6)
+    x = l2_normalize(raw).astype(np.float64)
+    np.testing.assert_allclose(r.apply(raw) @ r.apply(raw).T, x @ x.T, atol=1e-5)
+    assert pca_reduce(training(4, 6), dims=6).dims == 4  # never more than the data supports

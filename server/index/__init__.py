@@ -15,7 +15,7 @@ from inserve.server.index.locking import ReadWriteLock
 from inserve.server.index.store import DuplicateId, ImageRow, MetadataStore, NewKeyframe, NewVectors, VectorRow
 from inserve.server.index.vectors import VectorSpace
 from inserve.server.stages.pooling import l2_normalize
-from inserve.server.stages.whitening import pca_whiten
+from inserve.server.stages.whitening import pca_reduce, pca_whiten
 
 __all__ = [
     "Aggregate",
@@ -55,6 +55,9 @@ class SpaceSpec:
     whiten_per_image: int | None = None  # learn whitening from at most the first N vectors of each image
     whiten_dims: int | None = None  # overrides IndexConfig.whiten_dims
     whiten_shrinkage: float | None = None  # overrides IndexConfig.whiten_shrinkage
+    # learn a PCA reduction (not whitening) for it on its own vectors and keep its raw vectors in int8
+    # (IndexConfig.compact_dims, compact_after); for region spaces whose vectors outnumber the images ten to one
+    compact: bool = False
     aggregate: Aggregate | None = None
 
 
@@ -82,7 +85,9 @@ class InstanceIndex:
         self.data_dir = Path(data_dir)
         self.config = config
         self.specs = dict(specs or {})
-        self.store = MetadataStore(self.data_dir / "index.sqlite")
+        self.store = MetadataStore(
+            self.data_dir / "index.sqlite", [key for key in self.specs if self._compact(self.specs[key])]
+        )
         self._spaces: dict[tuple[str, str], VectorSpace] = {}
         self._lock = ReadWriteLock()  # searches read together; writes (under .writing()) land whole
         self._added_since_snapshot = 0
@@ -99,6 +104,15 @@ class InstanceIndex:
 
     def spec(self, recipe: str, kind: str) -> SpaceSpec:
         return self.specs.get((recipe, kind), DEFAULT_SPEC)
+
+    def _compact(self, spec: SpaceSpec) -> bool:
+        return spec.compact and self.config.compact_dims > 0
+
+    def learns(self, recipe: str, kind: str) -> bool:
+        """True when the space learns a transform from its vectors: PCA-whitening, or a compact space's PCA
+        reduction. `inserve whiten`, the service's automatic learning and `relearn_whitening` all ask this."""
+        spec = self.spec(recipe, kind)
+        return spec.whiten or self._compact(spec)
 
     def _aggregates(self, recipe: str | None = None, source: str | None = None) -> list[tuple[str, str]]:
         return [
@@ -359,15 +373,21 @@ class InstanceIndex:
         return raw[rank < spec.whiten_per_image]
 
     def learn_whitening(self, recipe: str, kind: str, dims: int | None = None) -> int:
-        """Learn PCA-whitening from the space's raw vectors, rebuild its graph; returns the new version.
+        """Learn PCA-whitening (a compact space: its PCA reduction) from the space's raw vectors, rebuild its
+        graph; returns the new version.
         Aggregates of the space are rebuilt on the new whitening (and their own whitening re-learned)."""
         with self._lock.writing():
             spec = self.spec(recipe, kind)
             training = self._training_vectors(recipe, kind)
             if len(training) < 2:
                 raise ValueError(f"{recipe}/{kind} holds {len(training)} vectors; whitening needs more")
-            shrinkage = self.config.whiten_shrinkage if spec.whiten_shrinkage is None else spec.whiten_shrinkage
-            whitening = pca_whiten(training, dims or spec.whiten_dims or self.config.whiten_dims, shrinkage=shrinkage)
+            if self._compact(spec):
+                whitening = pca_reduce(training, dims or self.config.compact_dims)
+            else:
+                shrinkage = self.config.whiten_shrinkage if spec.whiten_shrinkage is None else spec.whiten_shrinkage
+                whitening = pca_whiten(
+                    training, dims or spec.whiten_dims or self.config.whiten_dims, shrinkage=shrinkage
+                )
             if spec.aggregate is not None:
                 self.store.ensure_space(recipe, kind, training.shape[1])
             version = self.store.save_whitening(recipe, kind, whitening, len(training))
@@ -396,10 +416,12 @@ class InstanceIndex:
             return version
 
     def can_whiten(self, recipe: str, kind: str) -> bool:
-        """True when a space holds enough vectors per dimension (IndexConfig.auto_whiten_per_dim) to learn
-        a stable whitening."""
+        """True when a space holds enough vectors to learn its transform: per dimension
+        (IndexConfig.auto_whiten_per_dim) for whitening, IndexConfig.compact_after for a compact space."""
         space = self._spaces.get((recipe, kind))
         spec = self.spec(recipe, kind)
+        if space is not None and self._compact(spec):
+            return len(space) >= self.config.compact_after
         per_dim = self.config.auto_whiten_per_dim
         if space is None or not spec.whiten or per_dim <= 0:
             return False
@@ -409,9 +431,18 @@ class InstanceIndex:
         return samples >= per_dim * space.raw_dim
 
     def whitening_due(self, recipe: str, kind: str) -> bool:
-        """True when a space that was never whitened can be."""
+        """True when a space that was never whitened can be; for a compact space, also each time it has doubled
+        since its reduction was learned, until that was learned from 64 x compact_after vectors: a reduction
+        learned on the first images keeps the directions of what they show, and later images may need others
+        (one learned on another dev set lost 0.11 mAP on composite-dev). Re-learning rebuilds the graph, so
+        doubling keeps its cost to at most two insertions per vector."""
         space = self._spaces.get((recipe, kind))
-        return space is not None and space.version == 0 and self.can_whiten(recipe, kind)
+        if space is None or not self.can_whiten(recipe, kind):
+            return False
+        if not self._compact(self.spec(recipe, kind)):
+            return space.version == 0
+        learned_from = self.store.learned_from(recipe, kind)
+        return len(space) >= 2 * learned_from and learned_from < 64 * self.config.compact_after
 
     def stats(self) -> list[SpaceStats]:
         return [

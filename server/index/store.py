@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from inserve.server.index.codec import decode_vector, decode_vectors, encode_vector
 from inserve.server.stages.whitening import Whitening
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -87,6 +88,7 @@ MIGRATIONS: dict[int, list[str]] = {
             PRIMARY KEY (recipe, name, version)
         )""",
     ],
+    4: [],  # raw vectors of compact spaces may be int8 blobs (codec.py), which older versions cannot read
 }
 
 IMAGE_COLUMNS = "id, external_id, source, width, height, metadata, video_id, frame, time_s, shot"
@@ -141,7 +143,7 @@ def _unpack(rows: list[tuple[int, int, bytes]]) -> tuple[np.ndarray, np.ndarray,
         return empty, empty, np.zeros((0, 0), dtype=np.float32)
     labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     image_ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
-    return labels, image_ids, np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
+    return labels, image_ids, decode_vectors([r[2] for r in rows])
 
 
 @dataclass(frozen=True)
@@ -161,8 +163,9 @@ class NewKeyframe:
 class MetadataStore:
     """Thread-safe access to the SQLite file; one writer at a time, readers in parallel (WAL)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, int8_spaces: Iterable[tuple[str, str]] = ()) -> None:
         self.path = path
+        self.int8_spaces = frozenset(int8_spaces)  # (recipe, kind) whose raw vectors are stored as int8
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._write_lock = threading.Lock()
@@ -309,6 +312,7 @@ class MetadataStore:
         for v in vectors:
             raw = np.ascontiguousarray(v.raw, dtype=np.float32).reshape(len(v.raw), -1)
             self._ensure_space(db, v.recipe, v.kind, raw.shape[1])
+            int8 = (v.recipe, v.kind) in self.int8_spaces
             new = []
             for i, row in enumerate(raw):
                 box = (None,) * 4 if v.boxes is None else tuple(float(c) for c in v.boxes[i])
@@ -317,7 +321,7 @@ class MetadataStore:
                 cursor = db.execute(
                     "INSERT INTO vectors (image_id, recipe, kind, x1, y1, x2, y2, score, raw, tag)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (image_id, v.recipe, v.kind, *box, score, row.tobytes(), tag),
+                    (image_id, v.recipe, v.kind, *box, score, encode_vector(row, int8), tag),
                 )
                 new.append(cursor.lastrowid)
             labels[(v.recipe, v.kind)] = np.asarray(new, dtype=np.int64)
@@ -378,7 +382,7 @@ class MetadataStore:
         if not rows:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        raw = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+        raw = decode_vectors([r[1] for r in rows])
         return labels, raw
 
     def labels(self, recipe: str, kind: str) -> np.ndarray:
@@ -405,7 +409,7 @@ class MetadataStore:
             chunk = labels[start : start + 900]
             marks = ",".join("?" * len(chunk))
             for label, raw in self._db().execute(f"SELECT label, raw FROM vectors WHERE label IN ({marks})", chunk):
-                found[label] = np.frombuffer(raw, dtype=np.float32)
+                found[label] = decode_vector(raw)
         return found
 
     def space_vectors(self, recipe: str, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -435,7 +439,7 @@ class MetadataStore:
                 (recipe, kind, *chunk),
             ):
                 rows.append(VectorRow(label, image_id, None if x1 is None else (x1, y1, x2, y2), score))
-                raws.append(np.frombuffer(raw, dtype=np.float32))
+                raws.append(decode_vector(raw))
         return rows, np.stack(raws) if raws else np.zeros((0, 0), dtype=np.float32)
 
     def tagged_vectors(
@@ -459,7 +463,7 @@ class MetadataStore:
         labels, image_ids, found = (
             np.fromiter((r[i] for r in rows), dtype=np.int64, count=len(rows)) for i in range(3)
         )
-        return labels, image_ids, found, np.stack([np.frombuffer(r[3], dtype=np.float32) for r in rows])
+        return labels, image_ids, found, decode_vectors([r[3] for r in rows])
 
     def space_bytes(self, recipe: str) -> int:
         """Bytes of raw vectors a recipe keeps in SQLite."""
@@ -583,6 +587,20 @@ class MetadataStore:
         mean = np.frombuffer(row[2], dtype=np.float32)
         projection = np.frombuffer(row[3], dtype=np.float32).reshape(row[1], len(mean))
         return int(row[0]), Whitening(mean, projection)
+
+    def learned_from(self, recipe: str, kind: str) -> int:
+        """How many vectors the space's current whitening (or reduction) was learned from; 0 when none."""
+        row = (
+            self._db()
+            .execute(
+                "SELECT w.learned_from FROM spaces s JOIN whitenings w"
+                " ON w.recipe = s.recipe AND w.kind = s.kind AND w.version = s.whitening_version"
+                " WHERE s.recipe = ? AND s.kind = ?",
+                (recipe, kind),
+            )
+            .fetchone()
+        )
+        return 0 if row is None else int(row[0])
 
     def close(self) -> None:
         """Close every thread's connection (after the last use from any thread)."""

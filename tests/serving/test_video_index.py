@@ -36,7 +36,7 @@ def test_a_version_1_index_is_migrated_in_place(tmp_path: Path) -> None:
     db.close()
     store = MetadataStore(path)
     try:
-        assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
         row = store.image_by_external_id("old.jpg")
         assert (row.width, row.height) == (10, 20)
         assert (row.video_id, row.frame, row.time_s, row.shot) == (None, None, None, None)
