@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from pathlib import Path
 
 import grpc
@@ -42,8 +43,20 @@ def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:
             raise SecurityError("client certificates need TLS: give the server a certificate and key too")
         return None
     key, chain = _read(config.tls_key, "TLS key"), _read(config.tls_cert, "TLS certificate")
+    check_key_pair(config.tls_cert, config.tls_key)
     client_ca = None if config.tls_client_ca is None else _read(config.tls_client_ca, "client CA bundle")
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=bool(client_ca))
+
+
+def check_key_pair(cert: Path, key: Path) -> None:
+    """Refuse a certificate and key that do not belong together (or are not PEM) here: gRPC only finds out when
+    it binds, after the models have loaded, and then says "Failed to bind"."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=b"")
+    except ssl.SSLError as exc:  # an encrypted key fails too: gRPC takes no password
+        mismatch = "KEY_VALUES_MISMATCH" in str(exc)
+        reason = "the key does not match the certificate" if mismatch else "not a PEM certificate and unencrypted key"
+        raise SecurityError(f"cannot use the TLS certificate {cert} with the key {key}: {reason}") from exc
 
 
 def load_tokens(path: Path) -> tuple[str, ...]:

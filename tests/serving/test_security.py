@@ -241,6 +241,8 @@ def test_tokens_work_without_tls_on_loopback(models_dir: Path, pki: Pki, tmp_pat
         (("--tls-cert", "server.pem"), "TLS needs both a certificate and its private key"),
         (("--tls-client-ca", "inserve-test-ca.pem"), "client certificates need TLS"),
         (("--tls-cert", "server.pem", "--tls-key", "missing.key"), "cannot read the TLS key"),
+        (("--tls-cert", "server.pem", "--tls-key", "client.key"), "the key does not match the certificate"),
+        (("--tls-cert", "server.pem", "--tls-key", "tokens"), "cannot use the TLS certificate"),
         (("--token-file", "missing-tokens"), "cannot read the token file"),
         (("--token-file", "empty-tokens"), "holds no token"),
     ],
