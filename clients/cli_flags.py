@@ -22,6 +22,7 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     limits.add_argument("--request-deadline", type=float, help="seconds a request may take (0 = the client's)")
     limits.add_argument("--shutdown-grace", type=float, help="seconds calls in flight get to finish on SIGTERM")
     limits.add_argument("--max-video-mb", type=int, help="largest video upload, MiB")
+    limits.add_argument("--max-metadata-kb", type=int, help="metadata an image or video may carry, KiB")
     limits.add_argument("--snapshot-every", type=int, help="vectors added between HNSW graph snapshots")
     security = p.add_argument_group("security (default: plaintext, no token)")
     security.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS only")
@@ -54,6 +55,7 @@ def apply_server_flags(config, args: argparse.Namespace):
             **_given(
                 max_streams_per_connection=args.max_streams_per_connection,
                 shutdown_grace_s=args.shutdown_grace,
+                max_metadata_bytes=None if args.max_metadata_kb is None else args.max_metadata_kb << 10,
             ),
             **{
                 name: no_limit.get(value, value)

@@ -209,6 +209,19 @@ class LimitsConfig:
     # may wait in the server; a client deadline that comes sooner wins (None = the client's only)
     request_deadline_s: float | None = 120.0
     shutdown_grace_s: float = 30.0  # on SIGTERM, how long calls in flight may take to finish
+    # what an image or video may carry along (INVALID_ARGUMENT beyond): every hit returns both, and a
+    # SearchStream answer holds up to max_top_k hits in one message, so 1000 x 16 KiB stays far below
+    # max_message_bytes; a video's are stored once, not per keyframe
+    max_source_chars: int = 4096
+    max_metadata_bytes: int = 16 << 10  # keys and values, UTF-8
+
+    def check_record(self, source: str, metadata: dict[str, str]) -> None:
+        """Refuse a source or metadata beyond the limits (ValueError saying which)."""
+        if len(source) > self.max_source_chars:
+            raise ValueError(f"source is {len(source)} characters long, at most {self.max_source_chars}")
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+        if size > self.max_metadata_bytes:
+            raise ValueError(f"metadata is {size} bytes (keys and values), at most {self.max_metadata_bytes}")
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,10 @@ import grpc
 
 from inserve.server.batcher import BatcherClosed, DeadlineExceeded, Overloaded
 from inserve.server.config import VideoConfig
+from inserve.server.ids import IdError, check_deletable_id, check_id
 from inserve.server.imaging import ImageError
 from inserve.server.index import DuplicateId
+from inserve.server.index.store import IMAGE_TAKES_ID, VIDEO_TAKES_ID
 from inserve.server.instance_search import Indexed, InstanceSearch, RequestError, UnavailableError
 from inserve.server.search import Hit, SearchOptions
 from inserve.server.streams import ordered
@@ -31,7 +33,6 @@ from inserve.v1 import inserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-MAX_ID_LENGTH = 512
 MAX_DETAILS = 2000  # characters of a status message
 T = TypeVar("T")
 
@@ -49,6 +50,7 @@ STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
     (VideoError, grpc.StatusCode.INVALID_ARGUMENT),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (IdError, grpc.StatusCode.INVALID_ARGUMENT),
 ]
 REQUEST_ERRORS = tuple(kind for kind, _ in STATUS)
 
@@ -79,7 +81,7 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status code and message for a request error (wrapped in Failed or not)."""
     error, what = (exc.error, exc.what) if isinstance(exc, Failed) else (exc, "")
     code = next(code for kind, code in STATUS if isinstance(error, kind))
-    message = "already indexed (set replace to re-index)" if isinstance(error, DuplicateId) else str(error)
+    message = error.reason if isinstance(error, DuplicateId) else str(error)
     return code, elided(f"{what}: {message}" if what else message)
 
 
@@ -112,13 +114,6 @@ def box_message(box: tuple[float, ...]) -> pb.Box:
     return pb.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3])
 
 
-def check_id(external_id: str) -> None:
-    if not external_id:
-        raise RequestError("id is empty")
-    if len(external_id) > MAX_ID_LENGTH:
-        raise RequestError(f"id is {len(external_id)} characters long, at most {MAX_ID_LENGTH}")
-
-
 class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
     """Decoding and index writes run in `executor`; the networks run in the core's shared batcher, which
     the handlers await without holding a thread, so every concurrent call can join a batch."""
@@ -129,6 +124,12 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         self.window = core.config.batcher.window
         self.request_limit_s = core.config.limits.request_deadline_s  # per image or query, even on a stream
         self._videos = threading.BoundedSemaphore(core.config.video.max_concurrent)
+
+    def check_record(self, source: str, metadata: object) -> None:
+        try:
+            self.core.config.limits.check_record(source, dict(metadata))
+        except ValueError as exc:
+            raise RequestError(str(exc)) from exc
 
     async def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
@@ -141,7 +142,11 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
             deadline = deadline_of(context, self.request_limit_s)
             try:
                 check_id(request.id)
-                if not request.replace and self.core.index.contains(request.id):
+                self.check_record(request.source, request.metadata)
+                holder = self.core.index.store.id_holder(request.id)  # before decoding anything
+                if holder == "video":
+                    raise DuplicateId(request.id, VIDEO_TAKES_ID)
+                if holder == "image" and not request.replace:
                     raise DuplicateId(request.id)
                 inp = await self._run(self.core.load, request.image)
                 (future,) = self.core.submit_describe([inp], deadline)
@@ -215,7 +220,10 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         what = f"video {shown(header.video_id)}"
         config = self.core.config.video
         try:  # a header that can never be taken on is refused as such, not with "retry later"
-            check_id(header.video_id)
+            check_id(header.video_id, "video id")
+            self.check_record(header.source, header.metadata)
+            if self.core.index.store.id_holder(header.video_id) == "image":
+                raise DuplicateId(header.video_id, IMAGE_TAKES_ID)
             rules = selection_rules(config, header.options)
             if not header.path and header.size_bytes > config.max_upload_bytes:
                 raise Overloaded(
@@ -313,8 +321,8 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "delete: no ids given")
         try:
             for external_id in request.ids:
-                check_id(external_id)
-        except RequestError as exc:
+                check_deletable_id(external_id)
+        except IdError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"delete: {exc}")
         deleted, missing = await self._run(self.core.delete, list(request.ids))
         return pb.DeleteResponse(deleted=deleted, missing=missing)

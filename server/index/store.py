@@ -7,6 +7,7 @@ an acknowledged write is durable once its transaction commits.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -20,7 +21,11 @@ import numpy as np
 from inserve.server.index.codec import decode_vector, decode_vectors, encode_vector
 from inserve.server.stages.whitening import Whitening
 
-SCHEMA_VERSION = 4
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 5
+INCREMENTAL = 2  # PRAGMA auto_vacuum: free pages are kept until PRAGMA incremental_vacuum gives them back
+RECLAIM_PAGES = 256  # free pages (1 MiB of 4 KiB pages) that a delete leaves before they are given back
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,13 +94,33 @@ MIGRATIONS: dict[int, list[str]] = {
         )""",
     ],
     4: [],  # raw vectors of compact spaces may be int8 blobs (codec.py), which older versions cannot read
+    5: [  # a video's source and metadata, once (its keyframes' own stay empty; older keyframes keep theirs)
+        """CREATE TABLE IF NOT EXISTS videos (
+            video_id TEXT PRIMARY KEY,
+            source TEXT NOT NULL DEFAULT '',
+            metadata TEXT NOT NULL DEFAULT '{}'
+        )""",
+    ],
 }
 
-IMAGE_COLUMNS = "id, external_id, source, width, height, metadata, video_id, frame, time_s, shot"
+# an image row with, for a keyframe, its video's source and metadata; WHERE clauses name images' columns `i.`
+SELECT_IMAGES = (
+    "SELECT i.id, i.external_id, COALESCE(v.source, i.source), i.width, i.height, COALESCE(v.metadata, i.metadata),"
+    " i.video_id, i.frame, i.time_s, i.shot FROM images i LEFT JOIN videos v ON v.video_id = i.video_id"
+)
 
 
 class DuplicateId(KeyError):
-    """An image with this external id is already indexed."""
+    """The external id is taken: by an image already indexed, or by an image where a video wants it (or the
+    other way round: image and video ids share one namespace, server/ids.py)."""
+
+    def __init__(self, external_id: str, reason: str = "already indexed (set replace to re-index)") -> None:
+        super().__init__(external_id)
+        self.external_id, self.reason = external_id, reason
+
+
+VIDEO_TAKES_ID = "a video is indexed under this id"
+IMAGE_TAKES_ID = "an image is indexed under this id"
 
 
 @dataclass(frozen=True)
@@ -113,7 +138,7 @@ class ImageRow:
 
     @staticmethod
     def from_row(row: tuple) -> ImageRow:
-        """From a SELECT of IMAGE_COLUMNS."""
+        """From a row of SELECT_IMAGES."""
         return ImageRow(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), *row[6:10])
 
 
@@ -171,6 +196,8 @@ class MetadataStore:
         self._write_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        if self._db().execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None:  # a new file
+            self._db().execute(f"PRAGMA auto_vacuum = {INCREMENTAL}")
         with self._transaction() as db:
             for statement in filter(str.strip, SCHEMA.split(";")):
                 db.execute(statement)
@@ -182,6 +209,19 @@ class MetadataStore:
                 for statement in MIGRATIONS[step]:
                     db.execute(statement)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        if self._db().execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
+            log.info("%s: rewriting it once so that deleted data gives its space back (VACUUM)", path)
+            with self._write_lock:
+                self._db().execute(f"PRAGMA auto_vacuum = {INCREMENTAL}")  # an index from before: VACUUM applies it
+                self._db().execute("VACUUM")
+
+    def _reclaim(self) -> None:
+        """Give the pages of deleted rows back to the file system once there are enough of them (deleting a
+        video with large keyframes, replacing many images): without it the file never shrinks."""
+        with self._write_lock:
+            db = self._db()
+            if db.execute("PRAGMA freelist_count").fetchone()[0] >= RECLAIM_PAGES:
+                db.executescript("PRAGMA incremental_vacuum;")  # execute() would free one page per call
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -232,9 +272,15 @@ class MetadataStore:
         had (empty unless `replace`).
         """
         with self._transaction() as db:
-            old = db.execute("SELECT id FROM images WHERE external_id = ?", (external_id,)).fetchone()
+            if self._is_video(db, external_id):
+                raise DuplicateId(external_id, VIDEO_TAKES_ID)
+            old = db.execute("SELECT id, video_id FROM images WHERE external_id = ?", (external_id,)).fetchone()
             removed: list[int] = []
             if old is not None:
+                if old[1] is not None:
+                    raise DuplicateId(
+                        external_id, f"a keyframe of video {old[1]!r}; index the video again to replace it"
+                    )
                 if not replace:
                     raise DuplicateId(external_id)
                 removed = [r[0] for r in db.execute("SELECT label FROM vectors WHERE image_id = ?", (old[0],))]
@@ -242,6 +288,8 @@ class MetadataStore:
             image_id, labels = self._insert_image(
                 db, external_id, source, width, height, metadata, vectors, thumbnail, (None, None, None, None)
             )
+        if removed:
+            self._reclaim()
         return image_id, labels, removed
 
     def replace_video(
@@ -254,6 +302,8 @@ class MetadataStore:
         Raises DuplicateId when a keyframe's external id belongs to an image of something else.
         """
         with self._transaction() as db:
+            if self._is_image(db, video_id):
+                raise DuplicateId(video_id, IMAGE_TAKES_ID)
             removed = [
                 r[0]
                 for r in db.execute(
@@ -262,6 +312,10 @@ class MetadataStore:
                 )
             ]
             replaced = db.execute("DELETE FROM images WHERE video_id = ?", (video_id,)).rowcount
+            db.execute(
+                "INSERT OR REPLACE INTO videos VALUES (?, ?, ?)",
+                (video_id, source, json.dumps(metadata, sort_keys=True)),
+            )
             labels = []
             for kf in keyframes:
                 if db.execute("SELECT 1 FROM images WHERE external_id = ?", (kf.external_id,)).fetchone():
@@ -269,15 +323,16 @@ class MetadataStore:
                 _, new = self._insert_image(
                     db,
                     kf.external_id,
-                    source,
+                    "",  # the video's, in `videos`
                     kf.width,
                     kf.height,
-                    metadata,
+                    {},
                     kf.vectors,
                     kf.thumbnail,
                     (video_id, kf.frame, kf.time_s, kf.shot),
                 )
                 labels.append(new)
+        self._reclaim()
         return labels, removed, replaced
 
     def _insert_image(
@@ -351,19 +406,39 @@ class MetadataStore:
         missing: list[str] = []
         with self._transaction() as db:
             for external_id in external_ids:
-                rows = db.execute("SELECT id FROM images WHERE external_id = ?", (external_id,)).fetchall()
-                rows = rows or db.execute("SELECT id FROM images WHERE video_id = ?", (external_id,)).fetchall()
+                rows = db.execute("SELECT id, video_id FROM images WHERE external_id = ?", (external_id,)).fetchall()
+                rows = (
+                    rows or db.execute("SELECT id, video_id FROM images WHERE video_id = ?", (external_id,)).fetchall()
+                )
                 if not rows:
                     missing.append(external_id)
                     continue
-                for (image_id,) in rows:
+                for image_id, video_id in rows:
                     labels += [r[0] for r in db.execute("SELECT label FROM vectors WHERE image_id = ?", (image_id,))]
                     db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+                    if video_id is not None and not self._is_video(db, video_id):
+                        db.execute("DELETE FROM videos WHERE video_id = ?", (video_id,))
+        self._reclaim()
         return labels, missing
 
     def has_image(self, external_id: str) -> bool:
+        """True when an image or keyframe has this id."""
         row = self._db().execute("SELECT 1 FROM images WHERE external_id = ?", (external_id,)).fetchone()
         return row is not None
+
+    def id_holder(self, external_id: str) -> str | None:
+        """What holds an id in the shared namespace of images and videos: "image", "video" or None."""
+        db = self._db()
+        return "image" if self._is_image(db, external_id) else "video" if self._is_video(db, external_id) else None
+
+    @staticmethod
+    def _is_image(db: sqlite3.Connection, external_id: str) -> bool:
+        found = db.execute("SELECT 1 FROM images WHERE external_id = ? AND video_id IS NULL", (external_id,))
+        return found.fetchone() is not None
+
+    @staticmethod
+    def _is_video(db: sqlite3.Connection, video_id: str) -> bool:
+        return db.execute("SELECT 1 FROM images WHERE video_id = ? LIMIT 1", (video_id,)).fetchone() is not None
 
     def spaces(self) -> list[tuple[str, str, int, int]]:
         """(recipe, kind, raw dim, whitening version) of every vector space."""
@@ -505,7 +580,7 @@ class MetadataStore:
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
             marks = ",".join("?" * len(chunk))
-            for row in self._db().execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE id IN ({marks})", chunk):
+            for row in self._db().execute(f"{SELECT_IMAGES} WHERE i.id IN ({marks})", chunk):
                 found[row[0]] = ImageRow.from_row(row)
         return found
 
@@ -522,14 +597,12 @@ class MetadataStore:
         return found
 
     def image_by_external_id(self, external_id: str) -> ImageRow | None:
-        row = self._db().execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE external_id = ?", (external_id,)).fetchone()
+        row = self._db().execute(f"{SELECT_IMAGES} WHERE i.external_id = ?", (external_id,)).fetchone()
         return None if row is None else ImageRow.from_row(row)
 
     def keyframes(self, video_id: str) -> list[ImageRow]:
         """A video's keyframes in time order."""
-        rows = self._db().execute(
-            f"SELECT {IMAGE_COLUMNS} FROM images WHERE video_id = ? ORDER BY time_s, frame", (video_id,)
-        )
+        rows = self._db().execute(f"{SELECT_IMAGES} WHERE i.video_id = ? ORDER BY i.time_s, i.frame", (video_id,))
         return [ImageRow.from_row(row) for row in rows]
 
     def count_videos(self) -> tuple[int, int]:

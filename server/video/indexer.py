@@ -12,6 +12,7 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
+from inserve.server.ids import keyframe_id
 from inserve.server.imaging import NetworkInput
 from inserve.server.index import NewKeyframe
 from inserve.server.instance_search import InstanceSearch
@@ -39,11 +40,6 @@ class _Selected:
     time_s: float
     shot: int
     inp: NetworkInput
-
-
-def keyframe_id(video_id: str, frame: int) -> str:
-    """External id of a keyframe: the video id and its frame number."""
-    return f"{video_id}#{frame}"
 
 
 def _keyframe(video_id: str, selected: _Selected, described: dict[str, ImageVectors]) -> NewKeyframe:

@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 from photos import encode, photo
 
 from inserve.server.config import ServerConfig, VideoConfig
+from inserve.server.ids import KEYFRAME_SEPARATOR, MAX_ID_LENGTH, check_id
 from inserve.server.instance_search import InstanceSearch
 from inserve.server.pipeline import QueryJob
 from inserve.server.search import GROUPINGS
-from inserve.server.service import MAX_ID_LENGTH, REQUEST_ERRORS, check_id, search_options, selection_rules
+from inserve.server.service import REQUEST_ERRORS, search_options, selection_rules
 from inserve.v1 import inserve_pb2 as pb
 
 RECIPES = ("dasr_star", "gem")
@@ -86,7 +87,7 @@ def test_ids_are_valid_or_refused(external_id: str) -> None:
     except REQUEST_ERRORS as exc:
         assert str(exc)
         return
-    assert 0 < len(external_id) <= MAX_ID_LENGTH
+    assert 0 < len(external_id) <= MAX_ID_LENGTH and KEYFRAME_SEPARATOR not in external_id
 
 
 @SETTINGS

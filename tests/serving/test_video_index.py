@@ -36,7 +36,7 @@ def test_a_version_1_index_is_migrated_in_place(tmp_path: Path) -> None:
     db.close()
     store = MetadataStore(path)
     try:
-        assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
         row = store.image_by_external_id("old.jpg")
         assert (row.width, row.height) == (10, 20)
         assert (row.video_id, row.frame, row.time_s, row.shot) == (None, None, None, None)
@@ -123,6 +123,82 @@ def test_deleting_a_video_id_deletes_its_keyframes(tmp_path: Path) -> None:
         assert len(index.space("r", "region")) == 2
     finally:
         index.close()
+
+
+def test_image_and_video_ids_share_one_namespace(tmp_path: Path) -> None:
+    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0))
+    try:
+        index.add_image("photo", vectors(1), width=10, height=10)
+        index.replace_video("v", keyframes("v", [0, 50]))
+        with pytest.raises(DuplicateId) as taken:
+            index.replace_video("photo", keyframes("photo", [0]))
+        assert taken.value.reason == "an image is indexed under this id"
+        for replace in (False, True):
+            with pytest.raises(DuplicateId) as taken:
+                index.add_image("v", vectors(2), width=10, height=10, replace=replace)
+            assert taken.value.reason == "a video is indexed under this id"
+        with pytest.raises(DuplicateId) as taken:  # a keyframe never turns into an image
+            index.add_image("v#50", vectors(3), width=10, height=10, replace=True)
+        assert "a keyframe of video 'v'" in taken.value.reason
+        assert [r.frame for r in index.store.keyframes("v")] == [0, 50] and index.count_images() == 3
+        assert index.delete(["v#0"]) == (1, []) and [r.frame for r in index.store.keyframes("v")] == [50]
+    finally:
+        index.close()
+
+
+def test_a_videos_source_and_metadata_are_stored_once_and_go_with_its_last_keyframe(tmp_path: Path) -> None:
+    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0))
+    try:
+        metadata = {"camera": "x" * 10_000}
+        index.store.replace_video("v", "cam.mp4", metadata, keyframes("v", list(range(0, 500, 10))))
+        db = index.store._db()
+        assert db.execute("SELECT SUM(LENGTH(metadata)) FROM images").fetchone()[0] == 50 * len("{}")
+        assert db.execute("SELECT COUNT(*) FROM videos").fetchone()[0] == 1
+        rows = index.store.keyframes("v")
+        assert len(rows) == 50 and all(r.metadata == metadata and r.source == "cam.mp4" for r in rows)
+        assert index.store.image_by_external_id("v#490").metadata == metadata
+        index.delete([f"v#{f}" for f in range(0, 490, 10)])
+        assert db.execute("SELECT COUNT(*) FROM videos").fetchone()[0] == 1  # one keyframe left
+        index.delete(["v#490"])
+        assert db.execute("SELECT COUNT(*) FROM videos").fetchone()[0] == 0
+        db.execute(  # a keyframe of an index written before the videos table keeps its own
+            "INSERT INTO images (external_id, source, width, height, metadata, created, video_id, frame)"
+            " VALUES ('old#0', 'old.mp4', 8, 8, '{\"k\": \"v\"}', 0, 'old', 0)"
+        )
+        assert index.store.keyframes("old")[0].metadata == {"k": "v"}
+        assert index.store.keyframes("old")[0].source == "old.mp4"
+    finally:
+        index.close()
+
+
+def file_bytes(store: MetadataStore) -> int:
+    store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return store.path.stat().st_size
+
+
+def test_deleting_large_keyframes_gives_the_space_back(tmp_path: Path) -> None:
+    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0))
+    try:
+        index.add_image("photo", vectors(1), width=10, height=10)
+        empty = file_bytes(index.store)
+        frames = [NewKeyframe(f"v#{f}", f, f / 25, 0, 64, 48, vectors(f), thumbnail=bytes(64 << 10)) for f in range(60)]
+        index.replace_video("v", frames)  # 60 x 64 KiB thumbnails: about 4 MiB
+        assert file_bytes(index.store) > empty + (3 << 20)
+        index.delete(["v"])
+        assert file_bytes(index.store) < empty + (1 << 20)
+    finally:
+        index.close()
+
+
+def test_an_index_from_before_incremental_vacuum_is_converted_once(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA auto_vacuum = NONE")
+    db.executescript(SCHEMA)
+    db.close()
+    store = MetadataStore(path)
+    assert store._db().execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+    store.close()
 
 
 def row(i: int, video: str | None = None, shot: int | None = None) -> ImageRow:

@@ -183,3 +183,25 @@ def test_the_cli_indexes_videos_and_prints_time_codes(server, tmp_path: Path, me
     assert show.stat().st_size > 1000
     client_ids = {line.split()[2] for line in lines[:3]}
     assert {"object", "scenes", "cli-scenes.mp4"} >= client_ids
+
+
+def test_images_and_videos_share_one_namespace_and_every_keyframe_id_is_deletable(
+    client: InstanceSearchClient, indexed: list
+) -> None:
+    from inserve.clients.client import ImageItem
+
+    with pytest.raises(grpc.RpcError) as caught:  # undecodable bytes: refused for the id before any decoding
+        list(client.index_images([ImageItem("object", b"not an image", replace=True)]))
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "a video is indexed under this id" in caught.value.details()
+
+    long_id = "k" * 512  # its keyframe ids are longer than any id a caller may choose, and still deletable
+    before = client.stats().keyframes
+    progress = list(client.index_video(VideoItem(long_id, server_path="scenes.mp4")))
+    assert client.stats().keyframes == before + progress[-1].keyframes_indexed > before + 1
+    one = client.delete([f"{long_id}#0"])
+    assert (one.deleted, list(one.missing)) == (1, []) and client.stats().keyframes == before + progress[
+        -1
+    ].keyframes_indexed - 1
+    rest = client.delete([long_id])  # the video's other keyframes, counted as the one id given
+    assert (rest.deleted, list(rest.missing)) == (1, []) and client.stats().keyframes == before
