@@ -32,11 +32,8 @@ def decode_image(data: bytes, config: ImageConfig) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns of damaged metadata it skips; the pixels are checked
             image = Image.open(io.BytesIO(data), formats=config.formats)
-            width, height = image.size
-            if width * height > config.max_pixels:
-                raise ImageError(
-                    f"image too large: {width}x{height} = {width * height} pixels, limit {config.max_pixels}"
-                )
+            check_size(*image.size, config)
+            _check_png_holds_its_pixels(image, len(data))
             image.load()
             image = ImageOps.exif_transpose(image)
     except ImageError:
@@ -49,20 +46,41 @@ def decode_image(data: bytes, config: ImageConfig) -> Image.Image:
     except Exception as exc:  # PIL raises many types for corrupt data
         damaged = f"damaged {image.format} data: " if image is not None and image.format else ""
         raise ImageError(f"cannot decode image ({len(data)} bytes): {damaged}{exc}") from exc
-    _check_geometry(image.size, config)
     try:
         return _to_rgb(image)
     except Exception as exc:
         raise ImageError(f"cannot convert a {image.mode} image to RGB: {exc}") from exc
 
 
-def _check_geometry(size: tuple[int, int], config: ImageConfig) -> None:
-    width, height = size
+def check_size(width: int, height: int, config: ImageConfig) -> None:
+    """A declared image or video frame size against the pixel, side and aspect limits, before any pixel is
+    decoded (a few hundred bytes can declare 65535 x 600 pixels). EXIF rotation does not change the verdict."""
+    if width * height > config.max_pixels:
+        raise ImageError(f"image too large: {width}x{height} = {width * height} pixels, limit {config.max_pixels}")
     if min(width, height) < config.min_side:
         raise ImageError(f"image too small: {width}x{height}, each side must be at least {config.min_side} pixels")
     aspect = max(width, height) / min(width, height)
     if aspect > config.max_aspect:
         raise ImageError(f"extreme aspect ratio {width}x{height} ({aspect:.1f}:1), at most {config.max_aspect:g}:1")
+
+
+# deflate never compresses more than 1032:1, so a PNG's data cannot be shorter than this share of its rows
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _check_png_holds_its_pixels(image: Image.Image, size_bytes: int) -> None:
+    """Refuse a PNG too short for the size it declares: Pillow decodes a zlib stream that ends early as if the
+    missing rows were black (6000 x 6000 from 121 bytes). Its rows hold at least a filter byte and one bit per
+    pixel, and no deflate stream is shorter than 1/1032 of what it inflates to."""
+    if image.format != "PNG":
+        return
+    width, height = image.size
+    least_raw = height * (1 + (width + 7) // 8)
+    if size_bytes * _DEFLATE_MAX_RATIO < least_raw:
+        raise ImageError(
+            f"truncated PNG: it declares {width}x{height} pixels but holds only {size_bytes} bytes"
+            f" (at least {least_raw // _DEFLATE_MAX_RATIO} needed)"
+        )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

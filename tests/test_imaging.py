@@ -74,6 +74,34 @@ def test_geometry_is_checked(size: tuple[int, int], message: str) -> None:
         decode_image(data, CONFIG)
 
 
+def test_geometry_is_checked_before_decoding() -> None:
+    # 65535 x 600 is under the pixel limit; the header holds no pixels, so only a check before decoding says why
+    with pytest.raises(ImageError, match=r"extreme aspect ratio 65535x600"):
+        decode_image(png_header(65535, 600), CONFIG)
+
+
+def short_png(width: int, height: int, rows: int) -> bytes:
+    """A well-formed PNG declaring width x height whose zlib stream ends, cleanly, after `rows` rows."""
+    idat = zlib.compress(b"".join(b"\x00" + bytes([128]) * (3 * width) for _ in range(rows)))
+    header = png_header(width, height)
+    iend = header[-12:]
+    return (
+        header[:-12]
+        + struct.pack(">I", len(idat))
+        + b"IDAT"
+        + idat
+        + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+        + iend
+    )
+
+
+def test_a_png_too_short_for_its_declared_size_is_truncated() -> None:
+    with pytest.raises(ImageError, match="truncated PNG: it declares 6000x6000 pixels but holds only"):
+        decode_image(short_png(6000, 6000, rows=2), CONFIG)
+    flat = encode(np.zeros((3000, 3000, 3), dtype=np.uint8), format="PNG")  # as compressible as a PNG gets
+    assert decode_image(flat, CONFIG).size == (3000, 3000)
+
+
 def test_boundary_geometry_is_accepted() -> None:
     assert decode_image(encode(np.zeros((16, 192, 3), dtype=np.uint8), format="PNG"), CONFIG).size == (192, 16)
 

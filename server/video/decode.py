@@ -10,6 +10,9 @@ import av
 import numpy as np
 from PIL import Image
 
+from inserve.server.config import ImageConfig
+from inserve.server.imaging import ImageError, check_size
+
 
 class VideoError(ValueError):
     """Not a video this service can decode (corrupt, truncated, no video stream, unsupported codec)."""
@@ -40,9 +43,18 @@ class Frame:
         return self.frame.to_image()
 
 
-def decode_video(file: BinaryIO, iframes_only: bool, max_pixels: int) -> Iterator[Frame]:
+def check_frame_size(width: int, height: int, limits: ImageConfig) -> None:
+    """A frame size against the image limits (pixels, sides, aspect), as a VideoError."""
+    try:
+        check_size(width, height, limits)
+    except ImageError as exc:
+        raise VideoError(f"frames of {width}x{height}: {exc}") from exc
+
+
+def decode_video(file: BinaryIO, iframes_only: bool, limits: ImageConfig) -> Iterator[Frame]:
     """The first video stream's frames in presentation order (only its intra frames when `iframes_only`:
-    the decoder then skips the others, which is much faster)."""
+    the decoder then skips the others, which is much faster). The stream's declared frame size is checked
+    against `limits` before any frame is decoded, and every frame's (the size may change mid-stream)."""
     try:
         container = av.open(file, mode="r")
     except (av.error.FFmpegError, ValueError, OSError) as exc:
@@ -55,6 +67,8 @@ def decode_video(file: BinaryIO, iframes_only: bool, max_pixels: int) -> Iterato
         stream = container.streams.video[0]
         if stream.codec_context is None:
             raise VideoError(f"unsupported video codec {stream.codec_tag!r}")
+        if stream.codec_context.width and stream.codec_context.height:
+            check_frame_size(stream.codec_context.width, stream.codec_context.height, limits)
         stream.thread_type = "AUTO"
         if iframes_only:
             stream.codec_context.skip_frame = "NONKEY"
@@ -63,8 +77,7 @@ def decode_video(file: BinaryIO, iframes_only: bool, max_pixels: int) -> Iterato
         count = 0
         try:
             for frame in container.decode(stream):
-                if frame.width * frame.height > max_pixels:
-                    raise VideoError(f"frames of {frame.width}x{frame.height} exceed the {max_pixels}-pixel limit")
+                check_frame_size(frame.width, frame.height, limits)
                 time_s = frame.time if frame.time is not None else count / (rate or 1.0)
                 if origin is None:
                     origin = time_s

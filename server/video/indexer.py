@@ -92,7 +92,7 @@ def index_video(
         batch.clear()
 
     try:
-        for frame in decode_video(file, rules.iframes_only, core.config.image.max_pixels):
+        for frame in decode_video(file, rules.iframes_only, core.config.image):
             if cancelled is not None and cancelled.is_set():
                 raise CancelledError(f"indexing of video {video_id!r} was cancelled")
             histogram = colour_histogram(frame.small_rgb(core.config.video.histogram_side))

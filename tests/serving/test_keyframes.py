@@ -6,11 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from media import FRAME_SIZE, jpeg, object_video, scenes_video
+from media import FRAME_SIZE, jpeg, object_video, scenes_video, write_video
 from skimage import data
 
+from inserve.server.config import ImageConfig
 from inserve.server.video.decode import VideoError, decode_video
 from inserve.server.video.keyframes import KeyframeSelector, SelectionRules, chi_square, colour_histogram
+
+LIMITS = ImageConfig(max_pixels=10**6)
 
 RULES = SelectionRules(scene_threshold=0.3, min_interval_s=0.5, max_interval_s=2.0, iframes_only=False)
 
@@ -74,13 +77,13 @@ def test_rules_are_checked() -> None:
 def test_decoding_gives_timed_frames(tmp_path: Path) -> None:
     path = object_video(tmp_path / "v.mp4", seconds=2, object_seconds={1}, fps=8)
     with path.open("rb") as f:
-        frames = list(decode_video(f, iframes_only=False, max_pixels=10**6))
+        frames = list(decode_video(f, iframes_only=False, limits=LIMITS))
     assert [fr.number for fr in frames] == list(range(16))
     assert [fr.time_s for fr in frames] == pytest.approx([i / 8 for i in range(16)])
     assert (frames[0].width, frames[0].height) == FRAME_SIZE
     assert frames[0].intra and frames[12].intra and not frames[1].intra  # GOP of 12
     with path.open("rb") as f:
-        intra = list(decode_video(f, iframes_only=True, max_pixels=10**6))
+        intra = list(decode_video(f, iframes_only=True, limits=LIMITS))
     assert [fr.number for fr in intra] == [0, 12]
 
 
@@ -88,7 +91,7 @@ def test_hard_cuts_between_photos_are_shots(tmp_path: Path) -> None:
     path = scenes_video(tmp_path / "s.mp4", [data.astronaut(), data.coffee(), data.chelsea()], seconds_each=1)
     selector, picked = KeyframeSelector(SelectionRules(0.3, 0.5, 5.0, False)), []
     with path.open("rb") as f:
-        for frame in decode_video(f, False, 10**6):
+        for frame in decode_video(f, False, LIMITS):
             if selector.offer(frame.time_s, colour_histogram(frame.small_rgb(64)), frame.intra):
                 picked.append((frame.number, selector.shot))
     assert picked == [(0, 0), (8, 1), (16, 2)]
@@ -103,7 +106,7 @@ def test_what_is_not_a_video_is_a_video_error(tmp_path: Path, content: bytes) ->
     path = tmp_path / "bad.mp4"
     path.write_bytes(content)
     with path.open("rb") as f, pytest.raises(VideoError):
-        list(decode_video(f, False, 10**6))
+        list(decode_video(f, False, LIMITS))
 
 
 def test_truncated_and_oversized_videos_are_video_errors(tmp_path: Path) -> None:
@@ -111,6 +114,22 @@ def test_truncated_and_oversized_videos_are_video_errors(tmp_path: Path) -> None
     truncated = tmp_path / "t.mp4"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with truncated.open("rb") as f, pytest.raises(VideoError, match="cannot open"):
-        list(decode_video(f, False, 10**6))
-    with good.open("rb") as f, pytest.raises(VideoError, match="pixel limit"):
-        list(decode_video(f, False, 1000))
+        list(decode_video(f, False, LIMITS))
+    with good.open("rb") as f, pytest.raises(VideoError, match="pixels, limit 1000"):
+        list(decode_video(f, False, ImageConfig(max_pixels=1000)))
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [((640, 32), "extreme aspect ratio 640x32"), ((16, 12), "image too small: 16x12")],
+    ids=["aspect", "tiny"],
+)
+def test_frames_beyond_the_image_limits_are_refused_before_decoding(
+    tmp_path: Path, size: tuple[int, int], message: str, monkeypatch
+) -> None:
+    path = write_video(tmp_path / "odd.mp4", [np.full((size[1], size[0], 3), 90, np.uint8)] * 4, fps=4)
+    decoded = []
+    monkeypatch.setattr("av.container.InputContainer.decode", lambda *a, **k: decoded.append(1) or iter(()))
+    with path.open("rb") as f, pytest.raises(VideoError, match=message):
+        list(decode_video(f, False, LIMITS))
+    assert decoded == []  # refused from the stream's declared size
