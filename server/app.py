@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from inserve.server.config import ServerConfig
 from inserve.server.instance_search import InstanceSearch
+from inserve.server.interceptors import MalformedRequestInterceptor
 from inserve.server.metrics import MetricsEndpoint
 from inserve.server.security import TokenAuthInterceptor, load_tokens, server_credentials
 from inserve.server.service import InstanceSearchServicer
@@ -57,6 +58,7 @@ async def serve(config: ServerConfig) -> None:
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="inserve-worker")
     metrics = MetricsEndpoint(config.ops, core)
     interceptors = [metrics.interceptor] + ([TokenAuthInterceptor(tokens)] if tokens else [])
+    interceptors.append(MalformedRequestInterceptor())
     server = grpc.aio.server(
         options=server_options(config),
         interceptors=interceptors,

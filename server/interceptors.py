@@ -88,3 +88,80 @@ def around(
         return result
 
     return with_behaviour(handler, call)
+
+
+class MalformedRequest:
+    """What a request that cannot be parsed deserialises to, so that the call can end with INVALID_ARGUMENT
+    and a plain message instead of gRPC's UNKNOWN with an exception's class name."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    owner = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    kind = owner.full_name if owner is not None else "request"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # protobuf's DecodeError for bad wire data and for invalid UTF-8 in string fields
+            return MalformedRequest(
+                f"malformed {kind} ({len(data)} bytes): not a valid message, or a string is not UTF-8"
+            )
+
+    return deserialize
+
+
+async def _abort_malformed(request: MalformedRequest, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+def rejecting_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` whose requests that do not parse end the call with INVALID_ARGUMENT (for a stream, when the
+    method reaches the bad message: the ones before it have been served)."""
+    inner = behaviour_of(handler)
+
+    async def checked(requests: AsyncIterator[object], context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+        async for request in requests:
+            if isinstance(request, MalformedRequest):
+                await _abort_malformed(request, context)
+            yield request
+
+    def arguments(request: object, context: grpc.aio.ServicerContext) -> object:
+        return checked(request, context) if handler.request_streaming else request
+
+    if handler.response_streaming and inspect.isasyncgenfunction(inner):
+
+        async def streaming(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+            if isinstance(request, MalformedRequest):
+                await _abort_malformed(request, context)
+            async for response in inner(arguments(request, context), context):
+                yield response
+
+        behaviour: Behaviour = streaming
+    else:
+
+        async def call(request: object, context: grpc.aio.ServicerContext) -> object:
+            if isinstance(request, MalformedRequest):
+                await _abort_malformed(request, context)
+            result = inner(arguments(request, context), context)
+            return await result if inspect.isawaitable(result) else result
+
+        behaviour = call
+    factory, _ = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    return factory(
+        behaviour,
+        request_deserializer=_tolerant(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Every method's requests parsed tolerantly (rejecting_malformed)."""
+
+    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        return None if handler is None else rejecting_malformed(handler)

@@ -402,6 +402,45 @@ def test_bad_queries_on_one_stream_get_their_own_errors_and_the_stream_goes_on(b
     assert len(responses[1].hits) == 4 and len(responses[4].hits) == 3
 
 
+def string_field(number: int, value: bytes) -> bytes:
+    """Wire bytes of one length-delimited field (a string), whatever bytes it holds."""
+    return bytes([number << 3 | 2, len(value)]) + value
+
+
+NOT_UTF8 = b"\xff\xfe"
+MALFORMED = {"truncated": b"\x0a\xff\x01abc", "bad-wire-type": b"\x0f\x00"}  # 255 bytes declared, 3 held; type 7
+MALFORMED_CALLS = [  # method, request and response streaming, a string field that is not UTF-8 (None: none)
+    ("/inserve.v1.InstanceSearch/Search", False, False, string_field(4, NOT_UTF8)),  # recipe
+    ("/inserve.v1.InstanceSearch/IndexImages", True, True, string_field(1, NOT_UTF8)),  # id
+    ("/inserve.v1.InstanceSearch/SearchStream", True, True, string_field(2, NOT_UTF8)),  # tag
+    ("/inserve.v1.InstanceSearch/IndexVideo", True, True, string_field(1, string_field(1, NOT_UTF8))),  # video id
+    ("/inserve.v1.InstanceSearch/Delete", False, False, string_field(1, NOT_UTF8)),  # ids
+    ("/inserve.v1.InstanceSearch/GetStats", False, False, None),
+]
+
+
+MALFORMED_CASES = [
+    pytest.param(name, rs, ps, payload, id=f"{kind}-{name.rsplit('/', 1)[1]}")
+    for name, rs, ps, not_utf8 in MALFORMED_CALLS
+    for kind, payload in [*MALFORMED.items(), ("invalid-utf8", not_utf8)]
+    if payload is not None
+]
+
+
+@pytest.mark.parametrize(("name", "request_streaming", "response_streaming", "payload"), MALFORMED_CASES)
+def test_malformed_messages_are_invalid_argument_with_a_plain_message(
+    before, channel, name: str, request_streaming: bool, response_streaming: bool, payload: bytes
+) -> None:
+    shape = ("stream" if request_streaming else "unary") + "_" + ("stream" if response_streaming else "unary")
+    call = getattr(channel, shape)(name)  # no serialisers: the bytes go as they are
+    with pytest.raises(grpc.RpcError) as caught:
+        answer = call(iter([payload]) if request_streaming else payload, timeout=60)
+        if response_streaming:
+            list(answer)
+    assert caught.value.code() == INVALID, caught.value.details()
+    assert re.match(r"malformed inserve\.v1\.\w+ \(\d+ bytes\): not a valid message", caught.value.details())
+
+
 def test_after_the_sweep_the_server_serves_the_same_index(server, before: tuple) -> None:
     with InstanceSearchClient(server.address, timeout=120) as client:
         assert state(client) == before
