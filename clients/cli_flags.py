@@ -18,6 +18,8 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     limits = p.add_argument_group("limits (default: server/config.py)")
     limits.add_argument("--max-pixels", type=int, help="largest decoded image or video frame, in pixels")
     limits.add_argument("--max-concurrent-rpcs", type=int, help="calls served at once (0 = no limit)")
+    limits.add_argument("--max-concurrent-streams", type=int, help="of those, calls streaming requests (default 3/4)")
+    limits.add_argument("--stream-idle-timeout", type=float, help="seconds a stream may keep the server waiting")
     limits.add_argument("--max-streams-per-connection", type=int, help="HTTP/2 streams one client may open")
     limits.add_argument("--request-deadline", type=float, help="seconds a request may take (0 = the client's)")
     limits.add_argument("--shutdown-grace", type=float, help="seconds calls in flight get to finish on SIGTERM")
@@ -60,7 +62,10 @@ def apply_server_flags(config, args: argparse.Namespace):
             **{
                 name: no_limit.get(value, value)
                 for name, value in _given(
-                    max_concurrent_rpcs=args.max_concurrent_rpcs, request_deadline_s=args.request_deadline
+                    max_concurrent_rpcs=args.max_concurrent_rpcs,
+                    max_concurrent_streams=args.max_concurrent_streams,
+                    stream_idle_timeout_s=args.stream_idle_timeout,
+                    request_deadline_s=args.request_deadline,
                 ).items()
             },
         ),

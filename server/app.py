@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from inserve.server.call_slots import CallSlotsInterceptor
 from inserve.server.config import ServerConfig
 from inserve.server.instance_search import InstanceSearch
 from inserve.server.interceptors import MalformedRequestInterceptor
@@ -58,11 +59,10 @@ async def serve(config: ServerConfig) -> None:
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="inserve-worker")
     metrics = MetricsEndpoint(config.ops, core)
     interceptors = [metrics.interceptor] + ([TokenAuthInterceptor(tokens)] if tokens else [])
-    interceptors.append(MalformedRequestInterceptor())
+    interceptors += [CallSlotsInterceptor(config.limits), MalformedRequestInterceptor()]
     server = grpc.aio.server(
         options=server_options(config),
         interceptors=interceptors,
-        maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
     )
     pb_grpc.add_InstanceSearchServicer_to_server(InstanceSearchServicer(core, executor), server)
     health_servicer = health.aio.HealthServicer()

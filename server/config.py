@@ -203,7 +203,13 @@ class LimitsConfig:
     ServerConfig.max_message_bytes, ImageConfig.max_pixels, BatcherConfig.queue_depth,
     VideoConfig.max_upload_bytes and max_concurrent."""
 
-    max_concurrent_rpcs: int | None = 64  # calls served at once, streams included; more get RESOURCE_EXHAUSTED
+    # calls served at once, health checks not counted (server/call_slots.py); more get RESOURCE_EXHAUSTED. Calls
+    # that stream requests take at most max_concurrent_streams of them (None: three quarters), so idle streams
+    # never hold every slot; a stream that keeps the server waiting stream_idle_timeout_s for its next message
+    # ends with DEADLINE_EXCEEDED (None = never)
+    max_concurrent_rpcs: int | None = 64
+    max_concurrent_streams: int | None = None
+    stream_idle_timeout_s: float | None = 60.0
     max_streams_per_connection: int = 32  # HTTP/2 streams one client connection may open at once
     # the longest a request (a Search, each image of an IndexImages stream, each query of a SearchStream)
     # may wait in the server; a client deadline that comes sooner wins (None = the client's only)
@@ -214,6 +220,13 @@ class LimitsConfig:
     # max_message_bytes; a video's are stored once, not per keyframe
     max_source_chars: int = 4096
     max_metadata_bytes: int = 16 << 10  # keys and values, UTF-8
+
+    @property
+    def stream_slots(self) -> int | None:
+        """Slots calls that stream requests may hold at once (None: no limit)."""
+        if self.max_concurrent_streams is not None or self.max_concurrent_rpcs is None:
+            return self.max_concurrent_streams
+        return max(1, self.max_concurrent_rpcs * 3 // 4)
 
     def check_record(self, source: str, metadata: dict[str, str]) -> None:
         """Refuse a source or metadata beyond the limits (ValueError saying which)."""

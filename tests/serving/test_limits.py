@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from photos import encode, photo
 from servers import running_server
 
@@ -19,6 +20,7 @@ from inserve.v1 import inserve_pb2_grpc as pb_grpc
 
 FLAGS = ("--recipe", "gem", "--max-concurrent-rpcs", "3", "--max-streams-per-connection", "1")
 FLAGS += ("--request-deadline", "0.001")  # no image can be described that fast
+FLAGS += ("--stream-idle-timeout", "5")  # streams of 3 slots: 2 (three quarters)
 
 
 def held(release: threading.Event) -> Iterator[pb.IndexImageRequest]:
@@ -45,22 +47,46 @@ def test_calls_beyond_the_limits_are_refused_until_the_load_is_gone(server) -> N
         for channel in channels:
             grpc.channel_ready_future(channel).result(timeout=30)
         streams = [pb_grpc.InstanceSearchStub(c).IndexImages(held(release), timeout=60) for c in channels[:3]]
-        time.sleep(1.0)  # the three streams are open on the server
+        time.sleep(1.0)  # the streams are open on the server
+        with pytest.raises(grpc.RpcError) as third_stream:  # two of the three slots may stream
+            list(streams[2])
+        assert third_stream.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 streams are open" in third_stream.value.details()
         with pytest.raises(grpc.RpcError) as second_stream:  # one HTTP/2 stream per connection: it waits
             stats(channels[0], timeout=1)
         assert second_stream.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        with pytest.raises(grpc.RpcError) as fourth_call:  # three calls at once, server-wide
-            stats(channels[3])
-        assert fourth_call.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stats(channels[3]).images == 0  # the streams hold two slots: the third serves the rest
+        health = health_pb2_grpc.HealthStub(channels[3]).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
         release.set()
-        for stream in streams:
+        for stream in streams[:2]:
             assert list(stream) == []
-        assert stats(channels[3]).images == 0
         assert stats(channels[0]).images == 0
     finally:
         release.set()
         for channel in channels:
             channel.close()
+
+
+def test_an_idle_upload_ends_with_deadline_exceeded_and_gives_its_video_slot_back(server) -> None:
+    header = pb.IndexVideoRequest(header=pb.VideoHeader(video_id="idle", size_bytes=1000))
+    stop = threading.Event()
+
+    def stalled() -> Iterator[pb.IndexVideoRequest]:
+        yield header
+        stop.wait(60)
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.InstanceSearchStub(channel)
+        try:
+            for _ in range(3):  # two videos index at once: a slot kept by an idle upload would refuse the third
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as idle:
+                    list(stub.IndexVideo(stalled(), timeout=60))
+                assert idle.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, idle.value.details()
+                assert "no message for 5 s" in idle.value.details() and time.monotonic() - started < 30
+        finally:
+            stop.set()
 
 
 def test_requests_past_the_server_deadline_get_deadline_exceeded(server) -> None:
