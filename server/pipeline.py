@@ -94,22 +94,32 @@ class Pipeline:
         return FeatureBatch(inputs, pixels, cropped, self.models, moments_stride=stride)
 
     def run(self, jobs: list[Job]) -> list[dict[str, ImageVectors] | QueryVector]:
-        """Jobs of one bucket in one backbone run (and one DASR run for those to describe), results in order."""
+        """Jobs of one bucket in one backbone run, results in order. When the images to describe need DASR
+        moments, they run the moments graph (the backbone's maps come with them) and the queries the backbone
+        alone: a query never pays the ~5 forward passes of its batch-mates' regions."""
         describe = [i for i, job in enumerate(jobs) if isinstance(job, DescribeJob)]
         names = {name: None for i in describe for name in (jobs[i].recipes or self.recipes)}
         peaks = tuple(sorted({p for name in names for p in self.recipes[name].dasr_peaks}))
-        batch = self.features([job.inp for job in jobs], moments=bool(peaks))
+        batch = self.features([job.inp for job in jobs]) if not peaks else None
         results: list[dict[str, ImageVectors] | QueryVector] = [{} for _ in jobs]
         if describe:
-            sub = batch if len(describe) == len(jobs) else batch.subset(describe)
+            if batch is None:
+                sub = self.features([jobs[i].inp for i in describe], moments=True)
+            else:
+                sub = batch if len(describe) == len(jobs) else batch.subset(describe)
             sub.dasr_peaks = peaks
             for name in names:
                 for i, vectors in zip(describe, self.recipes[name].describe(sub)):
                     if jobs[i].recipes is None or name in jobs[i].recipes:
                         results[i][name] = vectors
-        for i, job in enumerate(jobs):
-            if isinstance(job, QueryJob):
-                results[i] = self.recipes[job.recipe].query(batch.subset([i]), job.box)
+        asked = [i for i, job in enumerate(jobs) if isinstance(job, QueryJob)]
+        if asked and batch is None:
+            batch = self.features([jobs[i].inp for i in asked])
+            positions = {i: k for k, i in enumerate(asked)}
+        else:
+            positions = {i: i for i in asked}
+        for i in asked:
+            results[i] = self.recipes[jobs[i].recipe].query(batch.subset([positions[i]]), jobs[i].box)
         return results
 
     def query_job(self, inp: NetworkInput, box: tuple[float, float, float, float] | None, recipe: str) -> QueryJob:
