@@ -115,8 +115,20 @@ class Run:
 ABANDONED = "ABANDONED"  # cancelled by the client on purpose (--abandon): not an error
 
 
+# what each client does, call after call: the default alternates indexing new images and searching; churn
+# indexes an image, searches, deletes the image again (the index stays small, its graphs and SQLite churn)
+CYCLES = {"grow": ("index", "search"), "churn": ("index", "search", "delete")}
+
+
 async def client_loop(
-    address: str, pool: list[bytes], client_id: int, until: float, run: Run, timeout: float, abandon: float
+    address: str,
+    pool: list[bytes],
+    client_id: int,
+    until: float,
+    run: Run,
+    timeout: float,
+    abandon: float,
+    cycle: tuple[str, ...] = CYCLES["grow"],
 ) -> None:
     rng = random.Random(client_id)
     async with AsyncInstanceSearchClient(address, timeout=timeout) as client:
@@ -128,11 +140,19 @@ async def client_loop(
         async def search(image: bytes, x: float, y: float) -> None:
             await client.search(image, box=(x, y, x + 180, y + 140), top_k=10)
 
+        async def delete(n: int) -> None:
+            await client.delete([f"c{client_id}-{n - 2}"])  # the image this cycle indexed
+
         n = 0
         while time.monotonic() < until:
-            op = "index" if n % 2 == 0 else "search"
+            op = cycle[n % len(cycle)]
             image = pool[rng.randrange(len(pool))]
-            call = index(image, n) if op == "index" else search(image, rng.uniform(0, 80), rng.uniform(0, 60))
+            if op == "index":
+                call = index(image, n)
+            elif op == "search":
+                call = search(image, rng.uniform(0, 80), rng.uniform(0, 60))
+            else:
+                call = delete(n)
             started = time.monotonic()
             task = asyncio.ensure_future(call)
             code = "OK"
@@ -165,7 +185,7 @@ def report(
     quarter = (t1 - t0) / 4
     errors = Counter(call.code for call in run.calls if call.code not in ("OK", ABANDONED))
     rows = []
-    for op in ("index", "search", "all"):
+    for op in (*dict.fromkeys(CYCLES[args.mode]), "all"):
         chosen = [c for c in run.calls if op in ("all", c.op)]
         p50, p99 = percentiles([c.seconds for c in chosen if c.code == "OK"])
         failed = sum(c.code not in ("OK", ABANDONED) for c in chosen)
@@ -178,7 +198,8 @@ def report(
         p50, p99 = percentiles([c.seconds for c in chosen if c.code == "OK"])
         windows.append((q + 1, len(chosen), p50, p99, memory.peak(start, end) / mib))
     print(
-        f"\nsoak: {args.clients} clients, {t1 - t0:.0f} s, server flags {' '.join(args.server_flags) or '(defaults)'}"
+        f"\nsoak ({args.mode}): {args.clients} clients, {t1 - t0:.0f} s,"
+        f" server flags {' '.join(args.server_flags) or '(defaults)'}"
     )
     print("\n| operation | requests | errors | abandoned | requests/s | p50 ms | p99 ms |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -220,8 +241,9 @@ async def soak(address: str, pool: list[bytes], args: argparse.Namespace, run: R
     )
     t0 = time.monotonic()
     until = t0 + args.seconds
+    cycle = CYCLES[args.mode]
     await asyncio.gather(
-        *(client_loop(address, pool, c, until, run, args.timeout, args.abandon) for c in range(args.clients))
+        *(client_loop(address, pool, c, until, run, args.timeout, args.abandon, cycle) for c in range(args.clients))
     )
     return t0, time.monotonic()
 
@@ -234,6 +256,12 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each call")
     parser.add_argument("--pool", type=int, default=64, help="distinct photos the clients draw from")
     parser.add_argument("--abandon", type=float, default=0.1, help="fraction of calls the client cancels")
+    parser.add_argument(
+        "--mode",
+        choices=sorted(CYCLES),
+        default="grow",
+        help="grow: index and search; churn: index, search, delete (memory must stay bounded)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("server_flags", nargs="*", help="extra `inserve serve` flags, after --")
     args = parser.parse_args()

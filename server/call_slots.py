@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from inserve.server.config import LimitsConfig
-from inserve.server.interceptors import Behaviour, behaviour_of, with_behaviour
+from inserve.server.interceptors import behaviour_of, with_behaviour, with_prelude
 from inserve.server.security import OPEN_SERVICES
 
 
@@ -82,7 +82,6 @@ class CallSlotsInterceptor(grpc.aio.ServerInterceptor):
 def with_idle_timeout(handler: grpc.RpcMethodHandler, idle_s: float) -> grpc.RpcMethodHandler:
     """A request-streaming handler whose stream ends with DEADLINE_EXCEEDED when the server has waited
     `idle_s` for the next message."""
-    inner = behaviour_of(handler)
 
     async def timed(requests: AsyncIterator[object], context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
         iterator = aiter(requests)
@@ -98,18 +97,7 @@ def with_idle_timeout(handler: grpc.RpcMethodHandler, idle_s: float) -> grpc.Rpc
                 )
             yield request
 
-    if handler.response_streaming and inspect.isasyncgenfunction(inner):
+    async def prelude(requests: AsyncIterator[object], context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+        return timed(requests, context)
 
-        async def streaming(requests: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
-            async for response in inner(timed(requests, context), context):
-                yield response
-
-        behaviour: Behaviour = streaming
-    else:
-
-        async def call(requests: object, context: grpc.aio.ServicerContext) -> object:
-            result = inner(timed(requests, context), context)
-            return await result if inspect.isawaitable(result) else result
-
-        behaviour = call
-    return with_behaviour(handler, behaviour)
+    return with_prelude(handler, prelude)

@@ -126,7 +126,7 @@ class IndexConfig:
     # dims learned on the space's own vectors, SQLite every vector at full dims in int8 (server/index/codec.py);
     # 0 = full dims, float32. Learned once the space holds compact_after vectors and again each time it doubles,
     # up to 64 x compact_after (bench/README.md, "Compact storage": 384 dims, ~29 KiB per image, cost the dev sets
-    # <= 0.009 mAP learned on all their regions, composite-dev 0.036 learned on the first half)
+    # <= 0.010 mAP learned on all their regions, composite-dev 0.036 learned on the first half)
     compact_dims: int = 384
     compact_after: int = 1024
     # vectors added before the graphs are snapshot again; whatever SQLite holds beyond the last snapshot is

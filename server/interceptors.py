@@ -122,7 +122,6 @@ async def _abort_malformed(request: MalformedRequest, context: grpc.aio.Servicer
 def rejecting_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """`handler` whose requests that do not parse end the call with INVALID_ARGUMENT (for a stream, when the
     method reaches the bad message: the ones before it have been served)."""
-    inner = behaviour_of(handler)
 
     async def checked(requests: AsyncIterator[object], context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
         async for request in requests:
@@ -130,31 +129,43 @@ def rejecting_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler
                 await _abort_malformed(request, context)
             yield request
 
-    def arguments(request: object, context: grpc.aio.ServicerContext) -> object:
-        return checked(request, context) if handler.request_streaming else request
+    async def prelude(request: object, context: grpc.aio.ServicerContext) -> object:
+        if handler.request_streaming:
+            return checked(request, context)
+        if isinstance(request, MalformedRequest):
+            await _abort_malformed(request, context)
+        return request
 
+    return with_prelude(handler, prelude, _tolerant(handler.request_deserializer))
+
+
+def with_prelude(
+    handler: grpc.RpcMethodHandler,
+    prelude: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """`handler` whose method gets `await prelude(request, context)` in place of its request (or request stream):
+    a check that may abort the call, or the stream read through a wrapper. Same shape and serialisers (or
+    `request_deserializer`)."""
+    inner = behaviour_of(handler)
     if handler.response_streaming and inspect.isasyncgenfunction(inner):
 
         async def streaming(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
-            if isinstance(request, MalformedRequest):
-                await _abort_malformed(request, context)
-            async for response in inner(arguments(request, context), context):
+            async for response in inner(await prelude(request, context), context):
                 yield response
 
         behaviour: Behaviour = streaming
     else:
 
         async def call(request: object, context: grpc.aio.ServicerContext) -> object:
-            if isinstance(request, MalformedRequest):
-                await _abort_malformed(request, context)
-            result = inner(arguments(request, context), context)
+            result = inner(await prelude(request, context), context)
             return await result if inspect.isawaitable(result) else result
 
         behaviour = call
     factory, _ = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
     return factory(
         behaviour,
-        request_deserializer=_tolerant(handler.request_deserializer),
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 

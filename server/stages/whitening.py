@@ -65,8 +65,8 @@ def pca_reduce(raw: np.ndarray, dims: int) -> Whitening:
     not centred and not whitened, so that dot products are kept as far as the kept axes carry them.
 
     Why not centred: the mean of region crops is a direction every crop shares; taking it out and l2-normalising
-    again changes every cosine. On the dev sets' region vectors (bench/README.md, "Compact storage"), 384 dims
-    cost composite-dev 0.009 mAP uncentred and 0.05 centred; whitening lowered region crops at every setting."""
+    again changes every cosine. On composite-dev's region vectors (bench/README.md, "Compact storage"), 512 dims
+    cost 0.005 mAP uncentred and 0.057 centred; whitening lowered region crops at every setting."""
     mean, _, vectors = principal_axes(raw, centred=False)
     keep = min(vectors.shape[1], dims)
     return Whitening(mean.astype(np.float32), vectors[:, :keep].T.astype(np.float32))
