@@ -15,7 +15,7 @@ from inserve.server.index.locking import ReadWriteLock
 from inserve.server.index.store import DuplicateId, ImageRow, MetadataStore, NewKeyframe, NewVectors, VectorRow
 from inserve.server.index.vectors import VectorSpace
 from inserve.server.stages.pooling import l2_normalize
-from inserve.server.stages.whitening import pca_reduce, pca_whiten
+from inserve.server.stages.whitening import Whitening, pca_reduce, pca_whiten
 
 __all__ = [
     "Aggregate",
@@ -374,46 +374,55 @@ class InstanceIndex:
 
     def learn_whitening(self, recipe: str, kind: str, dims: int | None = None) -> int:
         """Learn PCA-whitening (a compact space: its PCA reduction) from the space's raw vectors, rebuild its
-        graph; returns the new version.
-        Aggregates of the space are rebuilt on the new whitening (and their own whitening re-learned)."""
-        with self._lock.writing():
-            spec = self.spec(recipe, kind)
-            training = self._training_vectors(recipe, kind)
-            if len(training) < 2:
-                raise ValueError(f"{recipe}/{kind} holds {len(training)} vectors; whitening needs more")
-            if self._compact(spec):
-                whitening = pca_reduce(training, dims or self.config.compact_dims)
-            else:
-                shrinkage = self.config.whiten_shrinkage if spec.whiten_shrinkage is None else spec.whiten_shrinkage
-                whitening = pca_whiten(
-                    training, dims or spec.whiten_dims or self.config.whiten_dims, shrinkage=shrinkage
-                )
-            if spec.aggregate is not None:
+        graph; returns the new version. Aggregates of the space are rebuilt on the new whitening (and their own
+        whitening re-learned).
+
+        The new graph is built beside the one in use, while searches and writes go on; only catching up with
+        what was written meanwhile and the swap hold the writer lock (a compact space re-learns as it doubles,
+        and rebuilding 64k vectors takes seconds)."""
+        spec = self.spec(recipe, kind)
+        if spec.aggregate is not None:
+            with self._lock.writing():
+                training = self._training_vectors(recipe, kind)
+                whitening = self._learn(spec, training, dims)
                 self.store.ensure_space(recipe, kind, training.shape[1])
-            version = self.store.save_whitening(recipe, kind, whitening, len(training))
-            if spec.aggregate is not None:
+                version = self.store.save_whitening(recipe, kind, whitening, len(training))
                 self._build_aggregate(recipe, kind)
-            else:
-                labels, raw = self.store.vectors(recipe, kind)
-                space = VectorSpace(raw.shape[1], self.config, whitening, version, spec.searchable)
-                space.add(labels, raw)
-                space.reconcile(labels)
+        else:
+            training = self._training_vectors(recipe, kind)
+            whitening = self._learn(spec, training, dims)
+            labels, raw = self.store.vectors(recipe, kind)
+            space = VectorSpace(raw.shape[1], self.config, whitening, 0, spec.searchable)
+            space.add(labels, raw)
+            with self._lock.writing():
+                version = space.version = self.store.save_whitening(recipe, kind, whitening, len(training))
+                space.add(*self.store.vectors(recipe, kind, after_label=space.max_label))
+                space.reconcile(self.store.labels(recipe, kind))
                 self._spaces[(recipe, kind)] = space
                 space.save(self._snapshot_path(recipe, kind))
                 for key in self._aggregates(recipe, kind):
                     self._build_aggregate(*key)
                     if self.spec(*key).whiten and self._spaces.get(key) is not None and self._spaces[key].version:
                         self.learn_whitening(*key)
-            log.info(
-                "%s/%s: whitening v%d, %d -> %d dims, from %d vectors",
-                recipe,
-                kind,
-                version,
-                training.shape[1],
-                whitening.dims,
-                len(training),
-            )
-            return version
+        log.info(
+            "%s/%s: whitening v%d, %d -> %d dims, from %d vectors",
+            recipe,
+            kind,
+            version,
+            training.shape[1],
+            whitening.dims,
+            len(training),
+        )
+        return version
+
+    def _learn(self, spec: SpaceSpec, training: np.ndarray, dims: int | None) -> Whitening:
+        """The transform a space learns: a compact space's PCA reduction, or PCA-whitening."""
+        if len(training) < 2:
+            raise ValueError(f"the space holds {len(training)} vectors; whitening needs more")
+        if self._compact(spec):
+            return pca_reduce(training, dims or self.config.compact_dims)
+        shrinkage = self.config.whiten_shrinkage if spec.whiten_shrinkage is None else spec.whiten_shrinkage
+        return pca_whiten(training, dims or spec.whiten_dims or self.config.whiten_dims, shrinkage=shrinkage)
 
     def can_whiten(self, recipe: str, kind: str) -> bool:
         """True when a space holds enough vectors to learn its transform: per dimension
