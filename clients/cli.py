@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from inserve.clients.cli_flags import add_connection_flags, add_server_flags, apply_server_flags, channel_security
 from inserve.server.config import REGION_MODES, STAR_SEED_RULES, DasrConfig, RegionRecipeConfig, ServerConfig
+from inserve.server.grouping import GROUPINGS
 from inserve.server.logs import FORMATS, configure_logging
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DEFAULT_SERVER = "localhost:50051"
 T = TypeVar("T")
-GROUPINGS = ("none", "video", "shot")
 
 
 def _ints(text: str) -> tuple[int, ...]:

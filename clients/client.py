@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from inserve.clients.channels import ChannelSecurity, WithMetadata, open_aio_channel, open_channel
+from inserve.server.grouping import grouping_value
 from inserve.v1 import inserve_pb2 as pb
 from inserve.v1 import inserve_pb2_grpc as pb_grpc
 
@@ -19,7 +20,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 VIDEO_CHUNK_BYTES = 1 << 20
 
 Box = tuple[float, float, float, float]
-GROUPINGS = {"none": pb.GROUPING_NONE, "video": pb.GROUPING_VIDEO, "shot": pb.GROUPING_SHOT}
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def search_request(
         top_k=top_k,
         recipe=recipe,
         thumbnails=thumbnails,
-        options=pb.SearchOptions(query_expansion=query_expansion, rerank_top=rerank_top, group=GROUPINGS[group]),
+        options=pb.SearchOptions(query_expansion=query_expansion, rerank_top=rerank_top, group=grouping_value(group)),
     )
     if box is not None:
         request.box.CopyFrom(pb.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]))

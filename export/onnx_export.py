@@ -16,11 +16,11 @@ from inserve.export.backbones import load_backbone
 from inserve.export.checks import check_graph, parity
 from inserve.export.graphs import BackboneGraph, CamHead, DasrBackprop, DasrMoments
 from inserve.export.programs import Program
+from inserve.server.models import MANIFEST_FORMAT
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-MANIFEST_FORMAT = 1
 DEFAULT_STOP_STRIDE = 8
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from inserve.server.batcher import DynamicBatcher
 from inserve.server.config import ServerConfig
-from inserve.server.grouping import group_hits
+from inserve.server.grouping import GROUPINGS, group_hits
 from inserve.server.imaging import NetworkInput
 from inserve.server.index import InstanceIndex, NewKeyframe, SpaceStats
 from inserve.server.models import ModelBundle
@@ -26,7 +26,7 @@ from inserve.server.recipes import (
     recipe_specs,
     sources,
 )
-from inserve.server.search import GROUPINGS, REGION_SET_DEPTH, Hit, SearchOptions, region_set_search, search
+from inserve.server.search import REGION_SET_DEPTH, Hit, SearchOptions, region_set_search, search
 
 log = logging.getLogger(__name__)
 

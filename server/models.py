@@ -11,7 +11,7 @@ import numpy as np
 from inserve.engines import Engine, EngineOptions, open_engine
 from inserve.engines.plan_cache import file_sha256
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 1  # of manifest.json: what `inserve export` writes and the server reads
 
 
 class ModelsError(RuntimeError):

@@ -11,7 +11,6 @@ from inserve.server.index import ImageRow, InstanceIndex, VectorRow
 from inserve.server.recipes import QueryVector
 from inserve.server.stages.matching import best_region, expand_query, region_set_score, rerank_order, soft_box
 
-GROUPINGS = ("none", "video", "shot")
 # region-set recipes score in full the top this many images of each query vector's kNN (or top_k, if more)
 REGION_SET_DEPTH = 100
 

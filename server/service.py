@@ -17,6 +17,7 @@ import grpc
 
 from inserve.server.batcher import BatcherClosed, DeadlineExceeded, Overloaded
 from inserve.server.config import VideoConfig
+from inserve.server.grouping import grouping_name
 from inserve.server.ids import IdError, check_deletable_id, check_id
 from inserve.server.imaging import ImageError
 from inserve.server.index import DuplicateId
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 MAX_DETAILS = 2000  # characters of a status message
 T = TypeVar("T")
 
-GROUPINGS = {pb.GROUPING_NONE: "none", pb.GROUPING_VIDEO: "video", pb.GROUPING_SHOT: "shot"}
 
 # What a request can go wrong with, and the status code that says so.
 STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
@@ -349,12 +349,14 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
 
 def search_options(message: pb.SearchOptions) -> SearchOptions:
     """Absent numbers stay None: the recipe's defaults apply."""
-    if message.group not in GROUPINGS:
-        raise RequestError(f"unknown grouping {message.group}")
+    try:
+        group = grouping_name(message.group)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from exc
     return SearchOptions(
         query_expansion=message.query_expansion if message.HasField("query_expansion") else None,
         rerank_top=message.rerank_top if message.HasField("rerank_top") else None,
-        group=GROUPINGS[message.group],
+        group=group,
     )
 
 
