@@ -240,15 +240,16 @@ class InstanceIndex:
     def image_vectors(
         self, recipe: str, kind: str, image_ids: list[int]
     ) -> dict[int, tuple[list[VectorRow], np.ndarray]]:
-        """Each image's rows and transformed vectors in a space (re-ranking regions); images without any are
-        left out."""
+        """Each image's rows and transformed vectors in a space (re-ranking regions, region sets); images without
+        any are left out. A searchable space's come from its graph, which holds them transformed (a compact
+        space's raw vectors would have to be decoded and reduced first)."""
         space = self._spaces.get((recipe, kind))
         if space is None:
             return {}
-        rows, raw = self.store.image_vectors(recipe, kind, image_ids)
+        rows, raw = self.store.image_vectors(recipe, kind, image_ids, with_raw=not space.searchable)
         if not rows:
             return {}
-        vectors = space.transform(raw)
+        vectors = space.stored([row.label for row in rows]) if space.searchable else space.transform(raw)
         found: dict[int, tuple[list[VectorRow], list[int]]] = {}
         for i, row in enumerate(rows):
             found.setdefault(row.image_id, ([], []))

@@ -500,21 +500,26 @@ class MetadataStore:
         )
         return _unpack(rows)
 
-    def image_vectors(self, recipe: str, kind: str, image_ids: Iterable[int]) -> tuple[list[VectorRow], np.ndarray]:
-        """The rows and raw vectors (N, D) of a space that belong to the given images, in label order."""
+    def image_vectors(
+        self, recipe: str, kind: str, image_ids: Iterable[int], with_raw: bool = True
+    ) -> tuple[list[VectorRow], np.ndarray]:
+        """The rows and raw vectors (N, D) of a space that belong to the given images, in label order (without
+        `with_raw`, the rows only and an empty array)."""
         ids = [int(v) for v in image_ids]
         rows: list[VectorRow] = []
         raws: list[np.ndarray] = []
+        column = "raw" if with_raw else "NULL"
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
             marks = ",".join("?" * len(chunk))
             for label, image_id, x1, y1, x2, y2, score, raw in self._db().execute(
-                "SELECT label, image_id, x1, y1, x2, y2, score, raw FROM vectors"
+                f"SELECT label, image_id, x1, y1, x2, y2, score, {column} FROM vectors"
                 f" WHERE recipe = ? AND kind = ? AND image_id IN ({marks}) ORDER BY label",
                 (recipe, kind, *chunk),
             ):
                 rows.append(VectorRow(label, image_id, None if x1 is None else (x1, y1, x2, y2), score))
-                raws.append(decode_vector(raw))
+                if with_raw:
+                    raws.append(decode_vector(raw))
         return rows, np.stack(raws) if raws else np.zeros((0, 0), dtype=np.float32)
 
     def tagged_vectors(
