@@ -15,7 +15,8 @@ from inserve.server.batcher import DynamicBatcher
 from inserve.server.config import ServerConfig
 from inserve.server.grouping import GROUPINGS, group_hits
 from inserve.server.imaging import NetworkInput
-from inserve.server.index import InstanceIndex, NewKeyframe, SpaceStats
+from inserve.server.index import DuplicateId, InstanceIndex, NewKeyframe, SpaceStats
+from inserve.server.index.store import IMAGE_TAKES_ID, VIDEO_TAKES_ID
 from inserve.server.models import ModelBundle
 from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import (
@@ -250,6 +251,16 @@ class InstanceSearch:
         replaced = self.index.replace_video(video_id, keyframes, source=source, metadata=metadata)
         self._whiten_when_due()
         return replaced
+
+    def check_id_free(self, external_id: str, video: bool = False, replace: bool = False) -> None:
+        """Raise DuplicateId when an image (`video`: a video) may not take this id: images and videos share one
+        namespace, and an image id is taken unless it is replaced. Asked before anything is decoded; the store
+        checks again when it commits."""
+        holder = self.index.store.id_holder(external_id)
+        if holder == "video" and not video:
+            raise DuplicateId(external_id, VIDEO_TAKES_ID)
+        if holder == "image" and (video or not replace):
+            raise DuplicateId(external_id, IMAGE_TAKES_ID if video else DuplicateId.TAKEN)
 
     def delete(self, external_ids: list[str]) -> tuple[int, list[str]]:
         return self.index.delete(external_ids)

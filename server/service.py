@@ -21,7 +21,6 @@ from inserve.server.grouping import grouping_name
 from inserve.server.ids import IdError, check_deletable_id, check_id
 from inserve.server.imaging import ImageError
 from inserve.server.index import DuplicateId
-from inserve.server.index.store import IMAGE_TAKES_ID, VIDEO_TAKES_ID
 from inserve.server.instance_search import Indexed, InstanceSearch, RequestError, UnavailableError
 from inserve.server.search import Hit, SearchOptions
 from inserve.server.streams import ordered
@@ -143,11 +142,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
             try:
                 check_id(request.id)
                 self.check_record(request.source, request.metadata)
-                holder = self.core.index.store.id_holder(request.id)  # before decoding anything
-                if holder == "video":
-                    raise DuplicateId(request.id, VIDEO_TAKES_ID)
-                if holder == "image" and not request.replace:
-                    raise DuplicateId(request.id)
+                self.core.check_id_free(request.id, replace=request.replace)
                 inp = await self._run(self.core.load, request.image)
                 (future,) = self.core.submit_describe([inp], deadline)
                 return request, inp, await asyncio.wrap_future(future)
@@ -222,8 +217,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         try:  # a header that can never be taken on is refused as such, not with "retry later"
             check_id(header.video_id, "video id")
             self.check_record(header.source, header.metadata)
-            if self.core.index.store.id_holder(header.video_id) == "image":
-                raise DuplicateId(header.video_id, IMAGE_TAKES_ID)
+            self.core.check_id_free(header.video_id, video=True)
             rules = selection_rules(config, header.options)
             if not header.path and header.size_bytes > config.max_upload_bytes:
                 raise Overloaded(

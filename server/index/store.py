@@ -114,7 +114,9 @@ class DuplicateId(KeyError):
     """The external id is taken: by an image already indexed, or by an image where a video wants it (or the
     other way round: image and video ids share one namespace, server/ids.py)."""
 
-    def __init__(self, external_id: str, reason: str = "already indexed (set replace to re-index)") -> None:
+    TAKEN = "already indexed (set replace to re-index)"
+
+    def __init__(self, external_id: str, reason: str = TAKEN) -> None:
         super().__init__(external_id)
         self.external_id, self.reason = external_id, reason
 
