@@ -86,18 +86,34 @@ def with_idle_timeout(handler: grpc.RpcMethodHandler, idle_s: float) -> grpc.Rpc
     async def timed(requests: AsyncIterator[object], context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
         iterator = aiter(requests)
         while True:
+            # the read runs as a task of its own (asyncio.timeout would need Python 3.11: JetPack has 3.10); when
+            # the call ends first (aborted, cancelled), its outcome is marked seen, or asyncio logs it
+            reading = asyncio.ensure_future(anext(iterator))
             try:
-                request = await asyncio.wait_for(anext(iterator), idle_s)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
+                done, _ = await asyncio.wait({reading}, timeout=idle_s)
+            finally:
+                if not reading.done():
+                    reading.cancel()
+                reading.add_done_callback(outcome_seen)
+            if not done:
                 await context.abort(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"no message for {idle_s:g} s: the stream was idle too long (send more, or close it)",
                 )
+            try:
+                request = reading.result()
+            except StopAsyncIteration:
+                return
             yield request
 
     async def prelude(requests: AsyncIterator[object], context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
         return timed(requests, context)
 
     return with_prelude(handler, prelude)
+
+
+def outcome_seen(future: asyncio.Future) -> None:
+    """Marks the outcome of work whose call has gone as seen, so that asyncio does not log its exception as
+    'Future exception was never retrieved'."""
+    if not future.cancelled():
+        future.exception()

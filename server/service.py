@@ -16,6 +16,7 @@ from typing import BinaryIO, TypeVar
 import grpc
 
 from inserve.server.batcher import BatcherClosed, DeadlineExceeded, Overloaded
+from inserve.server.call_slots import outcome_seen
 from inserve.server.config import VideoConfig
 from inserve.server.grouping import grouping_name
 from inserve.server.ids import IdError, check_deletable_id, check_id
@@ -308,7 +309,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
             await job
         finally:
             cancelled.set()
-            job.add_done_callback(_outcome_seen)
+            job.add_done_callback(outcome_seen)
 
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         if not request.ids:
@@ -367,13 +368,6 @@ def ack_message(indexed: Indexed) -> pb.IndexImageAck:
         regions=regions,
         recipes=list(indexed.described),
     )
-
-
-def _outcome_seen(future: asyncio.Future) -> None:
-    """Marks the outcome of work whose call has gone (cancelled) as seen, so that asyncio does not log its
-    CancelledError as 'Future exception was never retrieved'."""
-    if not future.cancelled():
-        future.exception()
 
 
 def progress_message(progress: VideoProgress) -> pb.IndexVideoProgress:
