@@ -113,13 +113,12 @@ class Pipeline:
                     if jobs[i].recipes is None or name in jobs[i].recipes:
                         results[i][name] = vectors
         asked = [i for i, job in enumerate(jobs) if isinstance(job, QueryJob)]
-        if asked and batch is None:
-            batch = self.features([jobs[i].inp for i in asked])
-            positions = {i: k for k, i in enumerate(asked)}
+        if asked and batch is None:  # the queries' own run: their rows are 0, 1, ...
+            batch, rows = self.features([jobs[i].inp for i in asked]), range(len(asked))
         else:
-            positions = {i: i for i in asked}
-        for i in asked:
-            results[i] = self.recipes[jobs[i].recipe].query(batch.subset([positions[i]]), jobs[i].box)
+            rows = asked
+        for i, row in zip(asked, rows):
+            results[i] = self.recipes[jobs[i].recipe].query(batch.subset([row]), jobs[i].box)
         return results
 
     def query_job(self, inp: NetworkInput, box: tuple[float, float, float, float] | None, recipe: str) -> QueryJob:

@@ -366,12 +366,8 @@ class InstanceIndex:
         if spec.aggregate is not None:
             labels, image_ids, raw = self.store.space_vectors(recipe, spec.aggregate.source)
             return self._combine_groups(recipe, spec.aggregate, labels, image_ids, raw)[2]
-        labels, image_ids, raw = self.store.space_vectors(recipe, kind)
-        if spec.whiten_per_image is None or len(labels) == 0:
-            return raw
-        starts = {int(i): int(np.argmax(image_ids == i)) for i in np.unique(image_ids)}
-        rank = np.arange(len(image_ids)) - np.array([starts[int(i)] for i in image_ids])
-        return raw[rank < spec.whiten_per_image]
+        _, image_ids, raw = self.store.space_vectors(recipe, kind)
+        return _first_per_image(spec, image_ids, raw)
 
     def learn_whitening(self, recipe: str, kind: str, dims: int | None = None) -> int:
         """Learn PCA-whitening (a compact space: its PCA reduction) from the space's raw vectors, rebuild its
@@ -390,9 +386,9 @@ class InstanceIndex:
                 version = self.store.save_whitening(recipe, kind, whitening, len(training))
                 self._build_aggregate(recipe, kind)
         else:
-            training = self._training_vectors(recipe, kind)
+            labels, image_ids, raw = self.store.space_vectors(recipe, kind)  # one read: training and graph
+            training = _first_per_image(spec, image_ids, raw)
             whitening = self._learn(spec, training, dims)
-            labels, raw = self.store.vectors(recipe, kind)
             space = VectorSpace(raw.shape[1], self.config, whitening, 0, spec.searchable)
             space.add(labels, raw)
             with self._lock.writing():
@@ -472,3 +468,13 @@ class InstanceIndex:
     def close(self) -> None:
         self.snapshot()
         self.store.close()
+
+
+def _first_per_image(spec: SpaceSpec, image_ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """The raw vectors (label order) whitening learns from: all, or the first SpaceSpec.whiten_per_image of
+    each image."""
+    if spec.whiten_per_image is None or len(image_ids) == 0:
+        return raw
+    starts = {int(i): int(np.argmax(image_ids == i)) for i in np.unique(image_ids)}
+    rank = np.arange(len(image_ids)) - np.array([starts[int(i)] for i in image_ids])
+    return raw[rank < spec.whiten_per_image]
