@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from inserve.clients.cli_flags import add_connection_flags, add_server_flags, apply_server_flags, channel_security
-from inserve.server.config import REGION_MODES, STAR_SEED_RULES, DasrConfig, RegionRecipeConfig, ServerConfig
+from inserve.server.config import (
+    OVERLOADS,
+    REGION_MODES,
+    STAR_SEED_RULES,
+    DasrConfig,
+    RegionRecipeConfig,
+    ServerConfig,
+)
 from inserve.server.grouping import GROUPINGS
 from inserve.server.logs import FORMATS, configure_logging
 
@@ -260,6 +267,63 @@ def cmd_index_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    import grpc
+    from tqdm import tqdm
+
+    from inserve.clients.client import LiveStreamSpec
+    from inserve.clients.ingest import LiveIngest, source_frames
+
+    stream = LiveStreamSpec(
+        args.stream_id,
+        source=args.url,
+        overload=args.overload,
+        scene_threshold=args.scene_threshold,
+        min_interval_s=args.min_interval,
+        max_interval_s=args.max_interval,
+    )
+    frames = source_frames(args.url, realtime=args.realtime, wall_clock=args.wall_clock, raw=args.raw)
+    counts = {"keyframe": 0, "dropped": 0, "rejected": 0}
+    latencies: list[float] = []
+    with (
+        connect(args) as client,
+        tqdm(desc=args.stream_id, unit="keyframe", disable=args.quiet, file=sys.stderr) as bar,
+    ):
+        ingest = LiveIngest(client, stream, frames)
+        try:
+            for event in ingest.events():
+                kind = event.WhichOneof("event")
+                if kind == "opened" and event.opened.HasField("resume_after_s"):
+                    bar.write(
+                        f"{args.stream_id}: continuing after {event.opened.resume_after_s:.3f} s "
+                        f"({event.opened.keyframes} keyframes stored)"
+                    )
+                elif kind == "keyframe":
+                    counts[kind] += 1
+                    latencies.append(event.keyframe.latency_s)
+                    bar.update(1)
+                    bar.set_postfix(
+                        t=f"{event.keyframe.keyframe.time_s:.1f}s",
+                        shot=event.keyframe.keyframe.shot,
+                        searchable_after=f"{event.keyframe.latency_s:.2f}s",
+                        refresh=False,
+                    )
+                elif kind == "dropped":
+                    counts[kind] += event.dropped.frames
+                elif kind == "rejected":
+                    counts[kind] += 1
+                    bar.write(f"frame at {event.rejected.time_s:.3f} s rejected: {event.rejected.error}")
+        except grpc.RpcError as exc:
+            print(f"inserve ingest: {args.stream_id}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    median = sorted(latencies)[len(latencies) // 2] if latencies else 0.0
+    print(
+        f"{args.stream_id}: {counts['keyframe']} keyframes (searchable after {median:.2f} s, median), "
+        f"{counts['dropped']} frames dropped, {counts['rejected']} rejected, {ingest.reconnections} reconnections"
+    )
+    return 0
+
+
 def hit_line(hit) -> str:
     """One result line; keyframe hits show their video, time code, frame and shot."""
     from inserve.clients.render import timecode
@@ -501,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, text in (
         ("index", cmd_index, "index image files and folders"),
         ("index-video", cmd_index_video, "index the keyframes of video files"),
+        ("ingest", cmd_ingest, "stream a camera, RTSP, HTTP or file source live, keyframes searchable as they come"),
         ("search", cmd_search, "search with a query image"),
         ("stats", cmd_stats, "what the server holds"),
         ("delete", cmd_delete, "delete images by id"),
@@ -523,6 +588,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--min-interval", type=float, default=None, help="seconds between keyframes, at least")
             p.add_argument("--max-interval", type=float, default=None, help="seconds between keyframes, at most")
             p.add_argument("--iframes-only", action="store_true", help="keyframes among the codec's I-frames only")
+            p.add_argument("--quiet", action="store_true")
+        elif name == "ingest":
+            p.add_argument("url", help="a file, http(s):// or rtsp:// URL, or a device PyAV can open")
+            p.add_argument("--stream-id", required=True, help="the stream's id; the same id continues the stream")
+            p.add_argument("--realtime", action="store_true", help="read a file at its frame rate, as a camera")
+            p.add_argument("--wall-clock", action="store_true", help="stamp frames with the time they are read")
+            p.add_argument("--raw", action="store_true", help="send rgb24 pixels instead of JPEG")
+            p.add_argument("--overload", choices=OVERLOADS, default="wait", help="when the server is behind")
+            p.add_argument("--scene-threshold", type=float, default=None, help="shot cut: chi-square distance 0..1")
+            p.add_argument("--min-interval", type=float, default=None, help="seconds between keyframes, at least")
+            p.add_argument("--max-interval", type=float, default=None, help="seconds between keyframes, at most")
             p.add_argument("--quiet", action="store_true")
         elif name == "search":
             p.add_argument("image", type=Path)

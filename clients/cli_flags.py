@@ -24,6 +24,8 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     limits.add_argument("--request-deadline", type=float, help="seconds a request may take (0 = the client's)")
     limits.add_argument("--shutdown-grace", type=float, help="seconds calls in flight get to finish on SIGTERM")
     limits.add_argument("--max-video-mb", type=int, help="largest video upload, MiB")
+    limits.add_argument("--max-live-streams", type=int, help="live streams indexed at once")
+    limits.add_argument("--live-window", type=int, help="keyframes of a live stream being described at once")
     limits.add_argument("--max-metadata-kb", type=int, help="metadata an image or video may carry, KiB")
     limits.add_argument("--snapshot-every", type=int, help="vectors added between HNSW graph snapshots")
     security = p.add_argument_group("security (default: plaintext, no token)")
@@ -50,7 +52,12 @@ def apply_server_flags(config, args: argparse.Namespace):
         image=replace(config.image, **_given(max_pixels=args.max_pixels)),
         index=replace(config.index, **_given(snapshot_every=args.snapshot_every)),
         video=replace(
-            config.video, **_given(max_upload_bytes=None if args.max_video_mb is None else args.max_video_mb << 20)
+            config.video,
+            **_given(
+                max_upload_bytes=None if args.max_video_mb is None else args.max_video_mb << 20,
+                max_live_streams=args.max_live_streams,
+                live_window=args.live_window,
+            ),
         ),
         limits=replace(
             config.limits,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +84,35 @@ class VideoItem:
             with Path(self.file).open("rb") as f:
                 while chunk := f.read(chunk_bytes):
                     yield pb.IndexVideoRequest(chunk=chunk)
+
+
+@dataclass(frozen=True)
+class LiveStreamSpec:
+    """A live stream's header: its id (reopening the same id continues the stream) and how keyframes are
+    chosen; None = the server's default."""
+
+    id: str
+    source: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    client_keyframes: bool = False  # index exactly the frames marked keyframe
+    overload: str = "wait"  # when the server is behind: "wait" (slow the sender) or "drop" (unmarked frames)
+    scene_threshold: float | None = None
+    min_interval_s: float | None = None
+    max_interval_s: float | None = None
+
+    def header(self) -> pb.LiveStreamHeader:
+        options = pb.KeyframeOptions()
+        for name in ("scene_threshold", "min_interval_s", "max_interval_s"):
+            if getattr(self, name) is not None:
+                setattr(options, name, getattr(self, name))
+        return pb.LiveStreamHeader(
+            stream_id=self.id,
+            source=self.source,
+            metadata=self.metadata,
+            options=options,
+            client_keyframes=self.client_keyframes,
+            overload=pb.Overload.Value("OVERLOAD_" + self.overload.upper()),
+        )
 
 
 def search_request(
@@ -172,6 +201,38 @@ class InstanceSearchClient:
                 yield progress
         finally:
             taken.set()  # answered, refused or abandoned: the request thread goes on (and stops at a done call)
+            responses.cancel()
+
+    def index_live_stream(
+        self, stream: LiveStreamSpec, frames: Callable[[pb.LiveStreamOpened], Iterable[pb.LiveFrame]]
+    ) -> Iterator[pb.LiveStreamEvent]:
+        """One connection of a live stream: events as they come, `opened` first. `frames(opened)` is called once
+        the server has answered the header, so that a reconnection can start after `opened.resume_after_s`.
+        Streams have no deadline (a live source does not end); see clients/ingest.py for reconnection."""
+        opened: list[pb.LiveStreamOpened] = []
+        answered = threading.Event()
+        ended = threading.Event()
+
+        def requests() -> Iterator[pb.LiveStreamRequest]:
+            yield pb.LiveStreamRequest(header=stream.header())
+            answered.wait()
+            if not opened:
+                return
+            for frame in frames(opened[0]):
+                if ended.is_set():
+                    return
+                yield pb.LiveStreamRequest(frame=frame)
+
+        responses = self.stub.IndexLiveStream(requests())
+        try:
+            for event in responses:
+                if event.HasField("opened"):
+                    opened.append(event.opened)
+                    answered.set()
+                yield event
+        finally:
+            ended.set()
+            answered.set()
             responses.cancel()
 
     def delete(self, ids: list[str]) -> pb.DeleteResponse:

@@ -28,7 +28,10 @@ class ImageConfig:
 # how DASR seeds become boxes (server/stages/dasr.py): thresholded maps, one pass per seed; weighted moments of
 # every seed's map from one pass of the adjoint graph; or adjoint boxes for NMS and exact maps for the survivors
 REGION_MODES = ("exact", "adjoint", "hybrid")
-STAR_SEED_RULES = ("above_mean", "all", "local_maxima")  # DASR* seeds: seed 004's, every cell, DASR's peaks
+STAR_SEED_RULES = ("above_mean", "all", "local_maxima")
+# what a live stream does with frames that arrive while its window is full (server/video/live.py); the proto's
+# Overload enum names the same, in this order
+OVERLOADS = ("wait", "drop")  # DASR* seeds: seed 004's, every cell, DASR's peaks
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,17 @@ class VideoConfig:
     iframes_only: bool = False  # consider only the codec's intra frames (decodes much less)
     histogram_side: int = 64  # frames are shrunk to this many pixels on the long side for the histogram
     progress_interval_s: float = 0.25  # IndexVideo sends progress at most this often (and once when done)
+    # live streams (IndexLiveStream): how many at once, and how many keyframes of one may be described or waiting
+    # to be; beyond that the stream's Overload policy applies. A keyframe is searchable at most about
+    # live_window describes after it arrived (plus the batcher's max_delay_ms), when the server keeps up
+    max_live_streams: int = 4
+    live_window: int = 2
+
+    def __post_init__(self) -> None:
+        if self.live_window < 1 or self.max_live_streams < 1:
+            raise ConfigError(
+                f"live_window and max_live_streams must be at least 1, got {self.live_window}, {self.max_live_streams}"
+            )
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from inserve.server.batcher import DynamicBatcher
@@ -16,7 +18,7 @@ from inserve.server.config import ServerConfig
 from inserve.server.grouping import GROUPINGS, group_hits
 from inserve.server.imaging import NetworkInput
 from inserve.server.index import DuplicateId, InstanceIndex, NewKeyframe, SpaceStats
-from inserve.server.index.store import IMAGE_TAKES_ID, VIDEO_TAKES_ID
+from inserve.server.index.store import IMAGE_TAKES_ID, VIDEO_TAKES_ID, LiveResume
 from inserve.server.models import ModelBundle
 from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import (
@@ -30,6 +32,13 @@ from inserve.server.recipes import (
 from inserve.server.search import REGION_SET_DEPTH, Hit, SearchOptions, region_set_search, search
 
 log = logging.getLogger(__name__)
+
+LIVE_TAKES_ID = "a live stream is being indexed under this id"
+
+
+class LiveStreamBusy(Exception):
+    """Another connection is writing to this live stream (the one before a reconnection may not have ended
+    yet): retry shortly."""
 
 
 class RequestError(ValueError):
@@ -80,6 +89,8 @@ class InstanceSearch:
         self.index = InstanceIndex(config.data_dir, config.index, recipe_specs(self.recipes))
         self.batcher = DynamicBatcher(self.pipeline.run, self.pipeline.job_bucket, config.batcher)
         self._whitening = threading.Lock()
+        self._live: set[str] = set()  # stream ids a live connection is writing to
+        self._live_lock = threading.Lock()
 
     def load(self, data: bytes) -> NetworkInput:
         return self.pipeline.load(data)
@@ -252,10 +263,44 @@ class InstanceSearch:
         self._whiten_when_due()
         return replaced
 
+    def append_keyframes(
+        self,
+        video_id: str,
+        keyframes: list[NewKeyframe],
+        *,
+        live: bool,
+        source: str = "",
+        metadata: dict[str, str] | None = None,
+    ) -> list[NewKeyframe]:
+        """Add keyframes of a live stream, or of a video indexed for the first time, in one transaction (those
+        stored already are skipped); returns those added."""
+        added = self.index.append_keyframes(video_id, keyframes, live=live, source=source, metadata=metadata)
+        self._whiten_when_due()
+        return added
+
+    def live_resume(self, stream_id: str) -> LiveResume | None:
+        """Where a live stream continues (None: new). DuplicateId when an image or a video file holds the id."""
+        return self.index.store.live_resume(stream_id)
+
+    @contextmanager
+    def claim_live(self, stream_id: str) -> Iterator[None]:
+        """One live connection per stream id at a time; a video may not replace a stream being written."""
+        with self._live_lock:
+            if stream_id in self._live:
+                raise LiveStreamBusy(f"another connection is indexing live stream {stream_id!r}; retry shortly")
+            self._live.add(stream_id)
+        try:
+            yield
+        finally:
+            with self._live_lock:
+                self._live.discard(stream_id)
+
     def check_id_free(self, external_id: str, video: bool = False, replace: bool = False) -> None:
         """Raise DuplicateId when an image (`video`: a video) may not take this id: images and videos share one
         namespace, and an image id is taken unless it is replaced. Asked before anything is decoded; the store
         checks again when it commits."""
+        if external_id in self._live:
+            raise DuplicateId(external_id, LIVE_TAKES_ID)
         holder = self.index.store.id_holder(external_id)
         if holder == "video" and not video:
             raise DuplicateId(external_id, VIDEO_TAKES_ID)

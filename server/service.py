@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import ExitStack, aclosing
 from dataclasses import asdict
 from typing import BinaryIO, TypeVar
 
@@ -17,17 +18,27 @@ import grpc
 
 from inserve.server.batcher import BatcherClosed, DeadlineExceeded, Overloaded
 from inserve.server.call_slots import outcome_seen
-from inserve.server.config import VideoConfig
+from inserve.server.config import ImageConfig, VideoConfig
 from inserve.server.grouping import grouping_name
 from inserve.server.ids import IdError, check_deletable_id, check_id
-from inserve.server.imaging import ImageError
+from inserve.server.imaging import ImageError, decode_image
 from inserve.server.index import DuplicateId
-from inserve.server.instance_search import Indexed, InstanceSearch, RequestError, UnavailableError
+from inserve.server.instance_search import Indexed, InstanceSearch, LiveStreamBusy, RequestError, UnavailableError
 from inserve.server.search import Hit, SearchOptions
 from inserve.server.streams import ordered
 from inserve.server.video.decode import VideoError
 from inserve.server.video.indexer import VideoProgress, index_video
 from inserve.server.video.keyframes import SelectionRules
+from inserve.server.video.live import (
+    FrameRejected,
+    FramesDropped,
+    KeyframeCommitted,
+    LiveEvent,
+    LiveFrame,
+    LiveStream,
+    index_live,
+    raw_image,
+)
 from inserve.server.video.media import MediaAccessDenied, open_media
 from inserve.v1 import inserve_pb2 as pb
 from inserve.v1 import inserve_pb2_grpc as pb_grpc
@@ -41,6 +52,7 @@ T = TypeVar("T")
 # What a request can go wrong with, and the status code that says so.
 STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (DuplicateId, grpc.StatusCode.ALREADY_EXISTS),
+    (LiveStreamBusy, grpc.StatusCode.ABORTED),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (BatcherClosed, grpc.StatusCode.UNAVAILABLE),
@@ -124,6 +136,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         self.window = core.config.batcher.window
         self.request_limit_s = core.config.limits.request_deadline_s  # per image or query, even on a stream
         self._videos = threading.BoundedSemaphore(core.config.video.max_concurrent)
+        self._live_streams = threading.BoundedSemaphore(core.config.video.max_live_streams)
 
     def check_record(self, source: str, metadata: object) -> None:
         try:
@@ -311,6 +324,50 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
             cancelled.set()
             job.add_done_callback(outcome_seen)
 
+    async def IndexLiveStream(
+        self, request_iterator: AsyncIterator[pb.LiveStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.LiveStreamEvent]:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("part") != "header":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the live stream header")
+        header = first.header
+        what = f"live stream {shown(header.stream_id)}"
+        config = self.core.config.video
+        with ExitStack() as held:
+            try:
+                check_id(header.stream_id, "stream id")
+                self.check_record(header.source, header.metadata)
+                rules = selection_rules(config, header.options)
+                if not self._live_streams.acquire(blocking=False):
+                    raise Overloaded(f"{config.max_live_streams} live streams are being indexed; retry later")
+                held.callback(self._live_streams.release)
+                held.enter_context(self.core.claim_live(header.stream_id))
+                stream = await self._run(
+                    LiveStream,
+                    self.core,
+                    header.stream_id,
+                    rules,
+                    client_keyframes=header.client_keyframes,
+                    overload=enum_name(pb.Overload, header.overload, "OVERLOAD_"),
+                    source=header.source,
+                    metadata=dict(header.metadata),
+                )
+            except REQUEST_ERRORS as exc:
+                await context.abort(*status_of(Failed(what, exc)))
+            resume = stream.resume
+            opened = pb.LiveStreamOpened(stream_id=header.stream_id, keyframes=resume.keyframes if resume else 0)
+            if resume is not None:
+                opened.resume_after_s = resume.last_time_s
+            yield pb.LiveStreamEvent(opened=opened)
+            try:
+                frames = live_frames(requests, self.core.config.image)
+                async with aclosing(index_live(stream, frames, self._run)) as events:
+                    async for event in events:
+                        yield live_event_message(header.stream_id, event)
+            except REQUEST_ERRORS as exc:
+                await context.abort(*status_of(Failed(what, exc)))
+
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         if not request.ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "delete: no ids given")
@@ -352,6 +409,53 @@ def search_options(message: pb.SearchOptions) -> SearchOptions:
         query_expansion=message.query_expansion if message.HasField("query_expansion") else None,
         rerank_top=message.rerank_top if message.HasField("rerank_top") else None,
         group=group,
+    )
+
+
+def enum_name(enum: object, value: int, prefix: str) -> str:
+    """A proto enum value as the core names it: OVERLOAD_DROP -> "drop" (RequestError for an unknown value)."""
+    if value not in enum.values():
+        raise RequestError(f"unknown {prefix.rstrip('_').lower()} {value}")
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
+async def live_frames(requests: AsyncIterator[pb.LiveStreamRequest], limits: ImageConfig) -> AsyncIterator[LiveFrame]:
+    """The frames of a live stream, each with when it arrived and how to decode it (off the event loop)."""
+    async for request in requests:
+        arrived = time.monotonic()
+        if request.WhichOneof("part") != "frame":
+            raise RequestError("only frames may follow the live stream header")
+        frame = request.frame
+        kind = frame.WhichOneof("pixels")
+        if kind == "image":
+            decode = functools.partial(decode_image, frame.image, limits)
+        elif kind == "raw":
+            raw = frame.raw
+            pixel_format = pb.PixelFormat.Name(raw.format).removeprefix("PIXEL_FORMAT_").lower()
+            decode = functools.partial(raw_image, raw.width, raw.height, pixel_format, raw.data, limits)
+        else:
+            decode = functools.partial(_no_pixels, frame.time_s)
+        yield LiveFrame(frame.time_s, decode, frame.keyframe, arrived)
+
+
+def _no_pixels(time_s: float) -> None:
+    raise ImageError(f"frame at {time_s!r} s has neither an image nor raw pixels")
+
+
+def live_event_message(stream_id: str, event: LiveEvent) -> pb.LiveStreamEvent:
+    if isinstance(event, KeyframeCommitted):
+        keyframe = pb.Keyframe(video_id=stream_id, frame=event.frame, time_s=event.time_s, shot=event.shot)
+        return pb.LiveStreamEvent(
+            keyframe=pb.LiveKeyframeAck(
+                id=event.external_id, keyframe=keyframe, regions=event.regions, latency_s=event.latency_s
+            )
+        )
+    if isinstance(event, FramesDropped):
+        return pb.LiveStreamEvent(dropped=pb.LiveFramesDropped(frames=event.frames, until_s=event.until_s))
+    assert isinstance(event, FrameRejected)
+    code, message = status_of(event.error)
+    return pb.LiveStreamEvent(
+        rejected=pb.LiveFrameRejected(time_s=event.time_s, error_code=code.value[0], error=message)
     )
 
 

@@ -160,6 +160,6 @@ def test_schema_1_index_is_upgraded_in_place(tmp_path: Path) -> None:
     index = InstanceIndex(tmp_path, CONFIG, SPECS)
     index.add_image("a", [NewVectors("r", "part", np.ones((1, 4), np.float32), tags=np.array([7]))], width=1, height=1)
     assert index.store.tagged_vectors("r", "part", [7])[2].tolist() == [7]
-    assert index.store.get_meta("schema_version") == "5"  # 3: tags, learned models; 4: int8; 5: videos
+    assert index.store.get_meta("schema_version") == "6"  # 3: tags, learned models; 4: int8; 5: videos; 6: live
     assert index.images([1])[1].video_id is None
     index.close()

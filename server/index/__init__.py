@@ -12,7 +12,14 @@ import numpy as np
 
 from inserve.server.config import IndexConfig
 from inserve.server.index.locking import ReadWriteLock
-from inserve.server.index.store import DuplicateId, ImageRow, MetadataStore, NewKeyframe, NewVectors, VectorRow
+from inserve.server.index.store import (
+    DuplicateId,
+    ImageRow,
+    MetadataStore,
+    NewKeyframe,
+    NewVectors,
+    VectorRow,
+)
 from inserve.server.index.vectors import VectorSpace
 from inserve.server.stages.pooling import l2_normalize
 from inserve.server.stages.whitening import Whitening, pca_reduce, pca_whiten
@@ -176,6 +183,22 @@ class InstanceIndex:
             for keyframe, keyframe_labels in zip(keyframes, labels):
                 self._add_vectors(keyframe.vectors, keyframe_labels)
         return replaced
+
+    def append_keyframes(
+        self,
+        video_id: str,
+        keyframes: list[NewKeyframe],
+        *,
+        live: bool,
+        source: str = "",
+        metadata: dict[str, str] | None = None,
+    ) -> list[NewKeyframe]:
+        """Add keyframes to a video atomically, skipping any stored already. Returns those added."""
+        with self._lock.writing():
+            added = self.store.append_keyframes(video_id, source, metadata or {}, keyframes, live)
+            for keyframe, labels in added:
+                self._add_vectors(keyframe.vectors, labels)
+        return [keyframe for keyframe, _ in added]
 
     def _add_vectors(self, vectors: list[NewVectors], labels: dict[tuple[str, str], np.ndarray]) -> None:
         """Committed vectors into their graphs and their images' aggregates (under the index lock); snapshots

@@ -23,7 +23,7 @@ from inserve.server.stages.whitening import Whitening
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 INCREMENTAL = 2  # PRAGMA auto_vacuum: free pages are kept until PRAGMA incremental_vacuum gives them back
 RECLAIM_PAGES = 256  # free pages (1 MiB of 4 KiB pages) that a delete leaves before they are given back
 
@@ -101,6 +101,7 @@ MIGRATIONS: dict[int, list[str]] = {
             metadata TEXT NOT NULL DEFAULT '{}'
         )""",
     ],
+    6: ["ALTER TABLE videos ADD COLUMN live INTEGER NOT NULL DEFAULT 0"],  # keyframes appended as a live stream sends
 }
 
 # an image row with, for a keyframe, its video's source and metadata; WHERE clauses name images' columns `i.`
@@ -123,6 +124,17 @@ class DuplicateId(KeyError):
 
 VIDEO_TAKES_ID = "a video is indexed under this id"
 IMAGE_TAKES_ID = "an image is indexed under this id"
+FILE_TAKES_ID = "a video file is indexed under this id (a live stream may only continue a live stream)"
+LIVE_HOLDS_ID = "a live stream is indexed under this id (index the file under another id, or delete the stream)"
+
+
+@dataclass(frozen=True)
+class LiveResume:
+    """Where a live stream continues: its keyframes so far and the last one's time and shot."""
+
+    keyframes: int
+    last_time_s: float
+    last_shot: int
 
 
 @dataclass(frozen=True)
@@ -315,7 +327,7 @@ class MetadataStore:
             ]
             replaced = db.execute("DELETE FROM images WHERE video_id = ?", (video_id,)).rowcount
             db.execute(
-                "INSERT OR REPLACE INTO videos VALUES (?, ?, ?)",
+                "INSERT OR REPLACE INTO videos (video_id, source, metadata) VALUES (?, ?, ?)",
                 (video_id, source, json.dumps(metadata, sort_keys=True)),
             )
             labels = []
@@ -336,6 +348,58 @@ class MetadataStore:
                 labels.append(new)
         self._reclaim()
         return labels, removed, replaced
+
+    def append_keyframes(
+        self, video_id: str, source: str, metadata: dict[str, str], keyframes: list[NewKeyframe], live: bool
+    ) -> list[tuple[NewKeyframe, dict[tuple[str, str], np.ndarray]]]:
+        """Add keyframes to a video in one transaction, a live stream's (`live`) or a file's being indexed for
+        the first time; the first commit records its source and metadata. A keyframe whose id is stored already
+        is skipped (a stream resent after a break), so appending is idempotent. Returns the keyframes added with
+        their labels per (recipe, kind). Raises DuplicateId when an image, or a video of the other kind, holds
+        `video_id`."""
+        with self._transaction() as db:
+            self._check_appendable(db, video_id, live)
+            db.execute(
+                "INSERT OR IGNORE INTO videos (video_id, source, metadata, live) VALUES (?, ?, ?, ?)",
+                (video_id, source, json.dumps(metadata, sort_keys=True), int(live)),
+            )
+            added = []
+            for kf in keyframes:
+                if db.execute("SELECT 1 FROM images WHERE external_id = ?", (kf.external_id,)).fetchone():
+                    continue
+                _, labels = self._insert_image(
+                    db,
+                    kf.external_id,
+                    "",
+                    kf.width,
+                    kf.height,
+                    {},
+                    kf.vectors,
+                    kf.thumbnail,
+                    (video_id, kf.frame, kf.time_s, kf.shot),
+                )
+                added.append((kf, labels))
+        return added
+
+    def live_resume(self, video_id: str) -> LiveResume | None:
+        """Where the live stream `video_id` continues (None: it holds no keyframe yet). Raises DuplicateId when
+        an image or a video file holds the id."""
+        db = self._db()
+        self._check_appendable(db, video_id, live=True)
+        count, time_s, shot = db.execute(
+            "SELECT COUNT(*), MAX(time_s), (SELECT shot FROM images WHERE video_id = ?1 ORDER BY time_s DESC LIMIT 1)"
+            " FROM images WHERE video_id = ?1",
+            (video_id,),
+        ).fetchone()
+        return None if count == 0 else LiveResume(int(count), float(time_s), int(shot))
+
+    def _check_appendable(self, db: sqlite3.Connection, video_id: str, live: bool) -> None:
+        if self._is_image(db, video_id):
+            raise DuplicateId(video_id, IMAGE_TAKES_ID)
+        if self._is_video(db, video_id):
+            row = db.execute("SELECT live FROM videos WHERE video_id = ?", (video_id,)).fetchone()
+            if bool(row and row[0]) != live:
+                raise DuplicateId(video_id, FILE_TAKES_ID if live else LIVE_HOLDS_ID)
 
     def _insert_image(
         self,

@@ -1,6 +1,9 @@
-"""Index one video: decode, select keyframes, describe them through the shared batcher, then replace the
-video's keyframes in one transaction. Nothing is written before every keyframe is described, so a
-corrupt, cancelled or failed video leaves the index as it was."""
+"""Index one video: decode, select keyframes and describe them through the shared batcher.
+
+A video indexed for the first time has its keyframes committed as they are described, so that they are
+searchable while the rest is decoded, and a video that fails or is cancelled half-way keeps what was committed
+(progress says how much). A video indexed again has its keyframes replaced in one transaction at the end: its
+old keyframes stay searchable until then, and a failure leaves them as they were."""
 
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ class VideoProgress:
     video_id: str
     frames_decoded: int = 0
     keyframes_selected: int = 0
-    keyframes_indexed: int = 0  # described so far; committed once `done`
+    keyframes_indexed: int = 0  # described so far
+    keyframes_committed: int = 0  # durable and searchable so far (a re-indexed video's: all at once, when done)
     regions: int = 0
     shots: int = 0
     duration_s: float = 0.0  # of video decoded so far
@@ -76,15 +80,22 @@ def index_video(
     keyframes: list[NewKeyframe] = []
     step = core.config.batcher.max_batch
     reported = time.monotonic()
+    first_time = core.index.store.id_holder(video_id) is None
+    record = {"source": source, "metadata": metadata}
 
     def collect(block: bool) -> None:
         nonlocal state
+        new = []
         while in_flight and (block or in_flight[0][1].done()):
             selected, future = in_flight.popleft()
             described = future.result()
-            keyframes.append(_keyframe(video_id, selected, described))
+            new.append(_keyframe(video_id, selected, described))
             regions = sum(len(v.regions.boxes) for v in described.values())
-            state = replace(state, keyframes_indexed=len(keyframes), regions=state.regions + regions)
+            state = replace(state, keyframes_indexed=state.keyframes_indexed + 1, regions=state.regions + regions)
+        keyframes.extend(new)
+        if first_time and new:
+            core.append_keyframes(video_id, new, live=False, **record)
+            state = replace(state, keyframes_committed=len(keyframes))
 
     def submit() -> None:
         futures = core.submit_describe([s.inp for s in batch], deadline, wait=True)
@@ -117,10 +128,10 @@ def index_video(
         collect(block=True)
         if not keyframes:
             raise VideoError("no keyframe could be selected (no intra frames?)")
-        replaced = core.store_video(video_id, keyframes, source=source, metadata=metadata)
+        replaced = 0 if first_time else core.store_video(video_id, keyframes, **record)
     finally:
         for _, future in in_flight:
             future.cancel()
-    state = replace(state, replaced=replaced, done=True)
+    state = replace(state, keyframes_committed=len(keyframes), replaced=replaced, done=True)
     progress(state)
     return state

@@ -55,6 +55,11 @@ class KeyframeSelector:
         self._last_time: float | None = None
         self._pending = True  # the current shot has no keyframe yet
 
+    def resume(self, last_time_s: float, shot: int) -> None:
+        """Continue after a keyframe stored earlier (a live stream reopened): the next one comes a min interval
+        after it at the earliest, a max interval at the latest, or at the next cut."""
+        self.shot, self._last_time, self._pending = shot, last_time_s, False
+
     def offer(self, time_s: float, histogram: np.ndarray, intra: bool = True) -> bool:
         """Whether this frame is a keyframe; `self.shot` is then its shot number."""
         if self._previous is not None and chi_square(histogram, self._previous) > self.rules.scene_threshold:

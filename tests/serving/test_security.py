@@ -90,6 +90,17 @@ def calls(stub: pb_grpc.InstanceSearchStub, metadata: tuple, video: bytes) -> di
                 **options,
             )
         ),
+        "IndexLiveStream": lambda: list(
+            stub.IndexLiveStream(
+                iter(
+                    [
+                        pb.LiveStreamRequest(header=pb.LiveStreamHeader(stream_id="intruder")),
+                        pb.LiveStreamRequest(frame=pb.LiveFrame(time_s=0.0, image=image)),
+                    ]
+                ),
+                **options,
+            )
+        ),
         "Delete": lambda: stub.Delete(pb.DeleteRequest(ids=["kept"]), **options),
         "GetStats": lambda: stub.GetStats(pb.GetStatsRequest(), **options),
     }
@@ -109,7 +120,9 @@ BAD_METADATA = {
 
 
 @pytest.mark.parametrize("who", sorted(BAD_METADATA))
-@pytest.mark.parametrize("rpc", ["IndexImages", "Search", "SearchStream", "IndexVideo", "Delete", "GetStats"])
+@pytest.mark.parametrize(
+    "rpc", ["IndexImages", "Search", "SearchStream", "IndexVideo", "IndexLiveStream", "Delete", "GetStats"]
+)
 def test_calls_without_the_right_token_are_refused_and_do_nothing(
     tls_server, pki: Pki, video: bytes, rpc: str, who: str
 ) -> None:
@@ -133,7 +146,7 @@ def test_the_right_token_is_served_on_every_rpc(tls_server, pki: Pki, video: byt
             for name, call in calls(
                 pb_grpc.InstanceSearchStub(channel), (("authorization", f"Bearer {TOKEN}"),), video
             ).items()
-            if name not in ("IndexImages", "IndexVideo", "Delete")
+            if name not in ("IndexImages", "IndexVideo", "IndexLiveStream", "Delete")
         }
     assert results["GetStats"].images == 1
     assert [hit.id for hit in results["Search"]] == ["kept"]

@@ -36,7 +36,7 @@ def test_a_version_1_index_is_migrated_in_place(tmp_path: Path) -> None:
     db.close()
     store = MetadataStore(path)
     try:
-        assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "6"
         row = store.image_by_external_id("old.jpg")
         assert (row.width, row.height) == (10, 20)
         assert (row.video_id, row.frame, row.time_s, row.shot) == (None, None, None, None)
@@ -80,6 +80,38 @@ def test_a_failed_replacement_leaves_the_old_keyframes(tmp_path: Path) -> None:
             index.replace_video("v", keyframes("v", [0, 75], seed=1000))
         assert [r.frame for r in index.store.keyframes("v")] == [0, 50]
         assert len(index.space("r", "region")) == 6
+    finally:
+        index.close()
+
+
+def test_appending_keyframes_is_idempotent_and_keeps_live_streams_and_files_apart(tmp_path: Path) -> None:
+    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0))
+    try:
+        assert index.store.live_resume("cam") is None
+        added = index.append_keyframes("cam", keyframes("cam", [0, 50]), live=True, source="rtsp://cam")
+        assert [k.external_id for k in added] == ["cam#0", "cam#50"]
+        again = index.append_keyframes("cam", keyframes("cam", [50, 100], seed=7), live=True, source="ignored")
+        assert [k.external_id for k in again] == ["cam#100"]  # cam#50 is stored: skipped, not stored twice
+        assert len(index.space("r", "region")) == 3 * 2
+        resume = index.store.live_resume("cam")
+        assert (resume.keyframes, resume.last_time_s, resume.last_shot) == (3, 4.0, 1)
+        assert {r.source for r in index.store.keyframes("cam")} == {"rtsp://cam"}  # the first commit's
+
+        index.append_keyframes("file", keyframes("file", [0]), live=False)
+        index.add_image("photo", vectors(99), width=10, height=10)
+        for video_id, live, reason in (
+            ("file", True, "a video file is indexed"),
+            ("cam", False, "a live stream is indexed"),
+            ("photo", True, "an image is indexed"),
+        ):
+            with pytest.raises(DuplicateId) as taken:
+                index.append_keyframes(video_id, keyframes(video_id, [200]), live=live)
+            assert reason in taken.value.reason
+        with pytest.raises(DuplicateId):
+            index.store.live_resume("file")
+        assert index.replace_video("cam", keyframes("cam", [0])) == 3  # a file replaces a stream whole
+        with pytest.raises(DuplicateId):
+            index.store.live_resume("cam")
     finally:
         index.close()
 

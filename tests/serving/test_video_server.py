@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -120,6 +121,33 @@ def test_reindexing_replaces_the_keyframes_and_the_old_stay_searchable_until_the
     assert seen_during and all(ids in (old, new) for ids in seen_during)  # never a mix, never empty
     assert client.stats().keyframes == len(new) + 3  # and the scenes video's three
     list(client.index_video(VideoItem("object", file=media / "object.mp4", max_interval_s=1.0)))  # as before
+
+
+def test_a_new_video_is_searchable_while_it_is_indexed_and_keeps_what_was_committed_when_cancelled(
+    client: InstanceSearchClient, tmp_path: Path, indexed: list
+) -> None:
+    long = object_video(tmp_path / "long.mp4", seconds=24, object_seconds={0, 1})
+    before = client.stats().keyframes
+    progress = client.index_video(VideoItem("long", file=long, max_interval_s=0.5))  # about 48 keyframes
+    for update in progress:
+        if update.keyframes_committed and not update.done:
+            committed = update.keyframes_committed
+            hits = [h for h in cat_query(client) if h.keyframe.video_id == "long"]
+            break
+    progress.close()  # the caller goes away half-way; the server stops at its next frame
+    kept = settled_keyframes(client) - before
+    assert hits and int(hits[0].keyframe.time_s) in {0, 1}  # searchable before the end
+    assert committed <= kept < 40
+    assert client.delete(["long"]).deleted == 1
+
+
+def settled_keyframes(client: InstanceSearchClient) -> int:
+    """The keyframe count once it has not changed for half a second (a cancelled video has stopped)."""
+    counts = [client.stats().keyframes]
+    while len(counts) < 2 or counts[-1] != counts[-2]:
+        time.sleep(0.5)
+        counts.append(client.stats().keyframes)
+    return counts[-1]
 
 
 def refused(client: InstanceSearchClient, video: VideoItem) -> grpc.StatusCode:
