@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,25 +39,59 @@ class ChannelSecurity:
         return () if not self.token else (("authorization", f"Bearer {self.token}"),)
 
 
-def channel_options(security: ChannelSecurity, max_message_bytes: int) -> list[tuple[str, Any]]:
+SERVICE = "inserve.v1.InstanceSearch"
+# calls that read only, so that trying again cannot do anything twice; Delete is left out (a retried Delete
+# whose first attempt did run would report its ids missing), the index calls report ALREADY_EXISTS instead
+RETRIED_METHODS = ("Search", "SearchStream", "GetStats")
+# gRPC's own retries (service config, gRFC A6): a server that is restarting (UNAVAILABLE) or full
+# (RESOURCE_EXHAUSTED) is tried again after 0.1, 0.2, 0.4, 0.8 s (each jittered); a stream only until its
+# first answer has come
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+}
+# pings on a connection with calls in flight and nothing sent for 30 s, so that a long stream (IndexVideo,
+# a live stream) notices a dead server or a silent NAT drop in 40 s instead of the system's TCP timeout; the
+# server accepts them (server/app.py KEEPALIVE_MIN_PING_INTERVAL_MS)
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def service_config(retries: bool) -> str:
+    methods = [{"service": SERVICE, "method": method} for method in RETRIED_METHODS]
+    config = {"methodConfig": [{"name": methods, "retryPolicy": RETRY_POLICY}] if retries else []}
+    return json.dumps(config)
+
+
+def channel_options(security: ChannelSecurity, max_message_bytes: int, retries: bool = True) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.enable_retries", int(retries)),
+        ("grpc.service_config", service_config(retries)),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
     if security.server_name:
         options.append(("grpc.ssl_target_name_override", security.server_name))
     return options
 
 
-def open_channel(address: str, security: ChannelSecurity, max_message_bytes: int) -> grpc.Channel:
-    options = channel_options(security, max_message_bytes)
+def open_channel(address: str, security: ChannelSecurity, max_message_bytes: int, retries: bool = True) -> grpc.Channel:
+    options = channel_options(security, max_message_bytes, retries)
     if security.uses_tls:
         return grpc.secure_channel(address, security.credentials(), options=options)
     return grpc.insecure_channel(address, options=options)
 
 
-def open_aio_channel(address: str, security: ChannelSecurity, max_message_bytes: int) -> grpc.aio.Channel:
-    options = channel_options(security, max_message_bytes)
+def open_aio_channel(
+    address: str, security: ChannelSecurity, max_message_bytes: int, retries: bool = True
+) -> grpc.aio.Channel:
+    options = channel_options(security, max_message_bytes, retries)
     if security.uses_tls:
         return grpc.aio.secure_channel(address, security.credentials(), options=options)
     return grpc.aio.insecure_channel(address, options=options)

@@ -136,7 +136,8 @@ def connect(args: argparse.Namespace) -> InstanceSearchClient:
     """The client a client command's flags (--server, --timeout, TLS and token) describe."""
     from inserve.clients.client import InstanceSearchClient
 
-    return InstanceSearchClient(args.server, timeout=args.timeout, security=channel_security(args))
+    deadlines = {} if args.timeout is None else {"timeout": args.timeout, "stream_timeout": args.timeout}
+    return InstanceSearchClient(args.server, security=channel_security(args), **deadlines)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -572,7 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--server", default=DEFAULT_SERVER)
-        p.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
+        p.add_argument(
+            "--timeout", type=float, default=None, help="deadline per call, seconds (default: 60 s, none for uploads)"
+        )
         add_connection_flags(p)
         p.set_defaults(fn=fn)
         if name == "index":

@@ -17,6 +17,7 @@ from inserve.v1 import inserve_pb2 as pb
 from inserve.v1 import inserve_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+DEFAULT_TIMEOUT_S = 60.0  # deadline of a call that answers at once (Search, Delete, GetStats)
 VIDEO_CHUNK_BYTES = 1 << 20
 
 Box = tuple[float, float, float, float]
@@ -143,23 +144,33 @@ def _stream_request(query: pb.SearchRequest | pb.SearchStreamRequest) -> pb.Sear
 
 
 class InstanceSearchClient:
-    """Blocking client. `timeout` is the deadline of each call in seconds (None = none); `security` says how
-    to reach a server with TLS or tokens."""
+    """Blocking client.
+
+    timeout: the deadline in seconds of each call that answers at once (Search, Delete, GetStats; None = none).
+    stream_timeout: the deadline of calls that stream requests (IndexImages, SearchStream, IndexVideo), which
+    may run for hours (default none). Live streams have none: they do not end.
+    retries: Search, SearchStream (until its first answer) and GetStats are tried again by gRPC on UNAVAILABLE
+    and RESOURCE_EXHAUSTED, up to 5 attempts with exponential backoff (clients/channels.py RETRY_POLICY).
+    Connections with calls in flight are kept alive by pings (a dead server shows within 40 s).
+    security: how to reach a server with TLS or tokens.
+    """
 
     def __init__(
         self,
         address: str,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         security: ChannelSecurity = ChannelSecurity(),
+        stream_timeout: float | None = None,
+        retries: bool = True,
     ) -> None:
-        self.channel = open_channel(address, security, max_message_bytes)
+        self.channel = open_channel(address, security, max_message_bytes, retries)
         self.stub = WithMetadata(pb_grpc.InstanceSearchStub(self.channel), security.metadata())
-        self.timeout = timeout
+        self.timeout, self.stream_timeout = timeout, stream_timeout
 
     def index_images(self, items: Iterable[ImageItem]) -> Iterator[pb.IndexImageAck]:
         """Acknowledgements in order; raises grpc.RpcError at the first image the server refuses."""
-        return self.stub.IndexImages((item.message() for item in items), timeout=self.timeout)
+        return self.stub.IndexImages((item.message() for item in items), timeout=self.stream_timeout)
 
     def search(
         self,
@@ -181,7 +192,7 @@ class InstanceSearchClient:
     ) -> Iterator[pb.SearchStreamResponse]:
         """One response per query, in order (build queries with search_request); queries are sent as
         they are produced, so a live source can feed the stream."""
-        return self.stub.SearchStream((_stream_request(q) for q in queries), timeout=self.timeout)
+        return self.stub.SearchStream((_stream_request(q) for q in queries), timeout=self.stream_timeout)
 
     def index_video(self, video: VideoItem, chunk_bytes: int = VIDEO_CHUNK_BYTES) -> Iterator[pb.IndexVideoProgress]:
         """Progress messages; the last has done = true. Raises grpc.RpcError when the server refuses. The file
@@ -194,7 +205,7 @@ class InstanceSearchClient:
             taken.wait()
             yield from messages
 
-        responses = self.stub.IndexVideo(requests(), timeout=self.timeout)
+        responses = self.stub.IndexVideo(requests(), timeout=self.stream_timeout)
         try:
             for progress in responses:
                 taken.set()
@@ -255,18 +266,20 @@ class InstanceSearchClient:
 
 
 class AsyncInstanceSearchClient:
-    """asyncio client with the same calls as InstanceSearchClient."""
+    """asyncio client with the same calls and options as InstanceSearchClient."""
 
     def __init__(
         self,
         address: str,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         security: ChannelSecurity = ChannelSecurity(),
+        stream_timeout: float | None = None,
+        retries: bool = True,
     ) -> None:
-        self.channel = open_aio_channel(address, security, max_message_bytes)
+        self.channel = open_aio_channel(address, security, max_message_bytes, retries)
         self.stub = WithMetadata(pb_grpc.InstanceSearchStub(self.channel), security.metadata())
-        self.timeout = timeout
+        self.timeout, self.stream_timeout = timeout, stream_timeout
 
     async def index_images(
         self, items: Iterable[ImageItem] | AsyncIterable[ImageItem]
@@ -279,7 +292,7 @@ class AsyncInstanceSearchClient:
                 for item in items:
                     yield item.message()
 
-        async for ack in self.stub.IndexImages(messages(), timeout=self.timeout):
+        async for ack in self.stub.IndexImages(messages(), timeout=self.stream_timeout):
             yield ack
 
     async def search(
@@ -303,7 +316,7 @@ class AsyncInstanceSearchClient:
             async for query in queries:
                 yield _stream_request(query)
 
-        async for response in self.stub.SearchStream(messages(), timeout=self.timeout):
+        async for response in self.stub.SearchStream(messages(), timeout=self.stream_timeout):
             yield response
 
     async def index_video(
@@ -314,7 +327,7 @@ class AsyncInstanceSearchClient:
         error from Core" instead of its status, so a refusal must come before the upload starts: the header
         says the file's size, so that an upload over the server's limit is refused then too."""
         messages = video.messages(chunk_bytes)
-        call = self.stub.IndexVideo(timeout=self.timeout)
+        call = self.stub.IndexVideo(timeout=self.stream_timeout)
         await call.write(next(messages))
         accepted = await call.read()
         if accepted is grpc.aio.EOF:

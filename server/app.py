@@ -28,11 +28,22 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InstanceSearch"].full_name
 
 
+# keepalive: clients may ping every 10 s on a connection with calls in flight (ours ping after 30 s of silence,
+# clients/channels.py), and the server pings a silent connection after 60 s, so that the call of a client that
+# vanished (a camera's uplink cut) ends and releases its live stream id within 80 s
+KEEPALIVE_MIN_PING_INTERVAL_MS = 10_000
+SERVER_KEEPALIVE_TIME_MS = 60_000
+SERVER_KEEPALIVE_TIMEOUT_MS = 20_000
+
+
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_concurrent_streams", config.limits.max_streams_per_connection),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MIN_PING_INTERVAL_MS),
+        ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
     ]
 
 

@@ -71,8 +71,9 @@ def index_video(
     cancelled: threading.Event | None = None,
     deadline: float | None = None,
 ) -> VideoProgress:
-    """Blocking. Raises VideoError (nothing written), CancelledError when `cancelled` is set, and what
-    the batcher raises (DeadlineExceeded) for `deadline` (time.monotonic() seconds)."""
+    """Blocking. Raises VideoError, CancelledError when `cancelled` is set, and what the batcher raises
+    (DeadlineExceeded) for `deadline` (time.monotonic() seconds); a new video keeps the keyframes committed until
+    then (its last progress says how many), a re-indexed one stays as it was."""
     selector = KeyframeSelector(rules)
     state = VideoProgress(video_id)
     batch: list[_Selected] = []
@@ -83,19 +84,30 @@ def index_video(
     first_time = core.index.store.id_holder(video_id) is None
     record = {"source": source, "metadata": metadata}
 
+    def report(force: bool = False) -> None:
+        nonlocal reported
+        if force or time.monotonic() - reported >= core.config.video.progress_interval_s:
+            progress(state)
+            reported = time.monotonic()
+
     def collect(block: bool) -> None:
+        """Take the keyframes described so far, in order (`block`: wait for all), committing a new video's
+        as each batch comes back."""
         nonlocal state
-        new = []
         while in_flight and (block or in_flight[0][1].done()):
-            selected, future = in_flight.popleft()
-            described = future.result()
-            new.append(_keyframe(video_id, selected, described))
-            regions = sum(len(v.regions.boxes) for v in described.values())
-            state = replace(state, keyframes_indexed=state.keyframes_indexed + 1, regions=state.regions + regions)
-        keyframes.extend(new)
-        if first_time and new:
-            core.append_keyframes(video_id, new, live=False, **record)
-            state = replace(state, keyframes_committed=len(keyframes))
+            in_flight[0][1].result()  # the oldest; those described with it come along
+            new = []
+            while in_flight and in_flight[0][1].done():
+                selected, future = in_flight.popleft()
+                described = future.result()
+                new.append(_keyframe(video_id, selected, described))
+                regions = sum(len(v.regions.boxes) for v in described.values())
+                state = replace(state, keyframes_indexed=state.keyframes_indexed + 1, regions=state.regions + regions)
+            keyframes.extend(new)
+            if first_time:
+                core.append_keyframes(video_id, new, live=False, **record)
+                state = replace(state, keyframes_committed=len(keyframes))
+            report()
 
     def submit() -> None:
         futures = core.submit_describe([s.inp for s in batch], deadline, wait=True)
@@ -120,9 +132,7 @@ def index_video(
                 duration_s=frame.time_s,
             )
             collect(block=len(in_flight) > 2 * step)
-            if time.monotonic() - reported >= core.config.video.progress_interval_s:
-                progress(state)
-                reported = time.monotonic()
+            report()
         if batch:
             submit()
         collect(block=True)
@@ -133,5 +143,5 @@ def index_video(
         for _, future in in_flight:
             future.cancel()
     state = replace(state, keyframes_committed=len(keyframes), replaced=replaced, done=True)
-    progress(state)
+    report(force=True)
     return state

@@ -5,41 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from photos import encode, photo
-from prometheus_client.parser import text_string_to_metric_families
-from servers import Server, running_server
+from servers import Server, metrics_port, running_server, scrape
 
 from inserve.clients.client import ImageItem, InstanceSearchClient
 from inserve.server.metrics import batch_size_histogram, status_code
 
 SERVICE = "inserve.v1.InstanceSearch"
-
-
-def metrics_port(server: Server) -> int:
-    for _ in range(100):
-        found = re.search(r"inserve metrics on port (\d+)", "".join(server.output))
-        if found:
-            return int(found.group(1))
-        time.sleep(0.05)
-    raise AssertionError("no metrics port in:\n" + "".join(server.output))
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of the endpoint's text exposition."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def rpc(method: str, **labels: str) -> tuple:

@@ -97,8 +97,8 @@ def test_a_bad_query_gets_its_error_and_the_stream_goes_on(server) -> None:
 
 
 async def flood(address: str, image: bytes, calls: int, timeout: float = 120) -> list[tuple[grpc.StatusCode, str]]:
-    """`calls` concurrent searches: (status, details) of each."""
-    async with AsyncInstanceSearchClient(address, timeout=timeout) as client:
+    """`calls` concurrent searches: (status, details) of each, as the server answered them (no retries)."""
+    async with AsyncInstanceSearchClient(address, timeout=timeout, retries=False) as client:
 
         async def one() -> tuple[grpc.StatusCode, str]:
             try:
