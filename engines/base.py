@@ -41,36 +41,58 @@ class Engine(Protocol):
         ...
 
 
+PRECISIONS = ("fp32", "fp16", "int8")  # what TensorRT may compute in (ONNX Runtime's CPU and CUDA EPs: fp32)
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How to run a graph.
 
     device: "auto" (TensorRT EP, else CUDA EP, else CPU), "cpu", "cuda" (ONNX Runtime's CUDA EP),
     "tensorrt" (ONNX Runtime's TensorRT EP) or "tensorrt-native" (a TensorRT plan built here).
-    Thread counts of 0 leave the runtime's default. `fp16`, `workspace_bytes` and `profiles` tune
-    TensorRT (EP or native) and are ignored elsewhere. `cache_dir` keeps TensorRT engines/plans
-    between processes, since building one takes from seconds to minutes. `profiles` gives the
-    (min, opt, max) shape of each dynamic input: TensorRT optimises for `opt` and rejects shapes
-    outside [min, max].
+    Thread counts of 0 leave the runtime's default. The rest tunes TensorRT (EP or native) and is ignored
+    elsewhere: `precision` ("int8" needs `calibration`, a folder of images, and applies to graphs whose one
+    input is the image; others build in fp16), `workspace_bytes`, `dla_core` (a Jetson's deep-learning
+    accelerator, the GPU taking the layers it cannot run), and `profiles`: for each optimisation profile,
+    the (min, opt, max) shape of each dynamic input; TensorRT optimises for `opt` and rejects shapes outside
+    every profile's [min, max] (the server derives them per graph: engines/profiles.py). `cache_dir` keeps
+    TensorRT engines/plans and timing caches between processes, since building one takes minutes.
     """
 
     device: str = "auto"
     device_id: int = 0
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    fp16: bool = False
+    precision: str = "fp32"
     cache_dir: Path | None = None
     workspace_bytes: int = 2 << 30
-    profiles: Mapping[str, ShapeRange] | None = None
+    profiles: Sequence[Mapping[str, ShapeRange]] | Mapping[str, ShapeRange] | None = None
+    dla_core: int | None = None
+    calibration: Path | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; expected one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if (self.precision == "int8") != (self.calibration is not None):
+            raise ValueError("precision int8 needs a calibration folder of images, and only int8 takes one")
         for field in ("device_id", "intra_op_threads", "inter_op_threads", "workspace_bytes"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
-        for name, shapes in (self.profiles or {}).items():
-            _check_profile(name, shapes)
+        if self.dla_core is not None and self.dla_core < 0:
+            raise ValueError(f"dla_core must be >= 0, got {self.dla_core}")
+        if isinstance(self.profiles, Mapping):  # one profile
+            object.__setattr__(self, "profiles", (dict(self.profiles),))
+        elif self.profiles is not None:
+            object.__setattr__(self, "profiles", tuple(dict(p) for p in self.profiles) or None)
+        for profile in self.profiles or ():
+            if set(profile) != set(self.profiles[0]):
+                raise ValueError(
+                    f"every profile must name the same inputs: {sorted(profile)} != {sorted(self.profiles[0])}"
+                )
+            for name, shapes in profile.items():
+                _check_profile(name, shapes)
 
 
 DEFAULT_OPTIONS = EngineOptions()

@@ -70,17 +70,28 @@ def _provider_options(provider: str, options: EngineOptions) -> dict[str, object
         return {"device_id": options.device_id}
     if provider != TENSORRT_EP:
         return {}
+    if options.precision == "int8":
+        raise EngineUnavailable(
+            "int8 through onnxruntime's TensorRT EP needs a calibration table made beforehand; use --device "
+            "tensorrt-native, which calibrates on the --calibration images itself"
+        )
     trt: dict[str, object] = {
         "device_id": options.device_id,
         "trt_max_workspace_size": options.workspace_bytes,
-        "trt_fp16_enable": options.fp16,
+        "trt_fp16_enable": options.precision == "fp16",
     }
-    if options.cache_dir is not None:
-        trt |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(options.cache_dir)}
-    if options.profiles:
+    if options.cache_dir is not None:  # engines and the builder's timing cache, so a restart rebuilds nothing
+        cache = str(options.cache_dir)
+        trt |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache}
+        trt |= {"trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
+    if options.dla_core is not None:
+        trt |= {"trt_dla_enable": True, "trt_dla_core": options.dla_core}
+    if options.profiles:  # several profiles: each input named once per profile, in profile order
         for index, bound in enumerate(("min", "opt", "max")):
             trt[f"trt_profile_{bound}_shapes"] = ",".join(
-                f"{name}:{'x'.join(map(str, shapes[index]))}" for name, shapes in options.profiles.items()
+                f"{name}:{'x'.join(map(str, shapes[index]))}"
+                for profile in options.profiles
+                for name, shapes in profile.items()
             )
     return trt
 
