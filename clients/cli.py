@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from inserve.clients.cli_flags import add_connection_flags, add_server_flags, apply_server_flags, channel_security
+from inserve.engines.base import PRECISIONS
 from inserve.server.config import (
     OVERLOADS,
     REGION_MODES,
     STAR_SEED_RULES,
+    ConfigError,
     DasrConfig,
     RegionRecipeConfig,
     ServerConfig,
@@ -47,6 +49,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | tensorrt | tensorrt-native")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per engine (0 = runtime default)")
+    tensorrt = p.add_argument_group("TensorRT (--device tensorrt or tensorrt-native; profiles follow the buckets)")
+    tensorrt.add_argument("--precision", default="fp32", choices=PRECISIONS, help="int8 needs --calibration")
+    tensorrt.add_argument("--calibration", type=Path, default=None, help="folder of images to calibrate int8 on")
+    tensorrt.add_argument("--engine-cache", type=Path, default=None, help="keep built engines and timing caches here")
+    tensorrt.add_argument("--workspace-mb", type=int, default=None, help="builder workspace, MiB (default 2048)")
+    tensorrt.add_argument("--dla-core", type=int, default=None, help="build for this DLA core (Jetson)")
     p.add_argument("--long-side", type=int, default=512, help="images are resized to this long side")
     p.add_argument("--stop-stride", type=int, default=None, help="DASR back-propagation stop stride")
     p.add_argument("--shape", default="moments", choices=["moments", "official"], help="DASR shape estimation")
@@ -75,9 +83,27 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def engine_options(args: argparse.Namespace):
+    """The EngineOptions the model flags describe (ConfigError when they cannot work together)."""
+    from inserve.engines import EngineOptions
+
+    workspace = {} if args.workspace_mb is None else {"workspace_bytes": args.workspace_mb << 20}
+    try:
+        return EngineOptions(
+            device=args.device,
+            intra_op_threads=args.threads,
+            precision=args.precision,
+            calibration=args.calibration,
+            cache_dir=args.engine_cache,
+            dla_core=args.dla_core,
+            **workspace,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: Path):
     """The one place where flags become a ServerConfig (ConfigError, before any model loads, when they cannot)."""
-    from inserve.engines import EngineOptions
     from inserve.server.config import CamConfig, DetectorConfig, ImageConfig
     from inserve.server.recipes import check_recipe_names
 
@@ -87,7 +113,7 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
         models=args.models,
         backbone=args.backbone,
         recipes=recipes,
-        engine=EngineOptions(device=args.device, intra_op_threads=args.threads),
+        engine=engine_options(args),
         image=ImageConfig(long_side=args.long_side),
         dasr=DasrConfig(
             stop_stride=args.stop_stride,
@@ -194,6 +220,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SecurityError as exc:
         print(f"inserve serve: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    """Every TensorRT engine the configuration needs, built (or imported from trtexec) ahead of serving."""
+    from tqdm import tqdm
+
+    from inserve.server.instance_search import serving_shapes
+    from inserve.server.models import ModelBundle
+
+    config = server_config(args, tuple(args.recipe.split(",")), args.data_dir)
+    if config.engine.device not in ("tensorrt", "tensorrt-native") or config.engine.cache_dir is None:
+        raise ConfigError("build-engines needs --device tensorrt or tensorrt-native and --engine-cache DIR")
+    bundle = ModelBundle.open(config.models, config.backbone, config.engine, serving_shapes(config))
+    for spec in args.import_plan:
+        graph, _, plan = spec.partition("=")
+        if not plan:
+            raise ConfigError(f"--import-plan takes GRAPH.onnx=PLAN, got {spec!r}")
+        print(f"{graph}: imported into {bundle.import_plan(graph, Path(plan))}")
+    for name in tqdm(bundle.open_all(), total=len(bundle.entries()), desc="engines", unit="graph", file=sys.stderr):
+        print(f"{name}: ready")
     return 0
 
 
@@ -514,6 +561,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """What `serve` takes; `build-engines` takes the same, so that it builds the engines serve will open."""
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--host", default=ServerConfig.host, help="interface to bind; [::] = every interface")
+    p.add_argument(
+        "--recipe",
+        default=",".join(ServerConfig.recipes),
+        help="recipe(s) to index with, comma-separated; first = default",
+    )
+    p.add_argument("--workers", type=int, default=2, help="threads decoding images and writing the index")
+    p.add_argument("--max-message-mb", type=int, default=64)
+    batching = "(default: BatcherConfig in server/config.py)"
+    p.add_argument("--max-batch", type=int, default=None, help=f"images per network run {batching}")
+    p.add_argument("--max-delay-ms", type=float, default=None, help=f"how long an image waits for company {batching}")
+    p.add_argument("--queue-depth", type=int, default=None, help=f"images waiting, beyond: busy {batching}")
+    p.add_argument("--batch-runners", type=int, default=None, help=f"batches running at once {batching}")
+    p.add_argument("--buckets", default=None, help=f"input shapes (W:H at the long side) to pad into {batching}")
+    p.add_argument("--media-root", type=Path, default=None, help="IndexVideo may read server files under this folder")
+    p.add_argument("--max-videos", type=int, default=None, help="videos indexing at once (default: VideoConfig)")
+    _add_model_flags(p)
+    add_server_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inserve", description="Instance-search inference service")
     parser.add_argument("--log-level", default="WARNING")
@@ -540,28 +611,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker and the parity check")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("serve", help="run the gRPC server")
-    p.add_argument("--data-dir", type=Path, default=Path("data"))
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--host", default=ServerConfig.host, help="interface to bind; [::] = every interface")
-    p.add_argument(
-        "--recipe",
-        default=",".join(ServerConfig.recipes),
-        help="recipe(s) to index with, comma-separated; first = default",
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    build = sub.add_parser(
+        "build-engines", help="build every TensorRT engine the serve flags need, ahead of serving (a Jetson's install)"
     )
-    p.add_argument("--workers", type=int, default=2, help="threads decoding images and writing the index")
-    p.add_argument("--max-message-mb", type=int, default=64)
-    batching = "(default: BatcherConfig in server/config.py)"
-    p.add_argument("--max-batch", type=int, default=None, help=f"images per network run {batching}")
-    p.add_argument("--max-delay-ms", type=float, default=None, help=f"how long an image waits for company {batching}")
-    p.add_argument("--queue-depth", type=int, default=None, help=f"images waiting, beyond: busy {batching}")
-    p.add_argument("--batch-runners", type=int, default=None, help=f"batches running at once {batching}")
-    p.add_argument("--buckets", default=None, help=f"input shapes (W:H at the long side) to pad into {batching}")
-    p.add_argument("--media-root", type=Path, default=None, help="IndexVideo may read server files under this folder")
-    p.add_argument("--max-videos", type=int, default=None, help="videos indexing at once (default: VideoConfig)")
-    _add_model_flags(p)
-    add_server_flags(p)
-    p.set_defaults(fn=cmd_serve)
+    build.add_argument("--import-plan", action="append", default=[], help="GRAPH.onnx=PLAN built by trtexec")
+    build.set_defaults(fn=cmd_build_engines)
+    for p in (serve, build):
+        _add_serve_flags(p)
+    serve.set_defaults(fn=cmd_serve)
 
     for name, fn, text in (
         ("index", cmd_index, "index image files and folders"),

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from inserve.engines.base import ShapeRange
@@ -35,16 +35,23 @@ def plan_key(
     *,
     tensorrt_version: str,
     gpu_name: str,
-    fp16: bool,
-    profiles: Mapping[str, ShapeRange] | None,
+    precision: str,
+    profiles: Sequence[Mapping[str, ShapeRange]] | None,
+    dla_core: int | None = None,
+    calibration: str | None = None,
 ) -> str:
-    """sha256 (hex) over the ONNX file's bytes and every build setting that changes the plan."""
+    """sha256 (hex) over the ONNX file's bytes and every build setting that changes the plan (`calibration`:
+    the digest of the int8 calibration images)."""
     settings = {
         "onnx_sha256": file_sha256(onnx_path),
         "tensorrt": tensorrt_version,
         "gpu": gpu_name,
-        "fp16": fp16,
-        "profiles": {name: [list(shape) for shape in shapes] for name, shapes in (profiles or {}).items()},
+        "precision": precision,
+        "profiles": [
+            {name: [list(shape) for shape in shapes] for name, shapes in profile.items()} for profile in profiles or ()
+        ],
+        "dla_core": dla_core,
+        "calibration": calibration,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 

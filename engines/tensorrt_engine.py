@@ -13,7 +13,7 @@ import functools
 import logging
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,11 +24,14 @@ from inserve.engines.base import DEFAULT_OPTIONS, EngineOptions, EngineUnavailab
 from inserve.engines.cuda_runtime import MISSING_GPU_PACKAGES, CudaRuntime, load_cudart
 from inserve.engines.devices import visible_gpus
 from inserve.engines.plan_cache import plan_key, plan_path, read_plan, write_plan
+from inserve.engines.precision import calibration_digest, fp16_graph
+from inserve.engines.profiles import covering_profile
 from inserve.engines.tensors import TensorSpec, check_inputs, check_outputs
 
 log = logging.getLogger(__name__)
 
 _MIN_ALLOCATION = 256  # bytes; also gives empty tensors a real address
+TIMING_CACHE = "timing.cache"  # in EngineOptions.cache_dir
 
 
 def _import_tensorrt() -> ModuleType:
@@ -50,64 +53,145 @@ def _logger(trt: ModuleType) -> Any:
     return trt.Logger(trt.Logger.WARNING)
 
 
-def build_plan(trt: ModuleType, onnx_path: Path, options: EngineOptions) -> bytes:
-    """Parse the ONNX graph and build a serialized plan with one optimization profile."""
+def strongly_typed(trt: ModuleType, precision: str) -> bool:
+    """Whether this build takes its precision from the graph: fp16 where the installed TensorRT has no FP16
+    builder flag (removed after TensorRT 10); fp32 needs no flag either way."""
+    return precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16")
+
+
+def build_plan(
+    trt: ModuleType, onnx_path: Path, options: EngineOptions, calibrator: Any = None, work_dir: Path | None = None
+) -> bytes:
+    """Parse the ONNX graph and build a serialized plan with one optimisation profile per `options.profiles`.
+
+    fp16 sets the FP16 flag on a weakly typed network (TensorRT 10) or, without that flag, builds a strongly
+    typed network from the graph's fp16 copy (engines/precision.py, written to `work_dir`); int8 needs the INT8
+    flag (implicit quantization) and `calibrator`, and keeps fp16 for the layers int8 cannot run.
+    """
+    if options.precision == "int8" and (calibrator is None or not hasattr(trt.BuilderFlag, "INT8")):
+        raise EngineUnavailable(
+            f"int8 needs TensorRT's INT8 builder flag and calibration batches; TensorRT {trt.__version__} "
+            + ("has no INT8 flag: quantize the graph (Q/DQ) and build it as is" if calibrator else "got no batches")
+        )
+    typed = strongly_typed(trt, options.precision)
+    source = fp16_graph(onnx_path, work_dir or onnx_path.parent) if typed else onnx_path
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10 networks are always explicit-batch
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typed else 0
+    network = builder.create_network(flags)  # TensorRT 10 networks are always explicit-batch
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse_from_file(str(source)):
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
-        raise ValueError(f"TensorRT cannot parse {onnx_path}: {errors}")
+        raise ValueError(f"TensorRT cannot parse {source}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
-    if options.fp16:
-        fp16 = getattr(trt.BuilderFlag, "FP16", None)
-        if fp16 is None:
-            raise EngineUnavailable(
-                f"TensorRT {trt.__version__} has no FP16 builder flag (removed in TensorRT 11); "
-                "export the graph in fp16 instead"
-            )
-        config.set_flag(fp16)
-    profile = _profile(builder, network, onnx_path, options)
-    if profile is not None:
+    if options.precision in ("fp16", "int8") and not typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if options.precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.int8_calibrator = calibrator
+    if options.dla_core is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = options.dla_core
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers the DLA cannot run stay on the GPU
+    profiles = _profiles(builder, network, onnx_path, options)
+    for profile in profiles:
         config.add_optimization_profile(profile)
+    if options.precision == "int8" and profiles:
+        config.set_calibration_profile(profiles[0])
+    timing = _timing_cache_path(options)
+    if timing is not None:
+        config.set_timing_cache(config.create_timing_cache(read_plan(timing) or b""), ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT could not build a plan for {onnx_path}; see the TensorRT log above")
+    if timing is not None:
+        write_plan(timing, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
 
 
-def _profile(builder: Any, network: Any, onnx_path: Path, options: EngineOptions) -> Any:
-    """The optimization profile from `options.profiles`; required when any input has a dynamic dim."""
+def _timing_cache_path(options: EngineOptions) -> Path | None:
+    """The builder's timing cache, shared by every graph built in `cache_dir`: layer timings measured once."""
+    return None if options.cache_dir is None else Path(options.cache_dir) / TIMING_CACHE
+
+
+def _profiles(builder: Any, network: Any, onnx_path: Path, options: EngineOptions) -> list[Any]:
+    """The optimisation profiles from `options.profiles`; required when any input has a dynamic dim."""
     inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
-    profiles = dict(options.profiles or {})
-    unknown = sorted(set(profiles) - set(inputs))
+    profiles = list(options.profiles or ())
+    named = set(profiles[0]) if profiles else set()
+    unknown = sorted(named - set(inputs))
     if unknown:
         raise ValueError(f"profiles name unknown inputs {unknown}; {onnx_path} has inputs {sorted(inputs)}")
-    missing = [name for name, shape in inputs.items() if min(shape, default=0) < 0 and name not in profiles]
+    missing = [name for name, shape in inputs.items() if min(shape, default=0) < 0 and name not in named]
     if missing:
         raise ValueError(
             f"{onnx_path}: inputs {missing} have dynamic dims "
             f"({', '.join(f'{n}{inputs[n]}' for n in missing)}); "
-            "TensorRT needs EngineOptions.profiles={name: (min_shape, opt_shape, max_shape)} for each"
+            "TensorRT needs EngineOptions.profiles=[{name: (min_shape, opt_shape, max_shape)}] for each"
         )
-    if not profiles:
-        return None
-    profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in profiles.items():
-        profile.set_shape(name, low, opt, high)
-    return profile
+    built = []
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        built.append(profile)
+    return built
+
+
+def entropy_calibrator(trt: ModuleType, cuda: CudaRuntime, batches: Sequence[np.ndarray], cache: Path | None) -> Any:
+    """TensorRT's entropy calibrator (IInt8EntropyCalibrator2) over `batches` of the graph's one input, on the
+    device in turn; its table is kept at `cache` so a rebuild calibrates no more."""
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self._batches = iter(batches)
+            self._pointer = cuda.malloc(max(b.nbytes for b in batches))
+            self._stream = cuda.create_stream()
+
+        def get_batch_size(self) -> int:
+            return int(batches[0].shape[0])
+
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            batch = next(self._batches, None)
+            if batch is None:
+                return None
+            cuda.copy_to_device(self._pointer, np.ascontiguousarray(batch, dtype=np.float32), self._stream)
+            cuda.synchronize(self._stream)
+            return [int(self._pointer)]
+
+        def read_calibration_cache(self) -> bytes | None:
+            return None if cache is None else read_plan(cache)
+
+        def write_calibration_cache(self, table: Any) -> None:
+            if cache is not None:
+                write_plan(cache, bytes(table))
+
+        def __del__(self) -> None:
+            cuda.free(self._pointer)
+            cuda.destroy_stream(self._stream)
+
+    if not batches:
+        raise ValueError("int8 calibration needs at least one full batch of images")
+    return EntropyCalibrator()
 
 
 class TensorRTEngine:
-    """An `Engine` over a TensorRT plan; `run` serialises callers on one execution context and stream.
+    """An `Engine` over a TensorRT plan; `run` serialises callers on one stream, with one execution context per
+    optimisation profile (each run takes the first profile that holds its shapes).
 
     `plan_path` is the plan's cache file (None without `cache_dir`) and `plan_from_cache` says whether
-    this process loaded it rather than built it.
+    this process loaded it rather than built it. `calibration`: int8 calibration batches of the graph's one
+    input (precision int8 only).
     """
 
-    def __init__(self, onnx_path: Path | str, options: EngineOptions = DEFAULT_OPTIONS) -> None:
+    def __init__(
+        self,
+        onnx_path: Path | str,
+        options: EngineOptions = DEFAULT_OPTIONS,
+        calibration: Sequence[np.ndarray] | None = None,
+    ) -> None:
         trt = _import_tensorrt()
         cuda = CudaRuntime(load_cudart())
         gpus = visible_gpus()
@@ -118,7 +202,11 @@ class TensorRTEngine:
         cuda.set_device(options.device_id)
         gpu_name = cuda.device_name(options.device_id)
         onnx_path = Path(onnx_path)
-        plan, self.plan_path, self.plan_from_cache = _plan(trt, onnx_path, options, gpu_name)
+
+        def calibrator(cache: Path | None) -> Any:
+            return None if calibration is None else entropy_calibrator(trt, cuda, calibration, cache)
+
+        plan, self.plan_path, self.plan_from_cache = _plan(trt, onnx_path, options, gpu_name, calibrator)
         self._runtime = trt.Runtime(_logger(trt))
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
@@ -126,7 +214,6 @@ class TensorRTEngine:
                 f"TensorRT could not load the plan for {onnx_path}"
                 + (f"; delete {self.plan_path} to rebuild it" if self.plan_from_cache else "")
             )
-        self._context = self._engine.create_execution_context()
         self.name = f"tensorrt:{gpu_name}"
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         is_input = {name: self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT for name in names}
@@ -142,6 +229,18 @@ class TensorRTEngine:
         self._device_id = options.device_id
         self._lock = threading.Lock()
         self._stream = cuda.create_stream()
+        self._contexts = [
+            self._engine.create_execution_context() for _ in range(self._engine.num_optimization_profiles)
+        ]
+        for index, context in enumerate(self._contexts[1:], start=1):
+            context.set_optimization_profile_async(index, int(self._stream))
+        self._profiles = [
+            {
+                spec.name: tuple(tuple(s) for s in self._engine.get_tensor_profile_shape(spec.name, index))
+                for spec in self._inputs
+            }
+            for index in range(len(self._contexts))
+        ]
         self._buffers: dict[str, tuple[int, int]] = {}  # tensor name -> (device pointer, capacity in bytes)
         self._release = weakref.finalize(self, _release, cuda, self._buffers, self._stream)
 
@@ -157,33 +256,47 @@ class TensorRTEngine:
             if not self._release.alive:
                 raise RuntimeError(f"{self.name}: engine is closed")
             self._cuda.set_device(self._device_id)
+            context = self._context_for({name: array.shape for name, array in feed.items()})
             for name, array in feed.items():
-                if not self._context.set_input_shape(name, array.shape):
-                    low, _, high = self._engine.get_tensor_profile_shape(name, 0)
-                    raise ValueError(
-                        f"input {name!r} has shape {array.shape}, outside the TensorRT profile "
-                        f"[{tuple(low)}, {tuple(high)}]; rebuild with wider EngineOptions.profiles"
-                    )
-            results = {name: self._output(name) for name in self.output_names}
+                if not context.set_input_shape(name, array.shape):
+                    raise ValueError(f"input {name!r} has shape {array.shape}, which TensorRT refuses")
+            results = {name: self._output(context, name) for name in self.output_names}
             for name, array in feed.items():
-                self._cuda.copy_to_device(self._bind(name, array.nbytes), array, self._stream)
-            if not self._context.execute_async_v3(int(self._stream)):
+                self._cuda.copy_to_device(self._bind(context, name, array.nbytes), array, self._stream)
+            if not context.execute_async_v3(int(self._stream)):
                 raise RuntimeError(f"{self.name}: execute_async_v3 failed; see the TensorRT log above")
             for name in names:
                 self._cuda.copy_to_host(results[name], self._buffers[name][0], self._stream)
             self._cuda.synchronize(self._stream)
         return {name: results[name] for name in names}
 
-    def _output(self, name: str) -> np.ndarray:
+    def _context_for(self, shapes: Mapping[str, tuple[int, ...]]) -> Any:
+        """The execution context of the first profile whose [min, max] holds every input's shape."""
+        if len(self._contexts) == 1 and not any(None in spec.shape for spec in self._inputs):
+            return self._contexts[0]  # a static graph: check_inputs has checked the shapes
+        index = covering_profile(self._profiles, shapes)
+        if index is None:
+            ranges = "; ".join(
+                ", ".join(f"{name} [{low}, {high}]" for name, (low, _, high) in profile.items())
+                for profile in self._profiles
+            )
+            shown = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+            raise ValueError(
+                f"inputs {shown} are outside every TensorRT profile ({ranges}); "
+                "rebuild with wider EngineOptions.profiles"
+            )
+        return self._contexts[index]
+
+    def _output(self, context: Any, name: str) -> np.ndarray:
         """A host array for an output, shaped by the current input shapes, with a device buffer bound."""
-        shape = tuple(self._context.get_tensor_shape(name))
+        shape = tuple(context.get_tensor_shape(name))
         if min(shape, default=0) < 0:
             raise RuntimeError(f"output {name!r} has a data-dependent shape {shape}; not supported here")
         array = np.empty(shape, dtype=self._dtypes[name])
-        self._bind(name, array.nbytes)
+        self._bind(context, name, array.nbytes)
         return array
 
-    def _bind(self, name: str, nbytes: int) -> int:
+    def _bind(self, context: Any, name: str, nbytes: int) -> int:
         """Point tensor `name` at a device buffer of at least `nbytes`, growing it when needed (lock held)."""
         buffer = self._buffers.get(name)
         if buffer is None or buffer[1] < nbytes:
@@ -192,29 +305,66 @@ class TensorRTEngine:
                 self._cuda.free(buffer[0])
             capacity = max(nbytes, _MIN_ALLOCATION)
             buffer = self._buffers[name] = (self._cuda.malloc(capacity), capacity)
-        self._context.set_tensor_address(name, buffer[0])
+        context.set_tensor_address(name, buffer[0])
         return buffer[0]
 
 
-def _plan(trt: ModuleType, onnx_path: Path, options: EngineOptions, gpu_name: str) -> tuple[bytes, Path | None, bool]:
-    """(plan, its cache file or None, whether it came from the cache)."""
+def _plan(
+    trt: ModuleType, onnx_path: Path, options: EngineOptions, gpu_name: str, calibrator: Callable[[Path | None], Any]
+) -> tuple[bytes, Path | None, bool]:
+    """(plan, its cache file or None, whether it came from the cache). `calibrator(table path)` makes the int8
+    calibrator, asked only when a plan is built."""
     if options.cache_dir is None:
-        return build_plan(trt, onnx_path, options), None, False
-    key = plan_key(
-        onnx_path,
-        tensorrt_version=trt.__version__,
-        gpu_name=gpu_name,
-        fp16=options.fp16,
-        profiles=options.profiles,
-    )
-    path = plan_path(Path(options.cache_dir), onnx_path, key)
+        return build_plan(trt, onnx_path, options, calibrator(None)), None, False
+    path = _cache_path(trt, onnx_path, options, gpu_name)
     cached = read_plan(path)
     if cached is not None:
         return cached, path, True
     log.info("building TensorRT plan for %s on %s (cached at %s)", onnx_path, gpu_name, path)
-    plan = build_plan(trt, onnx_path, options)
+    plan = build_plan(trt, onnx_path, options, calibrator(path.with_suffix(".calibration")), Path(options.cache_dir))
     write_plan(path, plan)
     return plan, path, False
+
+
+def _cache_path(trt: ModuleType, onnx_path: Path, options: EngineOptions, gpu_name: str) -> Path:
+    """Where the plan of `onnx_path` built with `options` on this TensorRT and GPU is cached."""
+    key = plan_key(
+        onnx_path,
+        tensorrt_version=trt.__version__,
+        gpu_name=gpu_name,
+        precision=options.precision,
+        profiles=options.profiles,
+        dla_core=options.dla_core,
+        calibration=None if options.calibration is None else calibration_digest(options.calibration),
+    )
+    return plan_path(Path(options.cache_dir), onnx_path, key)
+
+
+def import_plan(onnx_path: Path, plan_file: Path, options: EngineOptions) -> Path:
+    """Copy a plan built elsewhere (trtexec --onnx=GRAPH --saveEngine=PLAN, with the same precision and
+    profiles) into `options.cache_dir` as the plan of `onnx_path`, after checking that this TensorRT on this GPU
+    can load it and that it has the graph's inputs. Returns the cache file."""
+    trt = _import_tensorrt()
+    if options.cache_dir is None:
+        raise ValueError("importing a plan needs EngineOptions.cache_dir (--engine-cache)")
+    cuda = CudaRuntime(load_cudart())
+    if visible_gpus() <= options.device_id:
+        raise EngineUnavailable("importing a plan needs the GPU it will run on: no NVIDIA GPU visible")
+    cuda.set_device(options.device_id)
+    plan = Path(plan_file).read_bytes()
+    engine = trt.Runtime(_logger(trt)).deserialize_cuda_engine(plan)
+    if engine is None:
+        raise ValueError(
+            f"{plan_file} does not load: built by another TensorRT version or for another GPU "
+            f"(this is TensorRT {trt.__version__} on {cuda.device_name(options.device_id)})"
+        )
+    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    wanted = set((options.profiles or [{}])[0])
+    if not wanted <= names:
+        raise ValueError(f"{plan_file} has tensors {sorted(names)}, not the inputs {sorted(wanted)} of {onnx_path}")
+    path = _cache_path(trt, onnx_path, options, cuda.device_name(options.device_id))
+    write_plan(path, plan)
+    return path
 
 
 def _dims(shape: Any) -> tuple[int | None, ...]:

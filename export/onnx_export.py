@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
@@ -50,7 +51,25 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 
 def _graph_entry(path: Path, inputs: list[str], outputs: list[str], **extra: object) -> dict:
-    return {"file": path.name, "sha256": file_sha256(path), "inputs": inputs, "outputs": outputs, **extra}
+    """A graph's manifest entry: its file, sha256, inputs and outputs, and each input's dims as the ONNX file
+    declares them (ints, or the names of dynamic dims), from which TensorRT profiles are derived."""
+    return {
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "inputs": inputs,
+        "outputs": outputs,
+        "input_dims": input_dims(path),
+        **extra,
+    }
+
+
+def input_dims(path: Path) -> dict[str, list[int | str]]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in graph.input
+        if i.name not in {init.name for init in graph.initializer}
+    }
 
 
 def export_backbone(

@@ -19,7 +19,7 @@ from inserve.server.grouping import GROUPINGS, group_hits
 from inserve.server.imaging import NetworkInput
 from inserve.server.index import DuplicateId, InstanceIndex, NewKeyframe, SpaceStats
 from inserve.server.index.store import IMAGE_TAKES_ID, VIDEO_TAKES_ID, LiveResume
-from inserve.server.models import ModelBundle
+from inserve.server.models import ModelBundle, ServingShapes
 from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import (
     ImageVectors,
@@ -68,12 +68,19 @@ class Stats:
     keyframes: int = 0
 
 
+def serving_shapes(config: ServerConfig) -> ServingShapes:
+    """What this configuration feeds the graphs (for TensorRT's optimisation profiles)."""
+    return ServingShapes(
+        config.batcher.buckets, config.image.long_side, config.batcher.max_batch, config.dasr.seeds_per_run
+    )
+
+
 class InstanceSearch:
     """Every image goes through one dynamic batcher, whoever asks: RPCs, video indexing, evaluation."""
 
     def __init__(self, config: ServerConfig, models: ModelBundle | None = None) -> None:
         self.config = config
-        self.models = models or ModelBundle.open(config.models, config.backbone, config.engine)
+        self.models = models or ModelBundle.open(config.models, config.backbone, config.engine, serving_shapes(config))
         self.recipes = build_recipes(config.recipes, config)
         self.unavailable: dict[str, str] = {}
         for name, recipe in self.recipes.items():

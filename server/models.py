@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from inserve.engines import Engine, EngineOptions, open_engine
 from inserve.engines.plan_cache import file_sha256
+from inserve.engines.precision import calibration_batches
+from inserve.engines.profiles import ShapePlan, graph_profiles
+from inserve.server.config import ImageConfig
+from inserve.server.imaging import decode_image, prepare
+from inserve.server.stages.buckets import bucket_shapes
+from inserve.server.stages.shapes import MOMENTS
 
 MANIFEST_FORMAT = 1  # of manifest.json: what `inserve export` writes and the server reads
 
@@ -28,10 +37,49 @@ def locate_manifest(models: Path, backbone: str) -> Path:
     )
 
 
-class ModelBundle:
-    """Backbone, CAM head and DASR back-propagation engines; the latter two open on first use."""
+@dataclass(frozen=True)
+class ServingShapes:
+    """What the server feeds the graphs: images padded into its buckets (BatcherConfig.buckets at
+    ImageConfig.long_side), batches of 1 to max_batch, DASR seeds 1 to max_seeds a run. TensorRT builds one
+    optimisation profile per bucket from it."""
 
-    def __init__(self, manifest_path: Path, options: EngineOptions = EngineOptions(), verify: bool = True) -> None:
+    buckets: tuple[str, ...]
+    long_side: int
+    max_batch: int
+    max_seeds: int
+
+
+TENSORRT_DEVICES = ("auto", "tensorrt", "tensorrt-native")  # devices that may build TensorRT engines
+
+
+def graph_options(options: EngineOptions, entry: dict, plan: ShapePlan | None) -> EngineOptions:
+    """The engine options of one graph (its manifest entry). On a device that may build TensorRT engines, and
+    unless the options give profiles, one optimisation profile per bucket of `plan`, derived from the graph's
+    input dims (engines/profiles.py); int8 only for graphs whose one input is the image (the DASR graphs
+    back-propagate through every layer and build in fp16 instead)."""
+    if options.precision == "int8" and entry["inputs"] != ["image"]:
+        options = replace(options, precision="fp16", calibration=None)
+    if options.device not in TENSORRT_DEVICES or options.profiles is not None or plan is None:
+        return options
+    if "input_dims" not in entry:
+        raise ModelsError(
+            f"{entry['file']}: the manifest predates input dims, which TensorRT profiles are derived from; "
+            "export the backbone again"
+        )
+    return replace(options, profiles=graph_profiles(entry["input_dims"], plan, entry["file"]))
+
+
+class ModelBundle:
+    """Backbone, CAM head and DASR back-propagation engines; the latter two open on first use. With `shapes`,
+    each graph that may run on TensorRT gets the optimisation profiles of what the server feeds it."""
+
+    def __init__(
+        self,
+        manifest_path: Path,
+        options: EngineOptions = EngineOptions(),
+        verify: bool = True,
+        shapes: ServingShapes | None = None,
+    ) -> None:
         self.directory = manifest_path.parent
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != MANIFEST_FORMAT:
@@ -40,13 +88,16 @@ class ModelBundle:
             )
         self.options = options
         self.verify = verify
+        self.shapes = shapes
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
         self.backbone = self._engine(self.manifest["graphs"]["backbone"])
 
     @classmethod
-    def open(cls, models: Path, backbone: str, options: EngineOptions = EngineOptions()) -> ModelBundle:
-        return cls(locate_manifest(models, backbone), options)
+    def open(
+        cls, models: Path, backbone: str, options: EngineOptions = EngineOptions(), shapes: ServingShapes | None = None
+    ) -> ModelBundle:
+        return cls(locate_manifest(models, backbone), options, shapes=shapes)
 
     @property
     def name(self) -> str:
@@ -84,8 +135,62 @@ class ModelBundle:
                     raise ModelsError(f"{path} is missing; export the backbone again")
                 if self.verify and file_sha256(path) != entry["sha256"]:
                     raise ModelsError(f"{path} does not match the sha256 in its manifest; export it again")
-                self._engines[entry["file"]] = open_engine(path, self.options)
+                options = self.graph_options(entry)
+                calibration = self._calibration(options) if options.precision == "int8" else None
+                self._engines[entry["file"]] = open_engine(path, options, calibration)
             return self._engines[entry["file"]]
+
+    def entries(self) -> list[dict]:
+        """Every graph of the bundle: backbone, CAM head, and the DASR graphs of each exported stride."""
+        graphs = self.manifest["graphs"]
+        dasr = [e for g in ("dasr_backprop", "dasr_moments") for e in graphs.get(g, {}).get("strides", {}).values()]
+        return [graphs["backbone"], graphs["cam_head"], *dasr]
+
+    def open_all(self) -> Iterator[str]:
+        """Open (build, for TensorRT) every graph in turn, yielding each file name once it is ready."""
+        for entry in self.entries():
+            self._engine(entry)
+            yield entry["file"]
+
+    def import_plan(self, graph: str, plan: Path) -> Path:
+        """Put a plan built elsewhere (trtexec) into the engine cache as the plan of `graph` (a file name of the
+        bundle) under the options it would be built with; returns where it went."""
+        from inserve.engines.tensorrt_engine import import_plan
+
+        entry = next((e for e in self.entries() if e["file"] == graph), None)
+        if entry is None:
+            raise ModelsError(f"no graph {graph!r} in {self.directory}; have {[e['file'] for e in self.entries()]}")
+        return import_plan(self.directory / graph, plan, self.graph_options(entry))
+
+    def shape_plan(self) -> ShapePlan:
+        shapes = self.shapes
+        if shapes is None:
+            raise ModelsError("the serving shapes are needed to derive TensorRT profiles")
+        return ShapePlan(
+            tuple(bucket_shapes(shapes.buckets, shapes.long_side, self.size_multiple)),
+            self.size_multiple,
+            int(self.layer("feat")["stride"]),
+            shapes.max_batch,
+            shapes.max_seeds,
+            {"k": len(MOMENTS)},
+        )
+
+    def graph_options(self, entry: dict) -> EngineOptions:
+        return graph_options(self.options, entry, None if self.shapes is None else self.shape_plan())
+
+    def _calibration(self, options: EngineOptions) -> list[np.ndarray]:
+        """int8 calibration batches (max_batch images each) from the calibration folder in the first bucket's
+        shape (the calibration profile's), each image resized to fill it, then prepared as the server prepares
+        images: only the activations' ranges matter to calibration, not the aspect."""
+        plan = self.shape_plan()
+        height, width = plan.buckets[0]
+        config = ImageConfig(long_side=max(height, width))
+
+        def network_input(data: bytes) -> np.ndarray:
+            image = decode_image(data, config).resize((width, height), Image.BICUBIC)
+            return prepare(image, config.long_side, self.size_multiple).pixels
+
+        return list(calibration_batches(options.calibration, network_input, plan.max_batch))
 
     def features(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """pixels (B, 3, H, W) 0..255 -> feat, desc, logits."""

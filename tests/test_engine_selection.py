@@ -57,13 +57,14 @@ def test_explicit_gpu_device_without_its_provider_is_unavailable(device: str, pr
 def test_provider_options_follow_the_onnxruntime_names(tmp_path: Path) -> None:
     options = EngineOptions(
         device_id=1,
-        fp16=True,
+        precision="fp16",
         cache_dir=tmp_path,
         workspace_bytes=1 << 30,
-        profiles={
-            "image": ((1, 2, 8, 8), (4, 2, 64, 64), (8, 2, 128, 96)),
-            "seeds": ((1, 4), (16, 4), (64, 4)),
-        },
+        dla_core=1,
+        profiles=[
+            {"image": ((1, 2, 8, 8), (4, 2, 64, 64), (8, 2, 64, 64)), "seeds": ((1, 4), (16, 4), (64, 4))},
+            {"image": ((1, 2, 96, 128), (4, 2, 96, 128), (8, 2, 96, 128)), "seeds": ((1, 4), (16, 4), (64, 4))},
+        ],
     )
     trt, cuda, cpu = choose_providers(options, ALL_EPS)
     assert trt == (
@@ -74,9 +75,14 @@ def test_provider_options_follow_the_onnxruntime_names(tmp_path: Path) -> None:
             "trt_fp16_enable": True,
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(tmp_path),
-            "trt_profile_min_shapes": "image:1x2x8x8,seeds:1x4",
-            "trt_profile_opt_shapes": "image:4x2x64x64,seeds:16x4",
-            "trt_profile_max_shapes": "image:8x2x128x96,seeds:64x4",
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(tmp_path),
+            "trt_dla_enable": True,
+            "trt_dla_core": 1,
+            # several profiles: each input once per profile, in profile order (the EP's ParseProfileShapes)
+            "trt_profile_min_shapes": "image:1x2x8x8,seeds:1x4,image:1x2x96x128,seeds:1x4",
+            "trt_profile_opt_shapes": "image:4x2x64x64,seeds:16x4,image:4x2x96x128,seeds:16x4",
+            "trt_profile_max_shapes": "image:8x2x64x64,seeds:64x4,image:8x2x96x128,seeds:64x4",
         },
     )
     assert cuda == (CUDA_EP, {"device_id": 1})
@@ -88,6 +94,12 @@ def test_tensorrt_ep_without_cache_dir_does_not_cache() -> None:
     assert trt == {"device_id": 0, "trt_max_workspace_size": 2 << 30, "trt_fp16_enable": False}
 
 
+def test_int8_through_the_tensorrt_ep_is_refused_with_the_way_that_works(tmp_path: Path) -> None:
+    options = EngineOptions(device="tensorrt", precision="int8", calibration=tmp_path)
+    with pytest.raises(EngineUnavailable, match=r"needs a calibration table.*use --device tensorrt-native"):
+        choose_providers(options, ALL_EPS)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -96,6 +108,11 @@ def test_tensorrt_ep_without_cache_dir_does_not_cache() -> None:
         ({"profiles": {"image": ((1, 2), (2, 2))}}, r"'image' needs \(min, opt, max\)"),
         ({"profiles": {"image": ((1, 2), (2, 2), (4,))}}, r"'image': min \(1, 2\), .* differ in rank"),
         ({"profiles": {"image": ((4, 2), (2, 2), (8, 2))}}, r"'image': need 0 <= min <= opt <= max"),
+        ({"profiles": [{"image": ((1,), (1,), (1,))}, {"x": ((1,), (1,), (1,))}]}, r"must name the same inputs"),
+        ({"precision": "bf16"}, r"unknown precision 'bf16'; expected one of fp32, fp16, int8"),
+        ({"precision": "int8"}, r"int8 needs a calibration folder"),
+        ({"calibration": Path("images")}, r"only int8 takes one"),
+        ({"dla_core": -1}, r"dla_core must be >= 0"),
     ],
 )
 def test_bad_options_are_rejected_early(kwargs: dict[str, object], message: str) -> None:

@@ -9,6 +9,7 @@ TF32 for convolutions by default), fp16 within 3e-2.
 from __future__ import annotations
 
 import enum
+import importlib
 import importlib.util
 import os
 import types
@@ -20,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from test_engine_graphs import IN_CHANNELS, random_image, write_conv_relu
 
-from inserve.engines import EngineOptions, open_engine
+from inserve.engines import EngineOptions, open_engine, tensorrt_engine
 from inserve.engines.cuda_runtime import CudaRuntime, load_cudart
 from inserve.engines.devices import visible_gpus
 from inserve.engines.onnxruntime_engine import CUDA_EP, TENSORRT_EP
@@ -70,7 +71,7 @@ def assert_parity(result: dict[str, np.ndarray], expected: dict[str, np.ndarray]
 
 
 def key(onnx: Path, **changes: object) -> str:
-    settings = {"tensorrt_version": "10.9.0", "gpu_name": "NVIDIA H100", "fp16": False, "profiles": PROFILE}
+    settings = {"tensorrt_version": "10.9.0", "gpu_name": "NVIDIA H100", "precision": "fp32", "profiles": [PROFILE]}
     return plan_key(onnx, **(settings | changes))
 
 
@@ -82,9 +83,12 @@ def test_plan_key_is_stable_and_covers_every_build_input(tmp_path: Path) -> None
         key(write_conv_relu(tmp_path / "b.onnx", seed=1)),
         key(onnx, tensorrt_version="10.10.0"),
         key(onnx, gpu_name="Orin"),
-        key(onnx, fp16=True),
-        key(onnx, profiles={"image": ((1, 2, 2, 2), (2, 2, 16, 16), (8, 2, 32, 32))}),
+        key(onnx, precision="fp16"),
+        key(onnx, precision="int8", calibration="c0ffee"),
+        key(onnx, profiles=[{"image": ((1, 2, 2, 2), (2, 2, 16, 16), (8, 2, 32, 32))}]),
+        key(onnx, profiles=[PROFILE, {"image": ((1, 2, 2, 2), (2, 2, 16, 16), (8, 2, 32, 32))}]),
         key(onnx, profiles=None),
+        key(onnx, dla_core=0),
     ]
     assert base not in changed and len(set(changed)) == len(changed)
 
@@ -185,17 +189,16 @@ class TestNativeTensorRT:
         settings = {"device": "tensorrt-native", "cache_dir": tmp_path / "plans", "profiles": PROFILE}
         return EngineOptions(**(settings | changes))
 
-    @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
-    def test_matches_the_cpu_engine(self, model: Path, tmp_path: Path, fp16: bool) -> None:
-        if fp16 and not hasattr(importlib.import_module("tensorrt").BuilderFlag, "FP16"):
-            pytest.skip("this TensorRT has no FP16 builder flag")
-        engine = open_engine(model, self.options(tmp_path, fp16=fp16))
+    @pytest.mark.parametrize("precision", ["fp32", "fp16"])
+    def test_matches_the_cpu_engine(self, model: Path, tmp_path: Path, precision: str) -> None:
+        engine = open_engine(model, self.options(tmp_path, precision=precision))
         assert engine.name.startswith("tensorrt:")
         assert engine.input_names == ("image",)
         assert engine.output_names == ("feat", "pooled")
         for seed, shape in enumerate(SHAPES):
             image = random_image(shape, seed=seed)
-            assert_parity(engine.run({"image": image}), cpu_results(model, image), FP16 if fp16 else FP32)
+            tolerance = FP16 if precision == "fp16" else FP32
+            assert_parity(engine.run({"image": image}), cpu_results(model, image), tolerance)
         pooled = engine.run({"image": image}, outputs=["pooled"])
         assert list(pooled) == ["pooled"]
 
@@ -210,7 +213,7 @@ class TestNativeTensorRT:
 
     def test_shapes_outside_the_profile_are_rejected(self, model: Path, tmp_path: Path) -> None:
         engine = open_engine(model, self.options(tmp_path))
-        with pytest.raises(ValueError, match=r"outside the TensorRT profile \[\(1, 2, 2, 2\), \(4, 2, 32"):
+        with pytest.raises(ValueError, match=r"outside every TensorRT profile \(image \[\(1, 2, 2, 2\), \(4, 2, 32"):
             engine.run({"image": random_image((5, IN_CHANNELS, 8, 8))})
         with pytest.raises(ValueError, match=r"dim 1 must be 2"):
             engine.run({"image": random_image((1, 3, 8, 8))})
@@ -245,6 +248,42 @@ class TestNativeTensorRT:
         assert sorted(os.listdir(tmp_path / "plans")) == sorted([old.plan_path.name, new.plan_path.name])
         image = random_image((2, IN_CHANNELS, 6, 6))
         assert_parity(new.run({"image": image}), cpu_results(model, image), FP32)
+
+    def test_each_run_takes_the_profile_that_holds_its_shapes(self, model: Path, tmp_path: Path) -> None:
+        small = {"image": ((1, IN_CHANNELS, 2, 2), (2, IN_CHANNELS, 8, 8), (4, IN_CHANNELS, 8, 8))}
+        large = {"image": ((1, IN_CHANNELS, 16, 16), (2, IN_CHANNELS, 32, 32), (4, IN_CHANNELS, 32, 32))}
+        engine = open_engine(model, self.options(tmp_path, profiles=[small, large]))
+        for seed, shape in enumerate([(2, IN_CHANNELS, 8, 8), (3, IN_CHANNELS, 32, 24), (1, IN_CHANNELS, 4, 4)]):
+            image = random_image(shape, seed=seed)
+            assert_parity(engine.run({"image": image}), cpu_results(model, image), FP32)
+        with pytest.raises(ValueError, match=r"outside every TensorRT profile"):
+            engine.run({"image": random_image((1, IN_CHANNELS, 12, 12))})  # between the two
+
+    def test_the_timing_cache_is_kept_beside_the_plans(self, model: Path, tmp_path: Path) -> None:
+        open_engine(model, self.options(tmp_path))
+        assert (tmp_path / "plans" / "timing.cache").stat().st_size > 0
+
+    def test_a_strongly_typed_fp16_build_matches_within_fp16(
+        self, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The path of TensorRT releases without the FP16 flag: the graph's fp16 copy, strongly typed."""
+        monkeypatch.setattr(tensorrt_engine, "strongly_typed", lambda trt, precision: precision == "fp16")
+        engine = open_engine(model, self.options(tmp_path, precision="fp16"))
+        assert list((tmp_path / "plans").glob("conv_relu.fp16.*.onnx"))
+        image = random_image((2, IN_CHANNELS, 16, 16))
+        assert_parity(engine.run({"image": image}), cpu_results(model, image), FP16)
+
+    def test_int8_calibrates_on_the_batches_given(self, model: Path, tmp_path: Path) -> None:
+        if not hasattr(importlib.import_module("tensorrt").BuilderFlag, "INT8"):
+            pytest.skip("this TensorRT has no INT8 builder flag (implicit quantization)")
+        folder = tmp_path / "images"  # named in the options (its digest keys the plan); batches come ready-made
+        folder.mkdir()
+        (folder / "one.png").write_bytes(b"\x89PNG")
+        batches = [random_image((2, IN_CHANNELS, 16, 16), seed=s) for s in range(4)]
+        engine = open_engine(model, self.options(tmp_path, precision="int8", calibration=folder), batches)
+        image = random_image((2, IN_CHANNELS, 16, 16), seed=9)
+        assert_parity(engine.run({"image": image}), cpu_results(model, image), {"rtol": 0.1, "atol": 0.1})
+        assert list((tmp_path / "plans").glob("*.calibration"))
 
     def test_closed_engine_refuses_to_run(self, model: Path, tmp_path: Path) -> None:
         engine = open_engine(model, self.options(tmp_path))

@@ -1,11 +1,16 @@
-"""`pip install .` and `pip install -e .` both give importable packages and generated stubs, from anywhere."""
+"""`pip install .` and `pip install -e .` both give importable packages and generated stubs, from anywhere; the
+`gpu` extra installs where pip can serve it."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 IMPORTS = (
@@ -36,3 +41,17 @@ def test_a_regular_install_builds_the_stubs_into_the_installed_package(tmp_path:
     subprocess.run([*pip, "--target", target, "."], cwd=checkout, check=True, timeout=600, capture_output=True)
     assert (target / "inserve" / "v1" / "inserve_pb2_grpc.py").is_file()
     assert imported_from(tmp_path, f"PYTHONPATH={target}").is_relative_to(target)
+
+
+@pytest.mark.parametrize(
+    ("machine", "expected"),
+    [
+        ("x86_64", {"onnxruntime-gpu", "tensorrt", "cuda-python", "onnx"}),
+        ("aarch64", {"cuda-python", "onnx"}),  # a Jetson: TensorRT and onnxruntime-gpu come with JetPack
+    ],
+)
+def test_the_gpu_extra_installs_on_x86_gpu_servers_and_on_jetsons(machine: str, expected: set[str]) -> None:
+    requirements = [Requirement(text) for text in metadata.requires("inserve") or []]
+    environment = {"platform_machine": machine, "extra": "gpu"}
+    wanted = {r.name for r in requirements if r.marker is not None and "gpu" in str(r.marker)}
+    assert {r.name for r in requirements if r.name in wanted and r.marker.evaluate(environment)} == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -86,16 +87,31 @@ BAD_SETTINGS = [
     (("--region-set-weight", "1.5"), "region_set_weight must be between 0 and 1, got 1.5"),
     (("--sigmas", "0"), "sigmas must be positive"),
     (("--queue-depth", "4"), "queue_depth 4 is below max_batch 8: need max_batch <= queue_depth"),
+    (("--precision", "int8"), "precision int8 needs a calibration folder of images"),
+    (("--dla-core", "-1"), "dla_core must be >= 0, got -1"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("flags", "message"), BAD_SETTINGS, ids=["recipe", "region-set-weight", "sigmas", "queue-depth"]
+    ("flags", "message"),
+    BAD_SETTINGS,
+    ids=["recipe", "region-set-weight", "sigmas", "queue-depth", "int8-without-images", "dla-core"],
 )
 def test_bad_settings_are_one_line_saying_what_is_valid_before_any_model_loads(tmp_path: Path, flags, message) -> None:
     done = inserve("serve", *flags, "--models", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path / "data"))
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
     assert message in done.stderr
+
+
+def test_build_engines_says_what_it_needs_in_one_line(models_dir: Path, tmp_path: Path) -> None:
+    cache = ("--engine-cache", str(tmp_path / "engines"), "--models", str(models_dir))
+    done = inserve("build-engines", "--device", "cpu", *cache)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "build-engines needs --device tensorrt or tensorrt-native and --engine-cache DIR" in done.stderr
+    if importlib.util.find_spec("tensorrt") is None:  # where it is installed, the build is tested on the GPU
+        done = inserve("build-engines", "--device", "tensorrt-native", *cache)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "needs the tensorrt and cuda-python packages" in done.stderr
 
 
 def test_options_a_recipe_cannot_take_are_refused_before_indexing(models_dir: Path, tmp_path: Path) -> None:
