@@ -44,6 +44,14 @@ def available_devices() -> list[str]:
     return [*devices, "cpu"]
 
 
+def builds_tensorrt(device: str) -> bool:
+    """Whether graphs opened on `device` become TensorRT engines (which need optimisation profiles): the two
+    TensorRT devices, and "auto" where onnxruntime has its TensorRT provider."""
+    return device in ("tensorrt", "tensorrt-native") or (
+        device == "auto" and TENSORRT_EP in ort.get_available_providers()
+    )
+
+
 def _importable(module: str) -> bool:
     """Whether `module` is installed, without importing it (tensorrt takes seconds to import)."""
     try:

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from inserve.engines import Engine, EngineOptions, open_engine
+from inserve.engines.devices import builds_tensorrt
 from inserve.engines.plan_cache import file_sha256
 from inserve.engines.precision import calibration_batches
 from inserve.engines.profiles import ShapePlan, graph_profiles
@@ -49,17 +50,14 @@ class ServingShapes:
     max_seeds: int
 
 
-TENSORRT_DEVICES = ("auto", "tensorrt", "tensorrt-native")  # devices that may build TensorRT engines
-
-
 def graph_options(options: EngineOptions, entry: dict, plan: ShapePlan | None) -> EngineOptions:
-    """The engine options of one graph (its manifest entry). On a device that may build TensorRT engines, and
+    """The engine options of one graph (its manifest entry). Where the graph becomes a TensorRT engine, and
     unless the options give profiles, one optimisation profile per bucket of `plan`, derived from the graph's
     input dims (engines/profiles.py); int8 only for graphs whose one input is the image (the DASR graphs
     back-propagate through every layer and build in fp16 instead)."""
     if options.precision == "int8" and entry["inputs"] != ["image"]:
         options = replace(options, precision="fp16", calibration=None)
-    if options.device not in TENSORRT_DEVICES or options.profiles is not None or plan is None:
+    if options.profiles is not None or plan is None or not builds_tensorrt(options.device):
         return options
     if "input_dims" not in entry:
         raise ModelsError(

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 
 from inserve.engines import EngineOptions
+from inserve.engines.devices import builds_tensorrt
+from inserve.engines.onnxruntime_engine import TENSORRT_EP
 from inserve.engines.profiles import ShapePlan, covering_profile, graph_profiles
 from inserve.server.models import ModelBundle, ModelsError, ServingShapes, graph_options, locate_manifest
 
@@ -76,14 +79,18 @@ def test_a_dim_no_rule_covers_and_off_grid_buckets_are_refused() -> None:
 def test_graph_options_derive_profiles_on_tensorrt_devices_only(bundle: ModelBundle) -> None:
     entry, plan = graph(bundle, "backbone.onnx"), bundle.shape_plan()
     assert graph_options(EngineOptions(device="cpu"), entry, plan).profiles is None  # the CPU needs none
-    for device in ("auto", "tensorrt", "tensorrt-native"):
+    for device in ("tensorrt", "tensorrt-native"):
         derived = graph_options(EngineOptions(device=device), entry, plan)
         assert derived.profiles == graph_profiles(entry["input_dims"], plan)
+    auto = graph_options(EngineOptions(device="auto"), entry, plan).profiles  # profiles where the TensorRT EP is
+    assert (auto is not None) == builds_tensorrt("auto") == (TENSORRT_EP in ort.get_available_providers())
     given = EngineOptions(device="tensorrt", profiles={"image": ((1, 3, 32, 32), (1, 3, 64, 64), (1, 3, 64, 64))})
     assert graph_options(given, entry, plan).profiles == given.profiles  # explicit profiles are kept
-    old = {k: v for k, v in entry.items() if k != "input_dims"}
+    old = {k: v for k, v in entry.items() if k != "input_dims"}  # exported before input dims were recorded
     with pytest.raises(ModelsError, match=r"predates input dims.*export the backbone again"):
         graph_options(EngineOptions(device="tensorrt"), old, plan)
+    if not builds_tensorrt("auto"):  # an older export still serves on the CPU
+        assert graph_options(EngineOptions(device="auto"), old, plan).profiles is None
 
 
 def test_int8_applies_to_the_image_graph_and_the_dasr_graphs_build_in_fp16(bundle: ModelBundle, tmp_path: Path) -> None:
