@@ -11,16 +11,13 @@ batches of real inputs, prepared as the server prepares them (`calibration_batch
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from inserve.engines.plan_cache import file_sha256
+from inserve.engines.plan_cache import file_sha256, write_plan
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -38,16 +35,7 @@ def fp16_graph(onnx_path: Path, out_dir: Path) -> Path:
     if target.is_file():
         return target
     half = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(half.SerializeToString())
-        os.replace(temp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    write_plan(target, half.SerializeToString())  # atomically, as plans are
     return target
 
 

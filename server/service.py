@@ -222,10 +222,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         self, request_iterator: AsyncIterator[pb.IndexVideoRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.IndexVideoProgress]:
         requests = aiter(request_iterator)
-        first = await anext(requests, None)
-        if first is None or first.WhichOneof("part") != "header":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the video header")
-        header = first.header
+        header = await first_header(requests, context, "video")
         what = f"video {shown(header.video_id)}"
         config = self.core.config.video
         try:  # a header that can never be taken on is refused as such, not with "retry later"
@@ -328,10 +325,7 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
         self, request_iterator: AsyncIterator[pb.LiveStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.LiveStreamEvent]:
         requests = aiter(request_iterator)
-        first = await anext(requests, None)
-        if first is None or first.WhichOneof("part") != "header":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the live stream header")
-        header = first.header
+        header = await first_header(requests, context, "live stream")
         what = f"live stream {shown(header.stream_id)}"
         config = self.core.config.video
         with ExitStack() as held:
@@ -397,6 +391,14 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
                 for s in stats.spaces
             ],
         )
+
+
+async def first_header(requests: AsyncIterator, context: grpc.aio.ServicerContext, what: str):
+    """The header a streaming upload starts with (its `part` oneof); INVALID_ARGUMENT when it does not."""
+    first = await anext(requests, None)
+    if first is None or first.WhichOneof("part") != "header":
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the first message must be the {what} header")
+    return first.header
 
 
 def search_options(message: pb.SearchOptions) -> SearchOptions:
