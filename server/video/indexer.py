@@ -15,12 +15,13 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
+from inserve.server.errors import VideoError
 from inserve.server.ids import keyframe_id
 from inserve.server.imaging import NetworkInput
 from inserve.server.index import NewKeyframe
 from inserve.server.instance_search import InstanceSearch
 from inserve.server.recipes import ImageVectors
-from inserve.server.video.decode import VideoError, decode_video
+from inserve.server.video.decode import decode_video
 from inserve.server.video.keyframes import KeyframeSelector, SelectionRules, colour_histogram
 
 
@@ -84,6 +85,10 @@ def index_video(
     first_time = core.index.store.id_holder(video_id) is None
     record = {"source": source, "metadata": metadata}
 
+    def check_cancelled() -> None:
+        if cancelled is not None and cancelled.is_set():
+            raise CancelledError(f"indexing of video {video_id!r} was cancelled")
+
     def report(force: bool = False) -> None:
         nonlocal reported
         if force or time.monotonic() - reported >= core.config.video.progress_interval_s:
@@ -95,6 +100,7 @@ def index_video(
         as each batch comes back."""
         nonlocal state
         while in_flight and (block or in_flight[0][1].done()):
+            check_cancelled()
             in_flight[0][1].result()  # the oldest; those described with it come along
             new = []
             while in_flight and in_flight[0][1].done():
@@ -116,8 +122,7 @@ def index_video(
 
     try:
         for frame in decode_video(file, rules.iframes_only, core.config.image):
-            if cancelled is not None and cancelled.is_set():
-                raise CancelledError(f"indexing of video {video_id!r} was cancelled")
+            check_cancelled()
             histogram = colour_histogram(frame.small_rgb(core.config.video.histogram_side))
             chosen = selector.offer(frame.time_s, histogram, frame.intra)
             if chosen:
