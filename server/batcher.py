@@ -19,23 +19,12 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from inserve.server.config import BatcherConfig
+from inserve.server.errors import BatcherClosed, DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
 
 J = TypeVar("J")
 R = TypeVar("R")
-
-
-class Overloaded(RuntimeError):
-    """The batcher's queue is full: retry later (RESOURCE_EXHAUSTED)."""
-
-
-class DeadlineExceeded(TimeoutError):
-    """The job's deadline passed before it could run."""
-
-
-class BatcherClosed(RuntimeError):
-    """The batcher stopped before the job ran."""
 
 
 @dataclass(eq=False)

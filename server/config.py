@@ -6,10 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from inserve.engines import EngineOptions
-
-
-class ConfigError(ValueError):
-    """A setting, or a combination of settings, that cannot work; the message says what is valid."""
+from inserve.server.errors import ConfigError
 
 
 @dataclass(frozen=True)

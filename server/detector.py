@@ -12,7 +12,7 @@ import numpy as np
 
 from inserve.engines import Engine, EngineOptions, open_engine
 from inserve.server.config import DetectorConfig
-from inserve.server.recipes.base import RecipeUnavailable
+from inserve.server.errors import RecipeUnavailable
 
 EXPORT_HINT = (
     "export one with `inserve export --detector fasterrcnn_resnet50_fpn --weights WEIGHTS.pth --out DIR` "

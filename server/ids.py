@@ -9,13 +9,11 @@ found and deleted.
 
 from __future__ import annotations
 
+from inserve.server.errors import IdError
+
 MAX_ID_LENGTH = 512  # characters of an image or video id
 KEYFRAME_SEPARATOR = "#"
 MAX_KEYFRAME_ID_LENGTH = MAX_ID_LENGTH + len(KEYFRAME_SEPARATOR) + 20  # a frame number is at most 20 digits
-
-
-class IdError(ValueError):
-    """An id the scheme does not allow."""
 
 
 def check_id(external_id: str, what: str = "id") -> None:

@@ -11,12 +11,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from inserve.server.config import ImageConfig
+from inserve.server.errors import ImageError
 
 Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours (ImageConfig.max_pixels), checked before decoding
-
-
-class ImageError(ValueError):
-    """The bytes are not an image this service can index; the message says why."""
 
 
 def decode_image(data: bytes, config: ImageConfig) -> Image.Image:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from inserve.server.batcher import DynamicBatcher
 from inserve.server.config import ServerConfig
+from inserve.server.errors import LiveStreamBusy, RecipeUnavailable, RequestError, UnavailableError
 from inserve.server.grouping import GROUPINGS, group_hits
 from inserve.server.imaging import NetworkInput
 from inserve.server.index import DuplicateId, InstanceIndex, NewKeyframe, SpaceStats
@@ -24,7 +25,6 @@ from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import (
     ImageVectors,
     QueryVector,
-    RecipeUnavailable,
     build_recipes,
     recipe_specs,
     sources,
@@ -34,19 +34,6 @@ from inserve.server.search import REGION_SET_DEPTH, Hit, SearchOptions, region_s
 log = logging.getLogger(__name__)
 
 LIVE_TAKES_ID = "a live stream is being indexed under this id"
-
-
-class LiveStreamBusy(Exception):
-    """Another connection is writing to this live stream (the one before a reconnection may not have ended
-    yet): retry shortly."""
-
-
-class RequestError(ValueError):
-    """A request that cannot be served as asked (unknown recipe, bad top_k...); the message says why."""
-
-
-class UnavailableError(RequestError):
-    """The recipe asked for cannot run on this server (no detector file, no codebook...): what is missing."""
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,12 @@ from inserve.engines.plan_cache import file_sha256
 from inserve.engines.precision import calibration_batches
 from inserve.engines.profiles import ShapePlan, graph_profiles
 from inserve.server.config import ImageConfig
+from inserve.server.errors import ModelsError
 from inserve.server.imaging import decode_image, prepare
 from inserve.server.stages.buckets import bucket_shapes
 from inserve.server.stages.shapes import MOMENTS
 
 MANIFEST_FORMAT = 1  # of manifest.json: what `inserve export` writes and the server reads
-
-
-class ModelsError(RuntimeError):
-    """The models directory is missing, incomplete or does not match its manifest."""
 
 
 def locate_manifest(models: Path, backbone: str) -> Path:

@@ -15,16 +15,13 @@ from pathlib import Path
 import grpc
 
 from inserve.server.config import SecurityConfig
+from inserve.server.errors import SecurityError
 from inserve.server.interceptors import refusing
 
 log = logging.getLogger(__name__)
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)  # method prefixes served without a token
 BEARER = "bearer "
-
-
-class SecurityError(ValueError):
-    """The security settings cannot be used (a missing file, a key without a certificate...)."""
 
 
 def _read(path: Path, what: str) -> bytes:

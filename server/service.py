@@ -16,17 +16,24 @@ from typing import BinaryIO, TypeVar
 
 import grpc
 
-from inserve.server.batcher import BatcherClosed, DeadlineExceeded, Overloaded
 from inserve.server.call_slots import outcome_seen
 from inserve.server.config import ImageConfig, VideoConfig
+from inserve.server.errors import (
+    REQUEST_ERRORS,
+    DuplicateId,
+    IdError,
+    ImageError,
+    Overloaded,
+    RequestError,
+    VideoError,
+    status_name,
+)
 from inserve.server.grouping import grouping_name
-from inserve.server.ids import IdError, check_deletable_id, check_id
-from inserve.server.imaging import ImageError, decode_image
-from inserve.server.index import DuplicateId
-from inserve.server.instance_search import Indexed, InstanceSearch, LiveStreamBusy, RequestError, UnavailableError
+from inserve.server.ids import check_deletable_id, check_id
+from inserve.server.imaging import decode_image
+from inserve.server.instance_search import Indexed, InstanceSearch
 from inserve.server.search import Hit, SearchOptions
 from inserve.server.streams import ordered
-from inserve.server.video.decode import VideoError
 from inserve.server.video.indexer import VideoProgress, index_video
 from inserve.server.video.keyframes import SelectionRules
 from inserve.server.video.live import (
@@ -39,7 +46,7 @@ from inserve.server.video.live import (
     index_live,
     raw_image,
 )
-from inserve.server.video.media import MediaAccessDenied, open_media
+from inserve.server.video.media import open_media
 from inserve.v1 import inserve_pb2 as pb
 from inserve.v1 import inserve_pb2_grpc as pb_grpc
 
@@ -47,24 +54,6 @@ log = logging.getLogger(__name__)
 
 MAX_DETAILS = 2000  # characters of a status message
 T = TypeVar("T")
-
-
-# What a request can go wrong with, and the status code that says so.
-STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
-    (DuplicateId, grpc.StatusCode.ALREADY_EXISTS),
-    (LiveStreamBusy, grpc.StatusCode.ABORTED),
-    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (BatcherClosed, grpc.StatusCode.UNAVAILABLE),
-    (MediaAccessDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (FileNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (UnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
-    (VideoError, grpc.StatusCode.INVALID_ARGUMENT),
-    (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (IdError, grpc.StatusCode.INVALID_ARGUMENT),
-]
-REQUEST_ERRORS = tuple(kind for kind, _ in STATUS)
 
 
 class Failed(Exception):
@@ -92,8 +81,8 @@ def elided(message: str, limit: int = MAX_DETAILS) -> str:
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status code and message for a request error (wrapped in Failed or not)."""
     error, what = (exc.error, exc.what) if isinstance(exc, Failed) else (exc, "")
-    code = next(code for kind, code in STATUS if isinstance(error, kind))
-    message = error.reason if isinstance(error, DuplicateId) else str(error)
+    code = grpc.StatusCode[status_name(error)]  # each error class names its status (server/errors.py)
+    message = str(error)
     return code, elided(f"{what}: {message}" if what else message)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inserve.server.errors import DuplicateId
 from inserve.server.index.codec import decode_vector, decode_vectors, encode_vector
 from inserve.server.stages.whitening import Whitening
 
@@ -109,18 +110,6 @@ SELECT_IMAGES = (
     "SELECT i.id, i.external_id, COALESCE(v.source, i.source), i.width, i.height, COALESCE(v.metadata, i.metadata),"
     " i.video_id, i.frame, i.time_s, i.shot FROM images i LEFT JOIN videos v ON v.video_id = i.video_id"
 )
-
-
-class DuplicateId(KeyError):
-    """The external id is taken: by an image already indexed, or by an image where a video wants it (or the
-    other way round: image and video ids share one namespace, server/ids.py)."""
-
-    TAKEN = "already indexed (set replace to re-index)"
-
-    def __init__(self, external_id: str, reason: str = TAKEN) -> None:
-        super().__init__(external_id)
-        self.external_id, self.reason = external_id, reason
-
 
 VIDEO_TAKES_ID = "a video is indexed under this id"
 IMAGE_TAKES_ID = "an image is indexed under this id"

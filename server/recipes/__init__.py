@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from inserve.server.config import ConfigError, ServerConfig
+from inserve.server.config import ServerConfig
+from inserve.server.errors import ConfigError, RecipeUnavailable
 from inserve.server.index import SpaceSpec
 from inserve.server.recipes.base import (
     FeatureBatch,
     ImageVectors,
     QueryVector,
     Recipe,
-    RecipeUnavailable,
 )
 from inserve.server.stages.pooling import gem, mac, spoc
 from inserve.server.stages.weighting import crow

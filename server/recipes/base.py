@@ -15,10 +15,6 @@ from inserve.server.stages.dasr import Regions
 from inserve.server.stages.pooling import box_cells
 
 
-class RecipeUnavailable(RuntimeError):
-    """A recipe cannot run here (e.g. no detector file, no codebook); the message says what is missing."""
-
-
 @dataclass
 class FeatureBatch:
     """Images of one shape bucket after one backbone run; recipes share it and what they derive from it.

@@ -11,11 +11,8 @@ import numpy as np
 from PIL import Image
 
 from inserve.server.config import ImageConfig
+from inserve.server.errors import VideoError
 from inserve.server.imaging import ImageError, check_size
-
-
-class VideoError(ValueError):
-    """Not a video this service can decode (corrupt, truncated, no video stream, unsupported codec)."""
 
 
 @dataclass(frozen=True)

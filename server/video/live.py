@@ -22,11 +22,12 @@ import numpy as np
 from PIL import Image
 
 from inserve.server.config import OVERLOADS, ImageConfig
+from inserve.server.errors import ImageError, RequestError
 from inserve.server.ids import keyframe_id
-from inserve.server.imaging import ImageError, NetworkInput, check_size
+from inserve.server.imaging import NetworkInput, check_size
 from inserve.server.index import NewKeyframe
 from inserve.server.index.store import LiveResume
-from inserve.server.instance_search import InstanceSearch, RequestError
+from inserve.server.instance_search import InstanceSearch
 from inserve.server.recipes import ImageVectors
 from inserve.server.video.keyframes import KeyframeSelector, SelectionRules, chi_square, colour_histogram
 

@@ -6,9 +6,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-
-class MediaAccessDenied(PermissionError):
-    """The path lies outside the media root, or the server has none (PERMISSION_DENIED)."""
+from inserve.server.errors import MediaAccessDenied
 
 
 def _inside(root: str, path: str) -> bool:
