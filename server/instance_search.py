@@ -20,6 +20,7 @@ from inserve.server.grouping import GROUPINGS, group_hits
 from inserve.server.imaging import NetworkInput
 from inserve.server.index import DuplicateId, InstanceIndex, NewKeyframe, SpaceStats
 from inserve.server.index.store import IMAGE_TAKES_ID, VIDEO_TAKES_ID, LiveResume
+from inserve.server.latency import LatencyHistogram
 from inserve.server.models import ModelBundle, ServingShapes
 from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import (
@@ -34,6 +35,7 @@ from inserve.server.search import REGION_SET_DEPTH, Hit, SearchOptions, region_s
 log = logging.getLogger(__name__)
 
 LIVE_TAKES_ID = "a live stream is being indexed under this id"
+LIVE_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class InstanceSearch:
         self.batcher = DynamicBatcher(self.pipeline.run, self.pipeline.job_bucket, config.batcher)
         self._whitening = threading.Lock()
         self._live: set[str] = set()  # stream ids a live connection is writing to
+        self.live_latency = LatencyHistogram(LIVE_LATENCY_BUCKETS)  # live keyframes: arrival to searchable, s
         self._live_lock = threading.Lock()
 
     def load(self, data: bytes) -> NetworkInput:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
@@ -130,6 +131,13 @@ class ServiceCollector(Collector):
             whitening.add_metric([space.recipe, space.kind], space.whitening_version)
         yield vectors
         yield whitening
+        buckets, total = self.core.live_latency.snapshot()
+        yield HistogramMetricFamily(
+            "inserve_live_keyframe_seconds",
+            "Live stream keyframes: seconds from the frame's arrival to its commit (searchable)",
+            buckets=[("+Inf" if math.isinf(bound) else str(bound), count) for bound, count in buckets],
+            sum_value=total,
+        )
 
 
 def batch_size_histogram(counts: dict[int, int], max_batch: int) -> HistogramMetricFamily:

@@ -209,6 +209,7 @@ class LiveStream:
         committed = []
         for stored in added:
             keyframe, vectors, _ = new[stored.external_id]
+            self.core.live_latency.observe(now - keyframe.frame.arrived)
             regions = sum(len(v.regions.boxes) for v in vectors.values())
             committed.append(
                 KeyframeCommitted(

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from media import jpeg, object_video, the_object
-from servers import running_server
+from servers import metrics_port, running_server, scrape
 
 from inserve.clients.client import ImageItem, InstanceSearchClient, LiveStreamSpec, VideoItem
 from inserve.clients.ingest import LiveIngest, source_frames
@@ -36,7 +36,8 @@ def frames(video: Path) -> list[pb.LiveFrame]:
 
 @pytest.fixture(scope="module")
 def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    with running_server(models_dir, tmp_path_factory.mktemp("live-data"), "--recipe", "gem") as running:
+    flags = ("--recipe", "gem", "--metrics-port", "0")
+    with running_server(models_dir, tmp_path_factory.mktemp("live-data"), *flags) as running:
         yield running
 
 
@@ -86,6 +87,15 @@ def test_each_keyframe_is_searchable_when_it_is_acknowledged(
     assert not kinds(seen, "dropped") and not kinds(seen, "rejected")
     hits = client.search(jpeg(the_object()), top_k=3)
     assert int(hits[0].keyframe.time_s) in {1, 2, 4}
+
+
+def test_the_metrics_count_each_keyframe_with_its_latency(server, client: InstanceSearchClient, frames) -> None:
+    before = scrape(metrics_port(server))
+    acks = kinds(events(client, LiveStreamSpec("cam-m", max_interval_s=1.0), frames[:17]), "keyframe")
+    after = scrape(metrics_port(server))
+    count, total = (("inserve_live_keyframe_seconds_" + name, ()) for name in ("count", "sum"))
+    assert after[count] - before[count] == len(acks) >= 3  # 0, 1 and 2 s at least
+    assert after[total] - before[total] == pytest.approx(sum(a.latency_s for a in acks), rel=1e-6)
 
 
 def test_a_reopened_stream_continues_after_its_last_keyframe_and_indexes_nothing_twice(
