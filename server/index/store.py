@@ -323,18 +323,7 @@ class MetadataStore:
             for kf in keyframes:
                 if db.execute("SELECT 1 FROM images WHERE external_id = ?", (kf.external_id,)).fetchone():
                     raise DuplicateId(kf.external_id)
-                _, new = self._insert_image(
-                    db,
-                    kf.external_id,
-                    "",  # the video's, in `videos`
-                    kf.width,
-                    kf.height,
-                    {},
-                    kf.vectors,
-                    kf.thumbnail,
-                    (video_id, kf.frame, kf.time_s, kf.shot),
-                )
-                labels.append(new)
+                labels.append(self._insert_keyframe(db, video_id, kf))
         self._reclaim()
         return labels, removed, replaced
 
@@ -356,18 +345,7 @@ class MetadataStore:
             for kf in keyframes:
                 if db.execute("SELECT 1 FROM images WHERE external_id = ?", (kf.external_id,)).fetchone():
                     continue
-                _, labels = self._insert_image(
-                    db,
-                    kf.external_id,
-                    "",
-                    kf.width,
-                    kf.height,
-                    {},
-                    kf.vectors,
-                    kf.thumbnail,
-                    (video_id, kf.frame, kf.time_s, kf.shot),
-                )
-                added.append((kf, labels))
+                added.append((kf, self._insert_keyframe(db, video_id, kf)))
         return added
 
     def live_resume(self, video_id: str) -> LiveResume | None:
@@ -389,6 +367,24 @@ class MetadataStore:
             row = db.execute("SELECT live FROM videos WHERE video_id = ?", (video_id,)).fetchone()
             if bool(row and row[0]) != live:
                 raise DuplicateId(video_id, FILE_TAKES_ID if live else LIVE_HOLDS_ID)
+
+    def _insert_keyframe(
+        self, db: sqlite3.Connection, video_id: str, kf: NewKeyframe
+    ) -> dict[tuple[str, str], np.ndarray]:
+        """Insert one keyframe inside the caller's transaction; its source and metadata are its video's (`videos`).
+        Returns its labels per (recipe, kind)."""
+        _, labels = self._insert_image(
+            db,
+            kf.external_id,
+            "",
+            kf.width,
+            kf.height,
+            {},
+            kf.vectors,
+            kf.thumbnail,
+            (video_id, kf.frame, kf.time_s, kf.shot),
+        )
+        return labels
 
     def _insert_image(
         self,

@@ -40,14 +40,17 @@ class VideoProgress:
 
 
 @dataclass(frozen=True)
-class _Selected:
+class SelectedFrame:
+    """A frame chosen as a keyframe (of a file or a live stream), resized for the network."""
+
     frame: int
     time_s: float
     shot: int
     inp: NetworkInput
 
 
-def _keyframe(video_id: str, selected: _Selected, described: dict[str, ImageVectors]) -> NewKeyframe:
+def new_keyframe(video_id: str, selected: SelectedFrame, described: dict[str, ImageVectors]) -> NewKeyframe:
+    """What the index stores of a described keyframe."""
     return NewKeyframe(
         keyframe_id(video_id, selected.frame),
         selected.frame,
@@ -58,6 +61,10 @@ def _keyframe(video_id: str, selected: _Selected, described: dict[str, ImageVect
         [v for vectors in described.values() for v in vectors.vectors],
         selected.inp.thumbnail,
     )
+
+
+def region_count(described: dict[str, ImageVectors]) -> int:
+    return sum(len(v.regions.boxes) for v in described.values())
 
 
 def index_video(
@@ -77,8 +84,8 @@ def index_video(
     then (its last progress says how many), a re-indexed one stays as it was."""
     selector = KeyframeSelector(rules)
     state = VideoProgress(video_id)
-    batch: list[_Selected] = []
-    in_flight: deque[tuple[_Selected, Future]] = deque()
+    batch: list[SelectedFrame] = []
+    in_flight: deque[tuple[SelectedFrame, Future]] = deque()
     keyframes: list[NewKeyframe] = []
     step = core.config.batcher.max_batch
     reported = time.monotonic()
@@ -106,9 +113,12 @@ def index_video(
             while in_flight and in_flight[0][1].done():
                 selected, future = in_flight.popleft()
                 described = future.result()
-                new.append(_keyframe(video_id, selected, described))
-                regions = sum(len(v.regions.boxes) for v in described.values())
-                state = replace(state, keyframes_indexed=state.keyframes_indexed + 1, regions=state.regions + regions)
+                new.append(new_keyframe(video_id, selected, described))
+                state = replace(
+                    state,
+                    keyframes_indexed=state.keyframes_indexed + 1,
+                    regions=state.regions + region_count(described),
+                )
             keyframes.extend(new)
             if first_time:
                 core.append_keyframes(video_id, new, live=False, **record)
@@ -126,7 +136,9 @@ def index_video(
             histogram = colour_histogram(frame.small_rgb(core.config.video.histogram_side))
             chosen = selector.offer(frame.time_s, histogram, frame.intra)
             if chosen:
-                batch.append(_Selected(frame.number, frame.time_s, selector.shot, core.pipeline.prepare(frame.image())))
+                batch.append(
+                    SelectedFrame(frame.number, frame.time_s, selector.shot, core.pipeline.prepare(frame.image()))
+                )
                 if len(batch) == step:
                     submit()
             state = replace(

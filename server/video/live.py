@@ -23,12 +23,11 @@ from PIL import Image
 
 from inserve.server.config import OVERLOADS, ImageConfig
 from inserve.server.errors import ImageError, RequestError
-from inserve.server.ids import keyframe_id
-from inserve.server.imaging import NetworkInput, check_size
-from inserve.server.index import NewKeyframe
+from inserve.server.imaging import check_size
 from inserve.server.index.store import LiveResume
 from inserve.server.instance_search import InstanceSearch
 from inserve.server.recipes import ImageVectors
+from inserve.server.video.indexer import SelectedFrame, new_keyframe, region_count
 from inserve.server.video.keyframes import KeyframeSelector, SelectionRules, chi_square, colour_histogram
 
 PIXEL_FORMATS = {"rgb24": 3, "bgr24": 3, "gray8": 1}  # raw pixel formats and their bytes per pixel
@@ -91,9 +90,8 @@ LiveEvent = KeyframeCommitted | FramesDropped | FrameRejected
 
 @dataclass(frozen=True)
 class _Keyframe:
-    frame: LiveFrame
-    shot: int
-    inp: NetworkInput
+    selected: SelectedFrame  # its frame number is the time in milliseconds
+    arrived: float
 
 
 class LiveSelection:
@@ -181,44 +179,29 @@ class LiveStream:
         image = frame.decode()
         if not self.selection.offer(frame.time_s, image, frame.keyframe):
             return None
-        return _Keyframe(frame, self.selection.shot, self.core.pipeline.prepare(image))
+        inp = self.core.pipeline.prepare(image)
+        return _Keyframe(
+            SelectedFrame(round(frame.time_s * 1000), frame.time_s, self.selection.shot, inp), frame.arrived
+        )
 
     def commit(self, described: list[tuple[_Keyframe, dict[str, ImageVectors]]]) -> list[KeyframeCommitted]:
         """Blocking: append described keyframes in one transaction; what a resent stream repeats is skipped."""
-        new = {}
+        records = {}
         for keyframe, vectors in described:
-            frame = round(keyframe.frame.time_s * 1000)
-            new[keyframe_id(self.stream_id, frame)] = (
-                keyframe,
-                vectors,
-                NewKeyframe(
-                    keyframe_id(self.stream_id, frame),
-                    frame,
-                    keyframe.frame.time_s,
-                    keyframe.shot,
-                    keyframe.inp.width,
-                    keyframe.inp.height,
-                    [v for image_vectors in vectors.values() for v in image_vectors.vectors],
-                    keyframe.inp.thumbnail,
-                ),
-            )
+            record = new_keyframe(self.stream_id, keyframe.selected, vectors)
+            records[record.external_id] = (keyframe, vectors, record)
         added = self.core.append_keyframes(
-            self.stream_id, [n for _, _, n in new.values()], live=True, source=self.source, metadata=self.metadata
+            self.stream_id, [r for _, _, r in records.values()], live=True, source=self.source, metadata=self.metadata
         )
         now = time.monotonic()
         committed = []
         for stored in added:
-            keyframe, vectors, _ = new[stored.external_id]
-            self.core.live_latency.observe(now - keyframe.frame.arrived)
-            regions = sum(len(v.regions.boxes) for v in vectors.values())
+            keyframe, vectors, _ = records[stored.external_id]
+            latency = now - keyframe.arrived
+            self.core.live_latency.observe(latency)
             committed.append(
                 KeyframeCommitted(
-                    stored.external_id,
-                    stored.frame,
-                    stored.time_s,
-                    stored.shot,
-                    regions,
-                    now - keyframe.frame.arrived,
+                    stored.external_id, stored.frame, stored.time_s, stored.shot, region_count(vectors), latency
                 )
             )
         return committed
@@ -263,7 +246,9 @@ async def index_live(
                 if keyframe is None:
                     room.release()
                     continue
-                (future,) = await run(lambda keyframe=keyframe: core.submit_describe([keyframe.inp], wait=True))
+                (future,) = await run(
+                    lambda keyframe=keyframe: core.submit_describe([keyframe.selected.inp], wait=True)
+                )
                 pending.put_nowait((keyframe, asyncio.wrap_future(future)))
             if dropped:
                 pending.put_nowait(FramesDropped(dropped, until_s))
