@@ -422,7 +422,10 @@ async def live_frames(requests: AsyncIterator[pb.LiveStreamRequest], limits: Ima
             decode = functools.partial(decode_image, frame.image, limits)
         elif kind == "raw":
             raw = frame.raw
-            pixel_format = pb.PixelFormat.Name(raw.format).removeprefix("PIXEL_FORMAT_").lower()
+            try:  # a value the proto does not define is the frame's fault, rejected by raw_image like "unspecified"
+                pixel_format = enum_name(pb.PixelFormat, raw.format, "PIXEL_FORMAT_")
+            except RequestError:
+                pixel_format = str(raw.format)
             decode = functools.partial(raw_image, raw.width, raw.height, pixel_format, raw.data, limits)
         else:
             decode = functools.partial(_no_pixels, frame.time_s)

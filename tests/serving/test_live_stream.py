@@ -128,6 +128,7 @@ def test_bad_frames_are_rejected_and_the_stream_goes_on(
         pb.LiveFrame(time_s=0.0, image=frames[1].image),  # not after the previous frame
         pb.LiveFrame(time_s=0.05, raw=pb.RawPixels(width=32, height=24, format=pb.PIXEL_FORMAT_RGB24, data=b"x")),
         pb.LiveFrame(time_s=0.06, raw=pb.RawPixels(width=32, height=24, data=bytes(32 * 24 * 3))),  # no format
+        pb.LiveFrame(time_s=0.065, raw=pb.RawPixels(width=32, height=24, format=99, data=bytes(32 * 24 * 3))),
         pb.LiveFrame(time_s=0.07, image=b"not an image"),
         pb.LiveFrame(time_s=0.08),  # no pixels
         pb.LiveFrame(time_s=float("nan"), image=frames[1].image),
@@ -135,14 +136,15 @@ def test_bad_frames_are_rejected_and_the_stream_goes_on(
     ]
     got = events(client, LiveStreamSpec("cam-c", max_interval_s=1.0), sent)
     rejected = kinds(got, "rejected")
-    assert [r.error_code for r in rejected] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 6
+    assert [r.error_code for r in rejected] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 7
     reasons = [r.error for r in rejected]
     assert "does not come after the previous frame's 0.0" in reasons[0]
     assert "take 2304 bytes, got 1" in reasons[1]
     assert "unknown pixel format 'unspecified'" in reasons[2]
-    assert "cannot decode image" in reasons[3]
-    assert "neither an image nor raw pixels" in reasons[4]
-    assert "frame time must be a number" in reasons[5]
+    assert "unknown pixel format '99'; choose one of rgb24, bgr24, gray8" in reasons[3]  # not in the proto
+    assert "cannot decode image" in reasons[4]
+    assert "neither an image nor raw pixels" in reasons[5]
+    assert "frame time must be a number" in reasons[6]
     assert [a.keyframe.time_s for a in kinds(got, "keyframe")] == [0.0, 3.0]
 
 
