@@ -137,7 +137,7 @@ def test_acknowledged_images_deletes_and_keyframes_survive_sigkill(models_dir: P
             assert top.id == name(i) and top.score == pytest.approx(1.0, abs=1e-4)
         found = loaded_from_snapshot(server)
         assert found.group(2) == "snapshot" and int(found.group(1)) == committed
-        assert int(found.group(3)) < 8  # what the last snapshot (every 8 vectors) lacked came from SQLite
+        assert int(found.group(3)) <= 8  # the last snapshot (every 8) lacks at most 8: a kill may land before it
         gone = [name(i) for i in range(10)]
         assert client.delete(gone).deleted == 10
         kill(server)
