@@ -1,5 +1,6 @@
-"""CLI flags for limits, security and operations: on `serve` they become ServerConfig fields, on the client
-commands a ChannelSecurity."""
+"""The CLI's flags and what they become: a ServerConfig for the commands that run the networks (serve,
+build-engines, eval, learn-codebook), a ChannelSecurity for the ones that call a server. Every default is
+server/config.py's (or the engines' EngineOptions): flags left out keep it."""
 
 from __future__ import annotations
 
@@ -9,8 +10,161 @@ from dataclasses import replace
 from pathlib import Path
 
 from inserve.clients.channels import ChannelSecurity
+from inserve.engines.base import DEVICES, PRECISIONS, EngineOptions
+from inserve.server.config import (
+    REGION_MODES,
+    STAR_SEED_RULES,
+    CamConfig,
+    ConfigError,
+    DasrConfig,
+    DetectorConfig,
+    ImageConfig,
+    RegionRecipeConfig,
+    SecurityConfig,
+    ServerConfig,
+)
 
 TOKEN_ENV = "INSERVE_TOKEN"
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """What every command that runs the networks takes (serve, build-engines, eval, learn-codebook)."""
+    p.add_argument("--models", type=Path, default=ServerConfig.models, help="where `inserve export` wrote")
+    p.add_argument("--backbone", default=ServerConfig.backbone)
+    p.add_argument("--device", default=EngineOptions.device, choices=DEVICES)
+    threads = EngineOptions.intra_op_threads
+    p.add_argument("--threads", type=int, default=threads, help="intra-op threads per engine (0 = runtime default)")
+    tensorrt = p.add_argument_group("TensorRT (--device tensorrt or tensorrt-native; profiles follow the buckets)")
+    tensorrt.add_argument(
+        "--precision", default=EngineOptions.precision, choices=PRECISIONS, help="int8 needs --calibration"
+    )
+    tensorrt.add_argument("--calibration", type=Path, default=None, help="folder of images to calibrate int8 on")
+    tensorrt.add_argument("--engine-cache", type=Path, default=None, help="keep built engines and timing caches here")
+    workspace = EngineOptions.workspace_bytes >> 20
+    tensorrt.add_argument("--workspace-mb", type=int, default=workspace, help="builder workspace, MiB")
+    tensorrt.add_argument("--dla-core", type=int, default=None, help="build for this DLA core (Jetson)")
+    p.add_argument("--long-side", type=int, default=ImageConfig.long_side, help="images are resized to this long side")
+    p.add_argument("--stop-stride", type=int, default=None, help="DASR back-propagation stop stride")
+    p.add_argument("--shape", default=DasrConfig.shape, choices=["moments", "official"], help="DASR shape estimation")
+    p.add_argument(
+        "--dasr-mode", default=DasrConfig.mode, choices=REGION_MODES, help="DASR boxes: exact maps or adjoint moments"
+    )
+    p.add_argument("--sigmas", type=float, default=DasrConfig.sigmas, help="DASR adjoint boxes: standard deviations")
+    p.add_argument("--star-seeds", default=DasrConfig.star_seeds, choices=STAR_SEED_RULES, help="DASR* seeds")
+    p.add_argument(
+        "--detector", type=Path, default=None, help="detector.onnx (or its export folder) for deepvision/deep_region"
+    )
+    p.add_argument("--cam-mode", default=CamConfig.mode, choices=["offline", "online"], help="cam: class aggregation")
+    p.add_argument(
+        "--deep-region-source", default=RegionRecipeConfig.deep_region_source, choices=["detector", "dasr_star"]
+    )
+    p.add_argument(
+        "--deep-region-fusion", default=RegionRecipeConfig.deep_region_fusion, choices=["concat", "mean", "max"]
+    )
+    p.add_argument(
+        "--region-set-weight",
+        type=float,
+        default=RegionRecipeConfig.region_set_weight,
+        help="whole_and_regions: weight of the mean of the query regions' best matches (0..1)",
+    )
+    p.add_argument(
+        "--box-temperature",
+        type=float,
+        default=RegionRecipeConfig.box_temperature,
+        help="whole_and_regions: hits' boxes average the regions by softmax(similarity / this); 0 = best region",
+    )
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """What `serve` takes; `build-engines` takes the same, so that it builds the engines serve will open."""
+    p.add_argument("--data-dir", type=Path, default=ServerConfig.data_dir)
+    p.add_argument("--port", type=int, default=ServerConfig.port)
+    p.add_argument("--host", default=ServerConfig.host, help="interface to bind; [::] = every interface")
+    p.add_argument(
+        "--recipe",
+        default=",".join(ServerConfig.recipes),
+        help="recipe(s) to index with, comma-separated; first = default",
+    )
+    p.add_argument(
+        "--workers", type=int, default=ServerConfig.workers, help="threads decoding images and writing the index"
+    )
+    p.add_argument("--max-message-mb", type=int, default=ServerConfig.max_message_bytes >> 20)
+    batching = "(default: BatcherConfig in server/config.py)"
+    p.add_argument("--max-batch", type=int, default=None, help=f"images per network run {batching}")
+    p.add_argument("--max-delay-ms", type=float, default=None, help=f"how long an image waits for company {batching}")
+    p.add_argument("--queue-depth", type=int, default=None, help=f"images waiting, beyond: busy {batching}")
+    p.add_argument("--batch-runners", type=int, default=None, help=f"batches running at once {batching}")
+    p.add_argument("--buckets", default=None, help=f"input shapes (W:H at the long side) to pad into {batching}")
+    p.add_argument("--media-root", type=Path, default=None, help="IndexVideo may read server files under this folder")
+    p.add_argument("--max-videos", type=int, default=None, help="videos indexing at once (default: VideoConfig)")
+    add_model_flags(p)
+    add_server_flags(p)
+
+
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    """The EngineOptions the model flags describe (ConfigError when they cannot work together)."""
+    try:
+        return EngineOptions(
+            device=args.device,
+            intra_op_threads=args.threads,
+            precision=args.precision,
+            calibration=args.calibration,
+            cache_dir=args.engine_cache,
+            dla_core=args.dla_core,
+            workspace_bytes=args.workspace_mb << 20,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: Path) -> ServerConfig:
+    """The one place where flags become a ServerConfig (ConfigError, before any model loads, when they cannot)."""
+    from inserve.server.recipes import check_recipe_names
+
+    check_recipe_names(recipes)
+    config = ServerConfig(
+        data_dir=data_dir,
+        models=args.models,
+        backbone=args.backbone,
+        recipes=recipes,
+        engine=engine_options(args),
+        image=ImageConfig(long_side=args.long_side),
+        dasr=DasrConfig(
+            stop_stride=args.stop_stride,
+            shape=args.shape,
+            mode=args.dasr_mode,
+            sigmas=args.sigmas,
+            star_seeds=args.star_seeds,
+        ),
+        cam=CamConfig(mode=args.cam_mode),
+        detector=DetectorConfig(path=args.detector),
+        regions=RegionRecipeConfig(
+            deep_region_source=args.deep_region_source,
+            deep_region_fusion=args.deep_region_fusion,
+            region_set_weight=args.region_set_weight,
+            box_temperature=args.box_temperature,
+        ),
+    )
+    if args.command == "serve":
+        batcher = {
+            "max_batch": args.max_batch,
+            "max_delay_ms": args.max_delay_ms,
+            "queue_depth": args.queue_depth,
+            "runners": args.batch_runners,
+            "buckets": tuple(args.buckets.split(",")) if args.buckets else None,
+        }
+        video = {"media_root": args.media_root, "max_concurrent": args.max_videos}
+        config = replace(
+            config,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            max_message_bytes=args.max_message_mb << 20,
+            batcher=replace(config.batcher, **_given(**batcher)),
+            video=replace(config.video, **_given(**video)),
+        )
+        config = apply_server_flags(config, args)
+    return config
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -42,10 +196,8 @@ def _given(**values: object) -> dict[str, object]:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def apply_server_flags(config, args: argparse.Namespace):
+def apply_server_flags(config: ServerConfig, args: argparse.Namespace) -> ServerConfig:
     """ServerConfig with the flags of add_server_flags that were given (and the global --log-format)."""
-    from inserve.server.config import SecurityConfig
-
     no_limit = {0: None}  # 0 and 0.0 alike
     return replace(
         config,

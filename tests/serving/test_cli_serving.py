@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inserve.clients.cli import build_parser, hit_line, server_config
+from inserve.clients.cli import build_parser
+from inserve.clients.cli_flags import server_config
+from inserve.clients.remote_commands import hit_line
 from inserve.clients.render import timecode
-from inserve.server.config import BatcherConfig, VideoConfig
+from inserve.server.config import BatcherConfig, ServerConfig, VideoConfig
 from inserve.v1 import inserve_pb2 as pb
 
 
 def serve_config(*flags: str):
     args = build_parser().parse_args(["serve", *flags])
     return server_config(args, ("gem",), Path("data"))
+
+
+def test_flags_left_out_are_the_config_defaults() -> None:
+    """Defaults live in server/config.py (and EngineOptions) only: no flag repeats one."""
+    assert serve_config() == ServerConfig(data_dir=Path("data"), recipes=("gem",))
+    args = build_parser().parse_args(["eval", "dataset"])
+    assert server_config(args, (args.recipe,), Path("x")) == ServerConfig(data_dir=Path("x"))
 
 
 def test_serve_takes_its_defaults_from_the_config_and_flags_override_them() -> None:
