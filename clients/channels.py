@@ -55,7 +55,7 @@ RETRY_POLICY = {
 }
 # pings on a connection with calls in flight and nothing sent for 30 s, so that a long stream (IndexVideo,
 # a live stream) notices a dead server or a silent NAT drop in 40 s instead of the system's TCP timeout; the
-# server accepts them (server/app.py KEEPALIVE_MIN_PING_INTERVAL_MS)
+# server accepts them (server/grpc/app.py KEEPALIVE_MIN_PING_INTERVAL_MS)
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 

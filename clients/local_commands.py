@@ -63,8 +63,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from inserve.server.app import serve
-    from inserve.server.security import SecurityError
+    from inserve.server.grpc.app import serve
+    from inserve.server.grpc.security import SecurityError
 
     try:
         asyncio.run(serve(server_config(args, tuple(args.recipe.split(",")), args.data_dir)))

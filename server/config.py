@@ -214,7 +214,7 @@ class LimitsConfig:
     ServerConfig.max_message_bytes, ImageConfig.max_pixels, BatcherConfig.queue_depth,
     VideoConfig.max_upload_bytes and max_concurrent."""
 
-    # calls served at once, health checks not counted (server/call_slots.py); more get RESOURCE_EXHAUSTED. Calls
+    # calls served at once, health checks not counted (server/grpc/call_slots.py); more get RESOURCE_EXHAUSTED. Calls
     # that stream requests take at most max_concurrent_streams of them (None: three quarters), so idle streams
     # never hold every slot; a stream that keeps the server waiting stream_idle_timeout_s for its next message
     # ends with DEADLINE_EXCEEDED (None = never)
@@ -277,7 +277,7 @@ class ServerConfig:
     models: Path = Path("models")
     backbone: str = "efficientnet_lite0"
     recipes: tuple[str, ...] = ("whole_and_regions",)  # indexed with every recipe listed; the first is the default
-    host: str = "localhost"  # loopback; beyond it without TLS or tokens the server warns (server/app.py)
+    host: str = "localhost"  # loopback; beyond it without TLS or tokens the server warns (server/grpc/app.py)
     port: int = 50051
     max_message_bytes: int = 64 << 20
     workers: int = 2  # threads decoding images and writing the index (the networks run in the batcher)

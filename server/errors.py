@@ -1,7 +1,7 @@
 """Every error the service raises on purpose, in one place, each with the gRPC status it is answered with.
 
 Two families: errors of a request (the caller sent something the server cannot take, or came at a bad time),
-which the servicer turns into the status named by the class's `status` (server/service.py `status_of`), and
+which the servicer turns into the status named by the class's `status` (server/grpc/servicer.py `status_of`), and
 errors of the setup (flags, files, models), which stop the server before it serves with one line saying what
 is wrong. The classes keep the builtin bases callers may already catch (ValueError, KeyError, ...). The
 status is a name, so that the core needs no gRPC.

@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 IMPORTS = (
-    "import inserve.v1.inserve_pb2 as pb, inserve.v1.inserve_pb2_grpc, inserve.server.app, inserve.engines, "
+    "import inserve.v1.inserve_pb2 as pb, inserve.v1.inserve_pb2_grpc, inserve.server.grpc.app, inserve.engines, "
     "inserve.clients.cli, inserve.export.programs; print(pb.__file__)"
 )
 

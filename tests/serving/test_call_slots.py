@@ -1,4 +1,4 @@
-"""Call slots (server/call_slots.py) on hand-made handlers: health checks take none, streams never take
+"""Call slots (server/grpc/call_slots.py) on hand-made handlers: health checks take none, streams never take
 every slot, slots come back however a call ends, and an idle request stream ends with DEADLINE_EXCEEDED."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from inserve.server.call_slots import CallSlotsInterceptor
 from inserve.server.config import LimitsConfig
+from inserve.server.grpc.call_slots import CallSlotsInterceptor
 
 
 class Aborted(Exception):

@@ -13,7 +13,7 @@ from photos import encode, photo
 from servers import Server, metrics_port, running_server, scrape
 
 from inserve.clients.client import ImageItem, InstanceSearchClient
-from inserve.server.metrics import batch_size_histogram, status_code
+from inserve.server.grpc.metrics import batch_size_histogram, status_code
 
 SERVICE = "inserve.v1.InstanceSearch"
 

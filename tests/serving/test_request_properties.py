@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 from photos import encode, photo
 
 from inserve.server.config import ServerConfig, VideoConfig
+from inserve.server.errors import REQUEST_ERRORS
 from inserve.server.grouping import GROUPINGS
+from inserve.server.grpc.messages import search_options, selection_rules
 from inserve.server.ids import KEYFRAME_SEPARATOR, MAX_ID_LENGTH, check_id
 from inserve.server.instance_search import InstanceSearch
 from inserve.server.pipeline import QueryJob
-from inserve.server.service import REQUEST_ERRORS, search_options, selection_rules
 from inserve.v1 import inserve_pb2 as pb
 
 RECIPES = ("dasr_star", "gem")

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from inserve.server.config import LimitsConfig
-from inserve.server.interceptors import behaviour_of, with_behaviour, with_prelude
-from inserve.server.security import OPEN_SERVICES
+from inserve.server.grpc.interceptors import behaviour_of, with_behaviour, with_prelude
+from inserve.server.grpc.security import OPEN_SERVICES
 
 
 class CallSlotsInterceptor(grpc.aio.ServerInterceptor):

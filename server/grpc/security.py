@@ -16,7 +16,7 @@ import grpc
 
 from inserve.server.config import SecurityConfig
 from inserve.server.errors import SecurityError
-from inserve.server.interceptors import refusing
+from inserve.server.grpc.interceptors import refusing
 
 log = logging.getLogger(__name__)
 

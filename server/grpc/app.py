@@ -13,13 +13,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from inserve.server.call_slots import CallSlotsInterceptor
 from inserve.server.config import ServerConfig
+from inserve.server.grpc.call_slots import CallSlotsInterceptor
+from inserve.server.grpc.interceptors import MalformedRequestInterceptor
+from inserve.server.grpc.metrics import MetricsEndpoint
+from inserve.server.grpc.security import TokenAuthInterceptor, load_tokens, server_credentials
+from inserve.server.grpc.servicer import InstanceSearchServicer
 from inserve.server.instance_search import InstanceSearch
-from inserve.server.interceptors import MalformedRequestInterceptor
-from inserve.server.metrics import MetricsEndpoint
-from inserve.server.security import TokenAuthInterceptor, load_tokens, server_credentials
-from inserve.server.service import InstanceSearchServicer
 from inserve.v1 import inserve_pb2 as pb
 from inserve.v1 import inserve_pb2_grpc as pb_grpc
 

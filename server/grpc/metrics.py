@@ -20,8 +20,8 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 
 from inserve.server.config import OpsConfig
+from inserve.server.grpc.interceptors import around
 from inserve.server.instance_search import InstanceSearch
-from inserve.server.interceptors import around
 
 log = logging.getLogger(__name__)
 
