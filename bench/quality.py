@@ -35,7 +35,7 @@ import numpy as np
 from inserve.engines import EngineOptions
 from inserve.server.codebook import CODEBOOK, learn_codebook, save_codebook, vectors_from_index
 from inserve.server.config import REGION_MODES, STAR_SEED_RULES, CamConfig, DasrConfig, RegionRecipeConfig, ServerConfig
-from inserve.server.evaluation import Dataset, QueryScores
+from inserve.server.evaluation import Dataset, QueryScores, ranking_all
 from inserve.server.imaging import NetworkInput
 from inserve.server.index import DEFAULT_SPEC
 from inserve.server.instance_search import InstanceSearch
@@ -321,9 +321,9 @@ class Bench:
                 for v, score in zip(chosen, scores):
                     core = cores[(v.recipe, v.cam_mode, v.whitened)]
                     query = queries[(v.recipe, v.cam_mode)]
-                    score.add(q, core.find(v.recipe, query, len(dataset.images), v.options))
+                    score.add(q, core.find(ranking_all(core, v.recipe, v.options, len(dataset.images)), query))
                     start = time.perf_counter()  # the latency of a search as served: the default top_k
-                    core.find(v.recipe, query, self.base.default_top_k, v.options)
+                    core.find(core.plan(v.recipe, options=v.options), query)
                     score.seconds += time.perf_counter() - start + spent[v.recipe, v.cam_mode]
                 if (n + 1) % 50 == 0:
                     cache.save()

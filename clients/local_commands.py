@@ -190,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 save_codebook(service.index, learn_codebook(vectors, config.regions.vlad_k), str(args.codebook_from))
             options = SearchOptions(query_expansion=args.qe, rerank_top=args.rerank)
             try:  # options the recipe cannot take are refused now, not after indexing the dataset
-                service.search_options(args.recipe, options)
+                service.plan(args.recipe, options=options)
             except (RequestError, UnavailableError) as exc:
                 raise ConfigError(str(exc)) from exc
             result = evaluate(service, dataset, args.recipe, options, progress)

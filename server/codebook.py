@@ -25,7 +25,7 @@ def vectors_from_index(data_dir: Path) -> np.ndarray:
     index = InstanceIndex(data_dir)
     try:
         for recipe in SOURCE_RECIPES:
-            _, _, raw = index.store.space_vectors(recipe, "region")
+            raw = index.raw_vectors(recipe, "region")
             if len(raw):
                 return raw
     finally:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from inserve.server.instance_search import InstanceSearch
-from inserve.server.search import SearchOptions
+from inserve.server.search import SearchOptions, SearchPlan
 from inserve.server.stages.nms import box_iou
 
 
@@ -138,6 +138,12 @@ def run_queries(
     return run_query_set(service, dataset, [(recipe, options)], progress)[0]
 
 
+def ranking_all(service: InstanceSearch, recipe: str, options: SearchOptions, images: int) -> SearchPlan:
+    """The plan of a search that ranks the whole database (`images` hits), beyond a request's max_top_k: mAP
+    needs every positive's rank."""
+    return replace(service.plan(recipe, options=options), top_k=images)
+
+
 def run_query_set(
     service: InstanceSearch,
     dataset: Dataset,
@@ -152,7 +158,7 @@ def run_query_set(
         vectors = service.query_vectors(dataset.path(q.image).read_bytes(), q.box, recipes)
         for (recipe, options), score in zip(configs, scores):
             start = time.perf_counter()
-            hits = service.find(recipe, vectors[recipe], len(dataset.images), options)
+            hits = service.find(ranking_all(service, recipe, options, len(dataset.images)), vectors[recipe])
             score.seconds += time.perf_counter() - start
             score.add(q, hits)
         if progress:

@@ -30,7 +30,7 @@ from inserve.server.recipes import (
     recipe_specs,
     sources,
 )
-from inserve.server.search import REGION_SET_DEPTH, Hit, SearchOptions, region_set_search, search
+from inserve.server.search import REGION_SET_DEPTH, Hit, SearchOptions, SearchPlan, region_set_search, search
 
 log = logging.getLogger(__name__)
 
@@ -160,30 +160,29 @@ class InstanceSearch:
             raise UnavailableError(f"recipe {name} is unavailable on this server: {self.unavailable[name]}")
         return name
 
-    def top_k(self, top_k: int) -> int:
+    def plan(self, recipe: str = "", top_k: int = 0, options: SearchOptions = SearchOptions()) -> SearchPlan:
+        """Every choice of a search checked, in one place, and the defaults filled in: the recipe ("" = the
+        default), top_k (0 = the default), query expansion and re-ranking (None = the recipe's), the grouping.
+        Raises RequestError, or UnavailableError when the recipe needs a model that this index lacks."""
+        name = self.recipe_name(recipe)
         if top_k < 0 or top_k > self.config.max_top_k:
             raise RequestError(f"top_k must be between 1 and {self.config.max_top_k} (0 = default), got {top_k}")
-        return top_k or self.config.default_top_k
-
-    def search_options(self, recipe: str, options: SearchOptions) -> SearchOptions:
-        """The request's options checked, with the recipe's defaults filled in (no None left); raises
-        UnavailableError when the recipe needs a model that this index lacks."""
-        chosen = self.recipes[recipe]
+        chosen = self.recipes[name]
         rerank = chosen.default_rerank if options.rerank_top is None else options.rerank_top
         expansion = chosen.default_query_expansion if options.query_expansion is None else options.query_expansion
         for label, value in (("query_expansion", expansion), ("rerank_top", rerank)):
             if value < 0 or value > self.config.max_top_k:
                 raise RequestError(f"{label} must be between 0 and {self.config.max_top_k}, got {value}")
         if rerank and chosen.rerank_kind is None:
-            raise RequestError(f"recipe {recipe} stores no regions: spatial re-ranking needs a recipe that does")
+            raise RequestError(f"recipe {name} stores no regions: spatial re-ranking needs a recipe that does")
         if (rerank or expansion) and chosen.region_set_weight is not None:
             raise RequestError(
-                f"recipe {recipe} scores every candidate by all its regions: it takes no query_expansion or rerank_top"
+                f"recipe {name} scores every candidate by all its regions: it takes no query_expansion or rerank_top"
             )
         if options.group not in GROUPINGS:
             raise RequestError(f"unknown grouping {options.group!r}; choose one of {GROUPINGS}")
-        self._check_learned(recipe)
-        return SearchOptions(query_expansion=expansion, rerank_top=rerank, group=options.group)
+        self._check_learned(name)
+        return SearchPlan(name, top_k or self.config.default_top_k, SearchOptions(expansion, rerank, options.group))
 
     def _check_learned(self, name: str) -> None:
         for model in self.recipes[name].learned_models:
@@ -197,17 +196,17 @@ class InstanceSearch:
         self,
         inp: NetworkInput,
         box: tuple[float, float, float, float] | None,
-        recipe: str,
+        plan: SearchPlan,
         deadline: float | None = None,
     ) -> Future[QueryVector]:
         """Queue a query image (box checked here: ImageError); raises Overloaded when the queue is full."""
-        (future,) = self.batcher.submit([self.pipeline.query_job(inp, box, self.recipe_name(recipe))], deadline)
+        (future,) = self.batcher.submit([self.pipeline.query_job(inp, box, plan.recipe)], deadline)
         return future
 
-    def find(self, recipe: str, query: QueryVector, top_k: int, options: SearchOptions = SearchOptions()) -> list[Hit]:
+    def find(self, plan: SearchPlan, query: QueryVector) -> list[Hit]:
         """Ranked hits of a query vector; grouped per video or shot on request (asking the index for more
-        hits until top_k groups are found or it has no more). Options None fields take the recipe's defaults."""
-        options = self.search_options(recipe, options)
+        hits until top_k groups are found or it has no more)."""
+        recipe, top_k, options = plan.recipe, plan.top_k, plan.options
         chosen = self.recipes[recipe]
 
         def ranked(k: int) -> list[Hit]:
@@ -236,12 +235,13 @@ class InstanceSearch:
         recipe: str = "",
         options: SearchOptions = SearchOptions(),
     ) -> list[Hit]:
-        name = self.recipe_name(recipe)
-        k = self.top_k(top_k)
-        options = self.search_options(name, options)
+        plan = self.plan(recipe, top_k, options)
         inp = data if isinstance(data, NetworkInput) else self.load(data)
-        query = self.submit_query(inp, box, name).result()
-        return self.find(name, query, k, options)
+        return self.find(plan, self.submit_query(inp, box, plan).result())
+
+    def thumbnails(self, hits: list[Hit]) -> dict[int, bytes]:
+        """The stored thumbnails of hits' images, by image row id."""
+        return self.index.thumbnails([hit.image.id for hit in hits])
 
     def query_vectors(
         self, data: bytes | NetworkInput, box: tuple[float, float, float, float] | None, recipes: list[str]
@@ -277,7 +277,7 @@ class InstanceSearch:
 
     def live_resume(self, stream_id: str) -> LiveResume | None:
         """Where a live stream continues (None: new). DuplicateId when an image or a video file holds the id."""
-        return self.index.store.live_resume(stream_id)
+        return self.index.live_resume(stream_id)
 
     @contextmanager
     def claim_live(self, stream_id: str) -> Iterator[None]:
@@ -298,7 +298,7 @@ class InstanceSearch:
         checks again when it commits."""
         if external_id in self._live:
             raise DuplicateId(external_id, LIVE_TAKES_ID)
-        holder = self.index.store.id_holder(external_id)
+        holder = self.index.id_holder(external_id)
         if holder == "video" and not video:
             raise DuplicateId(external_id, VIDEO_TAKES_ID)
         if holder == "image" and (video or not replace):
@@ -326,7 +326,7 @@ class InstanceSearch:
     def stats(self) -> Stats:
         spaces = self.index.stats()
         regions = sum(s.vectors for s in spaces if s.kind == "region")
-        videos, keyframes = self.index.store.count_videos()
+        videos, keyframes = self.index.count_videos()
         return Stats(
             self.index.count_images(), regions, spaces, self.models.name, tuple(self.recipes), videos, keyframes
         )

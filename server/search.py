@@ -25,6 +25,16 @@ class SearchOptions:
 
 
 @dataclass(frozen=True)
+class SearchPlan:
+    """A search checked once, by InstanceSearch.plan: the recipe by name, top_k and every option resolved
+    (the recipe's defaults in place of None). What runs it (InstanceSearch.submit_query, find) checks no more."""
+
+    recipe: str
+    top_k: int
+    options: SearchOptions
+
+
+@dataclass(frozen=True)
 class Hit:
     image: ImageRow
     score: float

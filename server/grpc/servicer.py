@@ -121,15 +121,12 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
 
     async def _search(self, request: pb.SearchRequest, deadline: float | None) -> list[pb.SearchHit]:
         """One query through the batcher: its hits as messages (raises REQUEST_ERRORS)."""
-        name = self.core.recipe_name(request.recipe)
-        top_k = self.core.top_k(request.top_k)
-        options = self.core.search_options(name, search_options(request.options))
+        plan = self.core.plan(request.recipe, request.top_k, search_options(request.options))
         box = box_tuple(request.box) if request.HasField("box") else None
         inp = await self._run(self.core.load, request.image)
-        query = await asyncio.wrap_future(self.core.submit_query(inp, box, name, deadline))
-        hits = await self._run(self.core.find, name, query, top_k, options)
-        ids = [h.image.id for h in hits]
-        thumbnails = await self._run(self.core.index.store.thumbnails, ids) if request.thumbnails else {}
+        query = await asyncio.wrap_future(self.core.submit_query(inp, box, plan, deadline))
+        hits = await self._run(self.core.find, plan, query)
+        thumbnails = await self._run(self.core.thumbnails, hits) if request.thumbnails else {}
         return [hit_message(rank, hit, thumbnails.get(hit.image.id, b"")) for rank, hit in enumerate(hits, start=1)]
 
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SearchHit]:

@@ -15,6 +15,7 @@ from inserve.server.index.locking import ReadWriteLock
 from inserve.server.index.store import (
     DuplicateId,
     ImageRow,
+    LiveResume,
     MetadataStore,
     NewKeyframe,
     NewVectors,
@@ -381,6 +382,24 @@ class InstanceIndex:
 
     def images(self, image_ids: list[int]) -> dict[int, ImageRow]:
         return self.store.image_rows(image_ids)
+
+    def thumbnails(self, image_ids: list[int]) -> dict[int, bytes]:
+        return self.store.thumbnails(image_ids)
+
+    def id_holder(self, external_id: str) -> str | None:
+        """What holds an id in the shared namespace of images and videos: "image", "video" or None."""
+        return self.store.id_holder(external_id)
+
+    def live_resume(self, stream_id: str) -> LiveResume | None:
+        return self.store.live_resume(stream_id)
+
+    def count_videos(self) -> tuple[int, int]:
+        """Videos and keyframes indexed."""
+        return self.store.count_videos()
+
+    def raw_vectors(self, recipe: str, kind: str) -> np.ndarray:
+        """Every raw vector of a space (N, D), in label order."""
+        return self.store.space_vectors(recipe, kind)[2]
 
     def _training_vectors(self, recipe: str, kind: str) -> np.ndarray:
         """The raw vectors whitening learns from: all of a space's, the first N per image (SpaceSpec), or the

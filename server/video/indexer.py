@@ -89,7 +89,7 @@ def index_video(
     keyframes: list[NewKeyframe] = []
     step = core.config.batcher.max_batch
     reported = time.monotonic()
-    first_time = core.index.store.id_holder(video_id) is None
+    first_time = core.index.id_holder(video_id) is None
     record = {"source": source, "metadata": metadata}
 
     def check_cancelled() -> None:

@@ -61,16 +61,15 @@ def test_search_requests_are_valid_or_refused(
     if box is not None:
         request.box.CopyFrom(box)
     try:
-        name = core.recipe_name(request.recipe)
-        k = core.top_k(request.top_k)
-        options = core.search_options(name, search_options(request.options))
+        plan = core.plan(request.recipe, request.top_k, search_options(request.options))
         coordinates = (box.x1, box.y1, box.x2, box.y2) if box is not None else None
-        job = core.pipeline.query_job(query_input, coordinates, name)
+        job = core.pipeline.query_job(query_input, coordinates, plan.recipe)
     except REQUEST_ERRORS as exc:
         assert str(exc)
         return
-    assert name in RECIPES and name == (recipe or RECIPES[0])
-    assert 1 <= k <= core.config.max_top_k
+    assert plan.recipe in RECIPES and plan.recipe == (recipe or RECIPES[0])
+    assert 1 <= plan.top_k <= core.config.max_top_k
+    options = plan.options
     assert options.group in GROUPINGS and 0 <= options.query_expansion <= core.config.max_top_k
     assert isinstance(job, QueryJob)
     if job.box is not None:
