@@ -107,13 +107,14 @@ def stored_recipe_index(data_dir: Path):
 
 
 def cmd_whiten(args: argparse.Namespace) -> int:
+    from inserve.server.index.transforms import any_vectors, learn_transforms
+
     index = stored_recipe_index(args.data_dir)
     try:
-        stats = sorted(index.stats(), key=lambda s: index.spec(s.recipe, s.kind).aggregate is not None)
-        for s in stats:
-            if args.recipe in (None, s.recipe) and index.learns(s.recipe, s.kind) and s.vectors >= 2:
-                version = index.learn_whitening(s.recipe, s.kind, args.dims)
-                print(f"{s.recipe}/{s.kind}: whitening v{version} from {s.vectors} vectors")
+        learned = learn_transforms(index, any_vectors, args.recipe, args.dims)
+        for s in index.stats():
+            if (s.recipe, s.kind) in learned:
+                print(f"{s.recipe}/{s.kind}: whitening v{learned[s.recipe, s.kind]} from {s.vectors} vectors")
     finally:
         index.close()
     return 0

@@ -18,8 +18,9 @@ from inserve.server.config import ServerConfig
 from inserve.server.errors import LiveStreamBusy, RecipeUnavailable, RequestError, UnavailableError
 from inserve.server.grouping import GROUPINGS, group_hits
 from inserve.server.imaging import NetworkInput
-from inserve.server.index import DuplicateId, InstanceIndex, NewKeyframe, SpaceStats
+from inserve.server.index import DuplicateId, InstanceIndex, NewKeyframe, SpaceStats, transforms
 from inserve.server.index.store import IMAGE_TAKES_ID, VIDEO_TAKES_ID, LiveResume
+from inserve.server.index.transforms import learn_transforms
 from inserve.server.latency import LatencyHistogram
 from inserve.server.models import ModelBundle, ServingShapes
 from inserve.server.pipeline import DescribeJob, Pipeline
@@ -142,15 +143,9 @@ class InstanceSearch:
         if not self._whitening.acquire(blocking=False):
             return
         try:
-            for space in self._parts_first():
-                if self.index.whitening_due(space.recipe, space.kind):
-                    self.index.learn_whitening(space.recipe, space.kind)
+            learn_transforms(self.index, transforms.due)
         finally:
             self._whitening.release()
-
-    def _parts_first(self) -> list:
-        """Space stats with aggregates last: an aggregate is rebuilt whenever its parts' whitening changes."""
-        return sorted(self.index.stats(), key=lambda s: self.index.spec(s.recipe, s.kind).aggregate is not None)
 
     def recipe_name(self, recipe: str) -> str:
         name = recipe or self.config.default_recipe
@@ -310,18 +305,12 @@ class InstanceSearch:
     def learn_whitening(self, recipe: str | None = None) -> dict[tuple[str, str], int]:
         """(Re)learn whitening of every space (of one recipe) from all its raw vectors."""
         with self._whitening:
-            return {
-                (s.recipe, s.kind): self.index.learn_whitening(s.recipe, s.kind)
-                for s in self._parts_first()
-                if recipe in (None, s.recipe) and s.vectors >= 2 and self.index.learns(s.recipe, s.kind)
-            }
+            return learn_transforms(self.index, transforms.any_vectors, recipe)
 
     def relearn_whitening(self) -> None:
         """Learn whitening from all vectors of every space that holds enough of them (batch indexing)."""
         with self._whitening:
-            for s in self._parts_first():
-                if self.index.can_whiten(s.recipe, s.kind):
-                    self.index.learn_whitening(s.recipe, s.kind)
+            learn_transforms(self.index, transforms.ready)
 
     def stats(self) -> Stats:
         spaces = self.index.stats()

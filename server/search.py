@@ -9,6 +9,7 @@ import numpy as np
 
 from inserve.server.index import ImageRow, InstanceIndex, VectorRow
 from inserve.server.recipes import QueryVector
+from inserve.server.recipes.cam import online_aggregates
 from inserve.server.stages.matching import best_region, expand_query, region_set_score, rerank_order, soft_box
 
 # region-set recipes score in full the top this many images of each query vector's kNN (or top_k, if more)
@@ -82,8 +83,8 @@ class FirstStage:
         self.index, self.recipe, self.kind = index, recipe, query.kind
         self.online = query.tags is not None
         if self.online:
-            self.vector, self.ids, self.first, self.vectors = index.aggregate_tagged(
-                recipe, query.kind, query.raw, query.tags
+            self.vector, self.ids, self.first, self.vectors = online_aggregates(
+                index, recipe, query.kind, query.raw, query.tags
             )
         else:
             self.vector = index.transform(recipe, query.kind, query.raw)

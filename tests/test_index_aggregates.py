@@ -9,6 +9,8 @@ import pytest
 
 from inserve.server.config import IndexConfig
 from inserve.server.index import Aggregate, InstanceIndex, NewVectors, SpaceSpec
+from inserve.server.index.transforms import training_vectors
+from inserve.server.recipes.cam import online_aggregates
 from inserve.server.stages.matching import sum_normalized
 from inserve.server.stages.pooling import l2_normalize
 
@@ -81,7 +83,8 @@ def test_aggregate_is_the_sum_of_the_parts_and_follows_their_whitening(tmp_path:
 def test_whitening_learns_from_the_first_n_vectors_of_each_image(tmp_path: Path) -> None:
     index = InstanceIndex(tmp_path, CONFIG, SPECS)
     stored = _fill(index)
-    training = index._training_vectors("r", "part")
+    _, image_ids, raw = index.store.space_vectors("r", "part")
+    training = training_vectors(index.spec("r", "part"), image_ids, raw)
     np.testing.assert_array_equal(training, np.concatenate([stored[f"img{i}"][:2] for i in range(6)]))
     index.close()
 
@@ -90,7 +93,7 @@ def test_tagged_aggregation_keeps_only_the_query_tags(tmp_path: Path) -> None:
     index = InstanceIndex(tmp_path, CONFIG, SPECS)
     stored = _fill(index)
     query_parts = stored["img1"][[0, 1]]  # tags 1 and 2
-    query, ids, _, vectors = index.aggregate_tagged("r", "global", query_parts, np.array([1, 2]))
+    query, ids, _, vectors = online_aggregates(index, "r", "global", query_parts, np.array([1, 2]))
     np.testing.assert_allclose(query, sum_normalized(l2_normalize(query_parts)), rtol=1e-5)
     names = {i: index.images([int(i)])[int(i)].external_id for i in ids}
     for image_id, vector in zip(ids, vectors):
@@ -123,9 +126,9 @@ def test_whitened_aggregate_learns_from_the_aggregates(tmp_path: Path) -> None:
     for name, parts in stored.items():
         index.add_image(name, [NewVectors("w", "part", parts)], width=10, height=10)
     aggregates = np.stack([summed(l2_normalize(p), None) for p in stored.values()])
-    np.testing.assert_allclose(index._training_vectors("w", "global"), aggregates, rtol=1e-5, atol=1e-6)
     assert index.learn_whitening("w", "global") == 1
     whitening = index.space("w", "global").whitening
+    np.testing.assert_allclose(whitening.mean, aggregates.mean(axis=0), rtol=1e-5, atol=1e-6)  # learned on them
     np.testing.assert_allclose(
         index.transform("w", "global", stored["img5"]), whitening.apply(aggregates[5])[0], rtol=1e-4, atol=1e-5
     )

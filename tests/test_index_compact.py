@@ -10,6 +10,7 @@ import pytest
 
 from inserve.server.config import ConfigError, IndexConfig
 from inserve.server.index import InstanceIndex, NewVectors, SpaceSpec
+from inserve.server.index.transforms import due, learn_transforms, learns
 
 DIM, RECIPE = 8, "whole_and_regions"
 SPECS = {(RECIPE, "region"): SpaceSpec(whiten=False, compact=True)}
@@ -25,10 +26,7 @@ def add(index: InstanceIndex, name: str, seed: int, n: int = 4) -> np.ndarray:
 
 
 def learn_when_due(index: InstanceIndex) -> bool:
-    due = index.whitening_due(RECIPE, "region")
-    if due:
-        index.learn_whitening(RECIPE, "region")
-    return due
+    return bool(learn_transforms(index, due, RECIPE))
 
 
 def top_hit(index: InstanceIndex, raw: np.ndarray) -> tuple[str, float]:
@@ -51,7 +49,7 @@ def test_raw_vectors_are_int8_and_the_graph_full_dims_until_the_reduction_is_lea
     (stats,) = index.stats()
     assert (stats.vectors, stats.dim, stats.whitening_version) == (12, DIM, 0)
     assert index.store.space_bytes(RECIPE) == 12 * 13  # 1 header + 4 scale + 8 values (13 = 1 mod 4, no pad)
-    assert index.learns(RECIPE, "region")
+    assert learns(index.spec(RECIPE, "region"), index.config)
 
 
 def test_reduction_is_learned_at_compact_after_and_each_doubling(index: InstanceIndex) -> None:
@@ -97,7 +95,7 @@ def test_compact_dims_0_keeps_full_dims_in_float32(tmp_path: Path) -> None:
     index = InstanceIndex(tmp_path / "data", IndexConfig(compact_dims=0, compact_after=16), SPECS)
     for i in range(8):
         add(index, f"p{i}", i)
-    assert not index.learns(RECIPE, "region") and not index.whitening_due(RECIPE, "region")
+    assert not learns(index.spec(RECIPE, "region"), index.config) and not due(index, RECIPE, "region")
     assert index.store.space_bytes(RECIPE) == 32 * 4 * DIM
     index.close()
 

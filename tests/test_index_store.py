@@ -9,6 +9,7 @@ import pytest
 
 from inserve.server.config import IndexConfig
 from inserve.server.index import DuplicateId, InstanceIndex, NewVectors
+from inserve.server.index.transforms import due, ready
 
 DIM = 8
 RECIPE = "dasr_star"
@@ -176,12 +177,12 @@ def test_replace_after_the_snapshot_survives_a_crash(tmp_path: Path) -> None:
 def test_whitening_is_due_at_enough_vectors_per_dimension(index: InstanceIndex) -> None:
     for i in range(10):  # 30 vectors < 4 * 8
         add(index, f"img{i}", i)
-    assert not index.can_whiten(RECIPE, "region") and not index.whitening_due(RECIPE, "region")
+    assert not ready(index, RECIPE, "region") and not due(index, RECIPE, "region")
     add(index, "img10", 10)  # 33 vectors
-    assert index.can_whiten(RECIPE, "region") and index.whitening_due(RECIPE, "region")
+    assert ready(index, RECIPE, "region") and due(index, RECIPE, "region")
     index.learn_whitening(RECIPE, "region")
-    assert index.can_whiten(RECIPE, "region") and not index.whitening_due(RECIPE, "region")
-    assert not index.can_whiten(RECIPE, "global")  # no such space
+    assert ready(index, RECIPE, "region") and not due(index, RECIPE, "region")
+    assert not ready(index, RECIPE, "global")  # no such space
 
 
 def test_never_due_when_auto_whitening_is_off(tmp_path: Path) -> None:
@@ -189,7 +190,7 @@ def test_never_due_when_auto_whitening_is_off(tmp_path: Path) -> None:
     try:
         for i in range(20):
             add(index, f"img{i}", i)
-        assert not index.whitening_due(RECIPE, "region")
+        assert not due(index, RECIPE, "region")
     finally:
         index.close()
 

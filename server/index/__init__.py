@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from inserve.server.config import IndexConfig
 from inserve.server.index.locking import ReadWriteLock
+from inserve.server.index.spaces import DEFAULT_SPEC, Aggregate, Learned, SpaceSpec, SpaceStats
 from inserve.server.index.store import (
     DuplicateId,
     ImageRow,
@@ -21,15 +21,18 @@ from inserve.server.index.store import (
     NewVectors,
     VectorRow,
 )
+from inserve.server.index.transforms import compact, learn_transform, training_vectors
 from inserve.server.index.vectors import VectorSpace
 from inserve.server.stages.pooling import l2_normalize
-from inserve.server.stages.whitening import Whitening, pca_reduce, pca_whiten
 
 __all__ = [
+    "DEFAULT_SPEC",
     "Aggregate",
     "DuplicateId",
     "ImageRow",
     "InstanceIndex",
+    "Learned",
+    "MetadataStore",
     "NewKeyframe",
     "NewVectors",
     "SpaceSpec",
@@ -38,47 +41,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-Learned = Callable[[str], np.ndarray | None]  # a recipe's learned model by name (e.g. "codebook"), or None
-
-
-@dataclass(frozen=True)
-class Aggregate:
-    """A per-image vector derived from the image's vectors in another space of the same recipe (R-MAC, CAM and
-    cluster sums, VLAD). It is never stored: it is rebuilt from the parts whenever their whitening or the
-    recipe's learned models change, so both can be re-learned without the CNN."""
-
-    source: str  # the kind of the parts
-    combine: Callable[[np.ndarray, Learned], np.ndarray | None]  # parts (n, D) -> vector; None = cannot yet
-    on_raw: bool = False  # combine the l2-normalised raw parts instead of their whitened form
-
-
-@dataclass(frozen=True)
-class SpaceSpec:
-    """How the index treats one (recipe, kind) vector space."""
-
-    whiten: bool = True  # learn PCA-whitening for it (else vectors are only l2-normalised)
-    searchable: bool = True  # keep an HNSW graph for first-stage kNN (else it is only read per image)
-    whiten_per_image: int | None = None  # learn whitening from at most the first N vectors of each image
-    whiten_dims: int | None = None  # overrides IndexConfig.whiten_dims
-    whiten_shrinkage: float | None = None  # overrides IndexConfig.whiten_shrinkage
-    # learn a PCA reduction (not whitening) for it on its own vectors and keep its raw vectors in int8
-    # (IndexConfig.compact_dims, compact_after); for region spaces whose vectors outnumber the images ten to one
-    compact: bool = False
-    aggregate: Aggregate | None = None
-
-
-DEFAULT_SPEC = SpaceSpec()
-
-
-@dataclass(frozen=True)
-class SpaceStats:
-    recipe: str
-    kind: str
-    vectors: int
-    dim: int
-    whitening_version: int
 
 
 class InstanceIndex:
@@ -94,7 +56,7 @@ class InstanceIndex:
         self.config = config
         self.specs = dict(specs or {})
         self.store = MetadataStore(
-            self.data_dir / "index.sqlite", [key for key in self.specs if self._compact(self.specs[key])]
+            self.data_dir / "index.sqlite", [key for key, spec in self.specs.items() if compact(spec, config)]
         )
         self._spaces: dict[tuple[str, str], VectorSpace] = {}
         self._lock = ReadWriteLock()  # searches read together; writes (under .writing()) land whole
@@ -112,15 +74,6 @@ class InstanceIndex:
 
     def spec(self, recipe: str, kind: str) -> SpaceSpec:
         return self.specs.get((recipe, kind), DEFAULT_SPEC)
-
-    def _compact(self, spec: SpaceSpec) -> bool:
-        return spec.compact and self.config.compact_dims > 0
-
-    def learns(self, recipe: str, kind: str) -> bool:
-        """True when the space learns a transform from its vectors: PCA-whitening, or a compact space's PCA
-        reduction. `inserve whiten`, the service's automatic learning and `relearn_whitening` all ask this."""
-        spec = self.spec(recipe, kind)
-        return spec.whiten or self._compact(spec)
 
     def _aggregates(self, recipe: str | None = None, source: str | None = None) -> list[tuple[str, str]]:
         return [
@@ -256,7 +209,7 @@ class InstanceIndex:
         aggregate = self.spec(recipe, kind).aggregate
         if aggregate is None:
             return space.transform(raw)[0]
-        combined = self._combine(recipe, aggregate, np.atleast_2d(raw))
+        combined = self.combine(recipe, aggregate, np.atleast_2d(raw))
         if combined is None:
             raise KeyError(f"{recipe}/{kind} cannot be built yet")
         return space.transform(combined)[0]
@@ -281,34 +234,17 @@ class InstanceIndex:
             found[row.image_id][1].append(i)
         return {image_id: (group, vectors[idx]) for image_id, (group, idx) in found.items()}
 
-    def aggregate_tagged(
-        self, recipe: str, kind: str, parts: np.ndarray, tags: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Online aggregation (seed 001 OnA): the aggregate `kind` built from only the parts whose tag is one of
-        `tags`, for the query (`parts` (n, D) raw) and for every image holding such parts.
-
-        Returns the query's vector, and image ids, first-part labels and vectors (N, D') of the images; all
-        l2-normalised, compared by dot product. Costs a pass over the matching parts (no graph).
-        """
-        spec = self.spec(recipe, kind)
-        if spec.aggregate is None:
-            raise ValueError(f"{recipe}/{kind} is not an aggregate")
-        combined = self._combine(recipe, spec.aggregate, np.atleast_2d(parts))
-        query = l2_normalize(np.zeros(0) if combined is None else combined)
-        labels, image_ids, _, raw = self.store.tagged_vectors(recipe, spec.aggregate.source, tags)
-        ids, first, vectors = self._combine_groups(recipe, spec.aggregate, labels, image_ids, raw)
-        return query, ids, first, l2_normalize(vectors)
-
     def _parts(self, recipe: str, aggregate: Aggregate, raw: np.ndarray) -> np.ndarray:
         source = self._spaces.get((recipe, aggregate.source))
         if aggregate.on_raw or source is None:
             return l2_normalize(raw)
         return source.transform(raw)
 
-    def _combine(self, recipe: str, aggregate: Aggregate, raw: np.ndarray) -> np.ndarray | None:
+    def combine(self, recipe: str, aggregate: Aggregate, raw: np.ndarray) -> np.ndarray | None:
+        """One aggregate vector from raw parts (n, D), in the parts' current whitening; None = cannot yet."""
         return aggregate.combine(self._parts(recipe, aggregate, raw), lambda name: self._learned(recipe, name))
 
-    def _combine_groups(
+    def combine_groups(
         self, recipe: str, aggregate: Aggregate, labels: np.ndarray, image_ids: np.ndarray, raw: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Combine parts per image: image ids, first labels and aggregate vectors (raw, before whitening)."""
@@ -336,7 +272,7 @@ class InstanceIndex:
         with self._lock.writing():
             aggregate = self.spec(recipe, kind).aggregate
             labels, image_ids, raw = self.store.space_vectors(recipe, aggregate.source)
-            _, first, vectors = self._combine_groups(recipe, aggregate, labels, image_ids, raw)
+            _, first, vectors = self.combine_groups(recipe, aggregate, labels, image_ids, raw)
             self._spaces.pop((recipe, kind), None)
             if len(first) == 0:
                 return
@@ -351,7 +287,7 @@ class InstanceIndex:
         if len(labels) == 0:
             return
         aggregate = self.spec(recipe, kind).aggregate
-        combined = self._combine(recipe, aggregate, raw)
+        combined = self.combine(recipe, aggregate, raw)
         if combined is None:
             return
         space = self._spaces.get((recipe, kind))
@@ -397,19 +333,19 @@ class InstanceIndex:
         """Videos and keyframes indexed."""
         return self.store.count_videos()
 
+    def learned_from(self, recipe: str, kind: str) -> int:
+        """How many vectors the space's current transform was learned from (0: none learned)."""
+        return self.store.learned_from(recipe, kind)
+
+    def tagged_vectors(
+        self, recipe: str, kind: str, tags: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Labels, image ids, tags and raw vectors of a space's vectors whose tag is one of `tags`."""
+        return self.store.tagged_vectors(recipe, kind, tags)
+
     def raw_vectors(self, recipe: str, kind: str) -> np.ndarray:
         """Every raw vector of a space (N, D), in label order."""
         return self.store.space_vectors(recipe, kind)[2]
-
-    def _training_vectors(self, recipe: str, kind: str) -> np.ndarray:
-        """The raw vectors whitening learns from: all of a space's, the first N per image (SpaceSpec), or the
-        aggregates built from the parts."""
-        spec = self.spec(recipe, kind)
-        if spec.aggregate is not None:
-            labels, image_ids, raw = self.store.space_vectors(recipe, spec.aggregate.source)
-            return self._combine_groups(recipe, spec.aggregate, labels, image_ids, raw)[2]
-        _, image_ids, raw = self.store.space_vectors(recipe, kind)
-        return _first_per_image(spec, image_ids, raw)
 
     def learn_whitening(self, recipe: str, kind: str, dims: int | None = None) -> int:
         """Learn PCA-whitening (a compact space: its PCA reduction) from the space's raw vectors, rebuild its
@@ -422,15 +358,16 @@ class InstanceIndex:
         spec = self.spec(recipe, kind)
         if spec.aggregate is not None:
             with self._lock.writing():
-                training = self._training_vectors(recipe, kind)
-                whitening = self._learn(spec, training, dims)
+                labels, image_ids, raw = self.store.space_vectors(recipe, spec.aggregate.source)
+                training = self.combine_groups(recipe, spec.aggregate, labels, image_ids, raw)[2]
+                whitening = learn_transform(spec, self.config, training, dims)
                 self.store.ensure_space(recipe, kind, training.shape[1])
                 version = self.store.save_whitening(recipe, kind, whitening, len(training))
                 self._build_aggregate(recipe, kind)
         else:
             labels, image_ids, raw = self.store.space_vectors(recipe, kind)  # one read: training and graph
-            training = _first_per_image(spec, image_ids, raw)
-            whitening = self._learn(spec, training, dims)
+            training = training_vectors(spec, image_ids, raw)
+            whitening = learn_transform(spec, self.config, training, dims)
             space = VectorSpace(raw.shape[1], self.config, whitening, 0, spec.searchable)
             space.add(labels, raw)
             with self._lock.writing():
@@ -454,44 +391,6 @@ class InstanceIndex:
         )
         return version
 
-    def _learn(self, spec: SpaceSpec, training: np.ndarray, dims: int | None) -> Whitening:
-        """The transform a space learns: a compact space's PCA reduction, or PCA-whitening."""
-        if len(training) < 2:
-            raise ValueError(f"the space holds {len(training)} vectors; whitening needs more")
-        if self._compact(spec):
-            return pca_reduce(training, dims or self.config.compact_dims)
-        shrinkage = self.config.whiten_shrinkage if spec.whiten_shrinkage is None else spec.whiten_shrinkage
-        return pca_whiten(training, dims or spec.whiten_dims or self.config.whiten_dims, shrinkage=shrinkage)
-
-    def can_whiten(self, recipe: str, kind: str) -> bool:
-        """True when a space holds enough vectors to learn its transform: per dimension
-        (IndexConfig.auto_whiten_per_dim) for whitening, IndexConfig.compact_after for a compact space."""
-        space = self._spaces.get((recipe, kind))
-        spec = self.spec(recipe, kind)
-        if space is not None and self._compact(spec):
-            return len(space) >= self.config.compact_after
-        per_dim = self.config.auto_whiten_per_dim
-        if space is None or not spec.whiten or per_dim <= 0:
-            return False
-        samples = len(space)
-        if spec.whiten_per_image is not None:
-            samples = min(samples, spec.whiten_per_image * self.store.count_images())
-        return samples >= per_dim * space.raw_dim
-
-    def whitening_due(self, recipe: str, kind: str) -> bool:
-        """True when a space that was never whitened can be; for a compact space, also each time it has doubled
-        since its reduction was learned, until that was learned from 64 x compact_after vectors: a reduction
-        learned on the first images keeps the directions of what they show, and later images may need others
-        (one learned on another dev set lost 0.11 mAP on composite-dev). Re-learning rebuilds the graph, so
-        doubling keeps its cost to at most two insertions per vector."""
-        space = self._spaces.get((recipe, kind))
-        if space is None or not self.can_whiten(recipe, kind):
-            return False
-        if not self._compact(self.spec(recipe, kind)):
-            return space.version == 0
-        learned_from = self.store.learned_from(recipe, kind)
-        return len(space) >= 2 * learned_from and learned_from < 64 * self.config.compact_after
-
     def stats(self) -> list[SpaceStats]:
         return [
             SpaceStats(recipe, kind, len(space), space.dim, space.version)
@@ -510,13 +409,3 @@ class InstanceIndex:
     def close(self) -> None:
         self.snapshot()
         self.store.close()
-
-
-def _first_per_image(spec: SpaceSpec, image_ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
-    """The raw vectors (label order) whitening learns from: all, or the first SpaceSpec.whiten_per_image of
-    each image."""
-    if spec.whiten_per_image is None or len(image_ids) == 0:
-        return raw
-    starts = {int(i): int(np.argmax(image_ids == i)) for i in np.unique(image_ids)}
-    rank = np.arange(len(image_ids)) - np.array([starts[int(i)] for i in image_ids])
-    return raw[rank < spec.whiten_per_image]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from inserve.server.config import CamConfig
-from inserve.server.index import Aggregate, NewVectors, SpaceSpec
+from inserve.server.index import Aggregate, InstanceIndex, NewVectors, SpaceSpec
 from inserve.server.recipes import sources
 from inserve.server.recipes.base import FeatureBatch, ImageVectors, QueryVector, Recipe, crop_map
 from inserve.server.stages.dasr import Regions
 from inserve.server.stages.matching import sum_normalized
-from inserve.server.stages.pooling import box_average
+from inserve.server.stages.pooling import box_average, l2_normalize
 from inserve.server.stages.weighting import cam_class_vectors, crow_channel_weights
 
 CAM_MODES = ("offline", "online")
@@ -84,3 +84,22 @@ class CamRecipe(Recipe):
         region = crow_channel_weights(feat) * feat.reshape(feat.shape[0], -1).mean(axis=1)
         tags = cams[0]["classes"][:n] if self.config.mode == "online" else None
         return QueryVector("global", parts, rerank=region, tags=tags)
+
+
+def online_aggregates(
+    index: InstanceIndex, recipe: str, kind: str, parts: np.ndarray, tags: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Online aggregation (seed 001 OnA): the aggregate `kind` built from only the parts whose tag is one of
+    `tags`, for the query (`parts` (n, D) raw) and for every image holding such parts.
+
+    Returns the query's vector, and image ids, first-part labels and vectors (N, D') of the images; all
+    l2-normalised, compared by dot product. Costs a pass over the matching parts (no graph).
+    """
+    aggregate = index.spec(recipe, kind).aggregate
+    if aggregate is None:
+        raise ValueError(f"{recipe}/{kind} is not an aggregate")
+    combined = index.combine(recipe, aggregate, np.atleast_2d(parts))
+    query = l2_normalize(np.zeros(0) if combined is None else combined)
+    labels, image_ids, _, raw = index.tagged_vectors(recipe, aggregate.source, tags)
+    ids, first, vectors = index.combine_groups(recipe, aggregate, labels, image_ids, raw)
+    return query, ids, first, l2_normalize(vectors)

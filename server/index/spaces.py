@@ -1,0 +1,48 @@
+"""How the index treats each (recipe, kind) vector space: the settings a recipe declares for its spaces."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+Learned = Callable[[str], np.ndarray | None]  # a recipe's learned model by name (e.g. "codebook"), or None
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A per-image vector derived from the image's vectors in another space of the same recipe (R-MAC, CAM and
+    cluster sums, VLAD). It is never stored: it is rebuilt from the parts whenever their whitening or the
+    recipe's learned models change, so both can be re-learned without the CNN."""
+
+    source: str  # the kind of the parts
+    combine: Callable[[np.ndarray, Learned], np.ndarray | None]  # parts (n, D) -> vector; None = cannot yet
+    on_raw: bool = False  # combine the l2-normalised raw parts instead of their whitened form
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """How the index treats one (recipe, kind) vector space."""
+
+    whiten: bool = True  # learn PCA-whitening for it (else vectors are only l2-normalised)
+    searchable: bool = True  # keep an HNSW graph for first-stage kNN (else it is only read per image)
+    whiten_per_image: int | None = None  # learn whitening from at most the first N vectors of each image
+    whiten_dims: int | None = None  # overrides IndexConfig.whiten_dims
+    whiten_shrinkage: float | None = None  # overrides IndexConfig.whiten_shrinkage
+    # learn a PCA reduction (not whitening) for it on its own vectors and keep its raw vectors in int8
+    # (IndexConfig.compact_dims, compact_after); for region spaces whose vectors outnumber the images ten to one
+    compact: bool = False
+    aggregate: Aggregate | None = None
+
+
+DEFAULT_SPEC = SpaceSpec()
+
+
+@dataclass(frozen=True)
+class SpaceStats:
+    recipe: str
+    kind: str
+    vectors: int
+    dim: int
+    whitening_version: int
