@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -17,7 +16,15 @@ from inserve.export.backbones import load_backbone
 from inserve.export.checks import check_graph, parity
 from inserve.export.graphs import BackboneGraph, CamHead, DasrBackprop, DasrMoments
 from inserve.export.programs import Program
-from inserve.server.models import MANIFEST_FORMAT
+from inserve.server.manifest import (
+    DASR_GRAPHS,
+    GraphEntry,
+    InputSpec,
+    Layer,
+    Manifest,
+    Normalization,
+    StridedGraphs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +57,16 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
     )
 
 
-def _graph_entry(path: Path, inputs: list[str], outputs: list[str], **extra: object) -> dict:
+def _graph_entry(path: Path, inputs: list[str], outputs: list[str], **extra: object) -> GraphEntry:
     """A graph's manifest entry: its file, sha256, inputs and outputs, and each input's dims as the ONNX file
     declares them (ints, or the names of dynamic dims), from which TensorRT profiles are derived."""
-    return {
-        "file": path.name,
-        "sha256": file_sha256(path),
-        "inputs": inputs,
-        "outputs": outputs,
-        "input_dims": input_dims(path),
-        **extra,
-    }
+    return GraphEntry(path.name, file_sha256(path), tuple(inputs), tuple(outputs), input_dims(path), **extra)
 
 
-def input_dims(path: Path) -> dict[str, list[int | str]]:
+def input_dims(path: Path) -> dict[str, tuple[int | str, ...]]:
     graph = onnx.load(str(path), load_external_data=False).graph
     return {
-        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        i.name: tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim)
         for i in graph.input
         if i.name not in {init.name for init in graph.initializer}
     }
@@ -129,7 +129,8 @@ def export_backbone(
     moment_inputs = ["image", "functionals"]
     moment_outputs = ["feat", "desc", "logits", "moments"]  # the backbone's maps from the same forward pass
     checks = [(backbone, (sample,), graphs["backbone"]), (cam, (feat, logits), graphs["cam_head"])]
-    for graph in ("dasr_backprop", "dasr_moments"):
+    dasr = {}
+    for graph in DASR_GRAPHS:
         files = {}
         for stride in strides:
             if graph == "dasr_backprop":
@@ -144,35 +145,33 @@ def export_backbone(
             file = f"{graph}.onnx" if stride == options.default_stop_stride else f"{graph}_s{stride}.onnx"
             path = target / file
             _export(module, args, path, inputs, outputs, dims)
-            files[str(stride)] = _graph_entry(path, inputs, outputs, stop_layer=program.stage_points[stride])
-            checks.append((module, args, files[str(stride)]))
-        graphs[graph] = {"default_stride": options.default_stop_stride, "strides": files}
+            files[stride] = _graph_entry(path, inputs, outputs, stop_layer=program.stage_points[stride])
+            checks.append((module, args, files[stride]))
+        dasr[graph] = StridedGraphs(options.default_stop_stride, files)
 
+    manifest = Manifest(
+        backbone=name,
+        weights_source=loaded.weights_source,
+        opset=OPSET,
+        exporter=f"torch.onnx dynamo, torch {torch.__version__}",
+        input=InputSpec("image", "NCHW", "RGB", (0, 255), m),
+        normalization=Normalization(tuple(loaded.spec.mean), tuple(loaded.spec.std), inside_graph=True),
+        feat=_layer(program, program.feat, feat),
+        desc=_layer(program, program.desc, desc),
+        stage_points=dict(program.stage_points),
+        num_classes=int(logits.shape[1]),
+        graphs=graphs,
+        dasr=dasr,
+    )
     if options.check:
         for module, args, entry in checks:
-            check_graph(target / entry["file"])
-            entry["parity_max_abs_error"] = parity(module, args, target / entry["file"])
-
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "backbone": name,
-        "weights_source": loaded.weights_source,
-        "opset": OPSET,
-        "exporter": f"torch.onnx dynamo, torch {torch.__version__}",
-        "input": {"name": "image", "layout": "NCHW", "color": "RGB", "range": [0, 255], "size_multiple": m},
-        "normalization": {"mean": list(loaded.spec.mean), "std": list(loaded.spec.std), "inside_graph": True},
-        "layers": _layers(program, feat, desc),
-        "num_classes": int(logits.shape[1]),
-        "graphs": graphs,
-    }
+            check_graph(target / entry.file)
+            error = parity(module, args, target / entry.file)
+            manifest = manifest.with_entry(replace(entry, parity_max_abs_error=error))
     manifest_path = target / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest.write(manifest_path)
     return manifest_path
 
 
-def _layers(program: Program, feat: torch.Tensor, desc: torch.Tensor) -> dict:
-    return {
-        "feat": {"name": program.feat, "stride": program.strides[program.feat], "channels": int(feat.shape[1])},
-        "desc": {"name": program.desc, "stride": program.strides[program.desc], "channels": int(desc.shape[1])},
-        "stage_points": {str(s): name for s, name in program.stage_points.items()},
-    }
+def _layer(program: Program, name: str, maps: torch.Tensor) -> Layer:
+    return Layer(name, program.strides[name], int(maps.shape[1]))

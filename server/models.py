@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -19,10 +18,9 @@ from inserve.engines.profiles import ShapePlan, graph_profiles
 from inserve.server.config import ImageConfig
 from inserve.server.errors import ModelsError
 from inserve.server.imaging import decode_image, prepare
+from inserve.server.manifest import GraphEntry, Layer, Manifest, StridedGraphs
 from inserve.server.stages.buckets import bucket_shapes
 from inserve.server.stages.shapes import MOMENTS
-
-MANIFEST_FORMAT = 1  # of manifest.json: what `inserve export` writes and the server reads
 
 
 def locate_manifest(models: Path, backbone: str) -> Path:
@@ -47,21 +45,21 @@ class ServingShapes:
     max_seeds: int
 
 
-def graph_options(options: EngineOptions, entry: dict, plan: ShapePlan | None) -> EngineOptions:
+def graph_options(options: EngineOptions, entry: GraphEntry, plan: ShapePlan | None) -> EngineOptions:
     """The engine options of one graph (its manifest entry). Where the graph becomes a TensorRT engine, and
     unless the options give profiles, one optimisation profile per bucket of `plan`, derived from the graph's
     input dims (engines/profiles.py); int8 only for graphs whose one input is the image (the DASR graphs
     back-propagate through every layer and build in fp16 instead)."""
-    if options.precision == "int8" and entry["inputs"] != ["image"]:
+    if options.precision == "int8" and entry.inputs != ("image",):
         options = replace(options, precision="fp16", calibration=None)
     if options.profiles is not None or plan is None or not builds_tensorrt(options.device):
         return options
-    if "input_dims" not in entry:
+    if entry.input_dims is None:
         raise ModelsError(
-            f"{entry['file']}: the manifest predates input dims, which TensorRT profiles are derived from; "
+            f"{entry.file}: the manifest predates input dims, which TensorRT profiles are derived from; "
             "export the backbone again"
         )
-    return replace(options, profiles=graph_profiles(entry["input_dims"], plan, entry["file"]))
+    return replace(options, profiles=graph_profiles(entry.input_dims, plan, entry.file))
 
 
 class ModelBundle:
@@ -76,17 +74,13 @@ class ModelBundle:
         shapes: ServingShapes | None = None,
     ) -> None:
         self.directory = manifest_path.parent
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != MANIFEST_FORMAT:
-            raise ModelsError(
-                f"{manifest_path}: manifest format {self.manifest.get('format')}, expected {MANIFEST_FORMAT}"
-            )
+        self.manifest = Manifest.load(manifest_path)
         self.options = options
         self.verify = verify
         self.shapes = shapes
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
-        self.backbone = self._engine(self.manifest["graphs"]["backbone"])
+        self.backbone = self._engine(self.manifest.graphs["backbone"])
 
     @classmethod
     def open(
@@ -96,65 +90,62 @@ class ModelBundle:
 
     @property
     def name(self) -> str:
-        return self.manifest["backbone"]
+        return self.manifest.backbone
 
     @property
     def size_multiple(self) -> int:
-        return int(self.manifest["input"]["size_multiple"])
+        return self.manifest.input.size_multiple
 
     @property
     def pad_value(self) -> np.ndarray:
         """Per-channel pixel value that the graph's normalisation maps to zero: what padding is filled with."""
-        normalization = self.manifest.get("normalization", {})
-        if not normalization.get("inside_graph", False):
+        normalization = self.manifest.normalization
+        if not normalization.inside_graph:
             return np.zeros(3, dtype=np.float32)
-        return np.asarray(normalization["mean"], dtype=np.float32)
+        return np.asarray(normalization.mean, dtype=np.float32)
 
-    def layer(self, which: str) -> dict:
+    def layer(self, which: str) -> Layer:
         """`feat` or `desc`: name, stride, channels."""
-        return self.manifest["layers"][which]
+        return {"feat": self.manifest.feat, "desc": self.manifest.desc}[which]
 
     @property
     def stop_strides(self) -> list[int]:
-        return sorted(int(s) for s in self.manifest["graphs"]["dasr_backprop"]["strides"])
+        return sorted(self._dasr("dasr_backprop").strides)
 
     @property
     def default_stop_stride(self) -> int:
-        return int(self.manifest["graphs"]["dasr_backprop"]["default_stride"])
+        return self._dasr("dasr_backprop").default_stride
 
-    def _engine(self, entry: dict) -> Engine:
+    def _engine(self, entry: GraphEntry) -> Engine:
         with self._lock:
-            if entry["file"] not in self._engines:
-                path = self.directory / entry["file"]
+            if entry.file not in self._engines:
+                path = self.directory / entry.file
                 if not path.is_file():
                     raise ModelsError(f"{path} is missing; export the backbone again")
-                if self.verify and file_sha256(path) != entry["sha256"]:
+                if self.verify and file_sha256(path) != entry.sha256:
                     raise ModelsError(f"{path} does not match the sha256 in its manifest; export it again")
                 options = self.graph_options(entry)
                 calibration = self._calibration(options) if options.precision == "int8" else None
-                self._engines[entry["file"]] = open_engine(path, options, calibration)
-            return self._engines[entry["file"]]
+                self._engines[entry.file] = open_engine(path, options, calibration)
+            return self._engines[entry.file]
 
-    def entries(self) -> list[dict]:
-        """Every graph of the bundle: backbone, CAM head, and the DASR graphs of each exported stride."""
-        graphs = self.manifest["graphs"]
-        dasr = [e for g in ("dasr_backprop", "dasr_moments") for e in graphs.get(g, {}).get("strides", {}).values()]
-        return [graphs["backbone"], graphs["cam_head"], *dasr]
+    def entries(self) -> list[GraphEntry]:
+        return self.manifest.entries()
 
     def open_all(self) -> Iterator[str]:
         """Open (build, for TensorRT) every graph in turn, yielding each file name once it is ready."""
         for entry in self.entries():
             self._engine(entry)
-            yield entry["file"]
+            yield entry.file
 
     def import_plan(self, graph: str, plan: Path) -> Path:
         """Put a plan built elsewhere (trtexec) into the engine cache as the plan of `graph` (a file name of the
         bundle) under the options it would be built with; returns where it went."""
         from inserve.engines.tensorrt_engine import import_plan
 
-        entry = next((e for e in self.entries() if e["file"] == graph), None)
+        entry = next((e for e in self.entries() if e.file == graph), None)
         if entry is None:
-            raise ModelsError(f"no graph {graph!r} in {self.directory}; have {[e['file'] for e in self.entries()]}")
+            raise ModelsError(f"no graph {graph!r} in {self.directory}; have {[e.file for e in self.entries()]}")
         return import_plan(self.directory / graph, plan, self.graph_options(entry))
 
     def shape_plan(self) -> ShapePlan:
@@ -164,13 +155,13 @@ class ModelBundle:
         return ShapePlan(
             tuple(bucket_shapes(shapes.buckets, shapes.long_side, self.size_multiple)),
             self.size_multiple,
-            int(self.layer("feat")["stride"]),
+            self.manifest.feat.stride,
             shapes.max_batch,
             shapes.max_seeds,
             {"k": len(MOMENTS)},
         )
 
-    def graph_options(self, entry: dict) -> EngineOptions:
+    def graph_options(self, entry: GraphEntry) -> EngineOptions:
         return graph_options(self.options, entry, None if self.shapes is None else self.shape_plan())
 
     def _calibration(self, options: EngineOptions) -> list[np.ndarray]:
@@ -198,7 +189,7 @@ class ModelBundle:
 
     def cams(self, feat: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
         """-> classes (B, N), scores (B, N), cams (B, N, h, w) of the top-N classes."""
-        return self._engine(self.manifest["graphs"]["cam_head"]).run({"feat": feat, "logits": logits})
+        return self._engine(self.manifest.graphs["cam_head"]).run({"feat": feat, "logits": logits})
 
     def backprop(self, stride: int) -> Engine:
         """DASR's top-down pass to `stride`: one map per seed."""
@@ -207,15 +198,20 @@ class ModelBundle:
     def moments(self, stride: int) -> Engine:
         """Its adjoint to `stride`: the moments of every cell's map at once, with the backbone's maps."""
         entry = self._dasr_entry("dasr_moments", stride)
-        if "feat" not in entry["outputs"]:
-            raise ModelsError(f"{entry['file']} predates the backbone's maps among its outputs; export it again")
+        if "feat" not in entry.outputs:
+            raise ModelsError(f"{entry.file} predates the backbone's maps among its outputs; export it again")
         return self._engine(entry)
 
-    def _dasr_entry(self, graph: str, stride: int) -> dict:
-        strides = self.manifest["graphs"].get(graph, {}).get("strides", {})
-        if str(stride) not in strides:
+    def _dasr(self, graph: str) -> StridedGraphs:
+        if graph not in self.manifest.dasr:
+            raise ModelsError(f"{self.directory} holds no {graph} graph; export the backbone again")
+        return self.manifest.dasr[graph]
+
+    def _dasr_entry(self, graph: str, stride: int) -> GraphEntry:
+        strides = self.manifest.dasr[graph].strides if graph in self.manifest.dasr else {}
+        if stride not in strides:
             raise ModelsError(
-                f"{graph} to stride {stride} was not exported (have {sorted(int(s) for s in strides)}); "
+                f"{graph} to stride {stride} was not exported (have {sorted(strides)}); "
                 f"export again with --dasr-strides {stride}"
             )
-        return strides[str(stride)]
+        return strides[stride]

@@ -3,6 +3,7 @@ every graph of the real EfficientNet-Lite0 export, one profile per bucket, and t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import onnxruntime as ort
@@ -25,36 +26,36 @@ def bundle(models_dir: Path) -> ModelBundle:
 
 
 def graph(bundle: ModelBundle, file: str) -> dict:
-    return next(e for e in bundle.entries() if e["file"] == file)
+    return next(e for e in bundle.entries() if e.file == file)
 
 
 def test_the_export_records_each_inputs_dims(bundle: ModelBundle) -> None:
-    assert graph(bundle, "backbone.onnx")["input_dims"] == {"image": ["batch", 3, "32*rows", "32*cols"]}
-    assert graph(bundle, "cam_head.onnx")["input_dims"] == {
-        "feat": ["batch", 1280, "feat_rows", "feat_cols"],
-        "logits": ["batch", 1000],
+    assert graph(bundle, "backbone.onnx").input_dims == {"image": ("batch", 3, "32*rows", "32*cols")}
+    assert graph(bundle, "cam_head.onnx").input_dims == {
+        "feat": ("batch", 1280, "feat_rows", "feat_cols"),
+        "logits": ("batch", 1000),
     }
     moments = graph(bundle, "dasr_moments.onnx")  # stop stride 8: the functionals are stride-8 maps
-    assert moments["input_dims"]["functionals"] == ["batch", "k", "4*rows", "4*cols"]
-    assert graph(bundle, "dasr_backprop.onnx")["input_dims"]["seed_yx"] == ["batch", "seeds", 2]
+    assert moments.input_dims["functionals"] == ("batch", "k", "4*rows", "4*cols")
+    assert graph(bundle, "dasr_backprop.onnx").input_dims["seed_yx"] == ("batch", "seeds", 2)
 
 
 def test_every_graph_gets_one_profile_per_bucket_at_the_shapes_the_server_feeds(bundle: ModelBundle) -> None:
     plan = bundle.shape_plan()
     assert plan.buckets == BUCKETS and (plan.size_multiple, plan.feat_stride) == (32, 32)
-    backbone = graph_profiles(graph(bundle, "backbone.onnx")["input_dims"], plan)
+    backbone = graph_profiles(graph(bundle, "backbone.onnx").input_dims, plan)
     assert backbone == (
         {"image": ((1, 3, 128, 256), (4, 3, 128, 256), (4, 3, 128, 256))},
         {"image": ((1, 3, 256, 256), (4, 3, 256, 256), (4, 3, 256, 256))},
     )
-    cam = graph_profiles(graph(bundle, "cam_head.onnx")["input_dims"], plan)
+    cam = graph_profiles(graph(bundle, "cam_head.onnx").input_dims, plan)
     assert cam[0] == {
         "feat": ((1, 1280, 4, 8), (4, 1280, 4, 8), (4, 1280, 4, 8)),
         "logits": ((1, 1000), (4, 1000), (4, 1000)),
     }
-    moments = graph_profiles(graph(bundle, "dasr_moments.onnx")["input_dims"], plan)
+    moments = graph_profiles(graph(bundle, "dasr_moments.onnx").input_dims, plan)
     assert moments[1]["functionals"] == ((1, 5, 32, 32), (4, 5, 32, 32), (4, 5, 32, 32))  # 256 / 8 cells, 5 moments
-    backprop = graph_profiles(graph(bundle, "dasr_backprop.onnx")["input_dims"], plan)
+    backprop = graph_profiles(graph(bundle, "dasr_backprop.onnx").input_dims, plan)
     assert backprop[0]["seed_yx"] == ((1, 1, 2), (4, 48, 2), (4, 48, 2))
     assert backprop[0]["seed_value"] == ((1, 1), (4, 48), (4, 48))
 
@@ -81,12 +82,12 @@ def test_graph_options_derive_profiles_on_tensorrt_devices_only(bundle: ModelBun
     assert graph_options(EngineOptions(device="cpu"), entry, plan).profiles is None  # the CPU needs none
     for device in ("tensorrt", "tensorrt-native"):
         derived = graph_options(EngineOptions(device=device), entry, plan)
-        assert derived.profiles == graph_profiles(entry["input_dims"], plan)
+        assert derived.profiles == graph_profiles(entry.input_dims, plan)
     auto = graph_options(EngineOptions(device="auto"), entry, plan).profiles  # profiles where the TensorRT EP is
     assert (auto is not None) == builds_tensorrt("auto") == (TENSORRT_EP in ort.get_available_providers())
     given = EngineOptions(device="tensorrt", profiles={"image": ((1, 3, 32, 32), (1, 3, 64, 64), (1, 3, 64, 64))})
     assert graph_options(given, entry, plan).profiles == given.profiles  # explicit profiles are kept
-    old = {k: v for k, v in entry.items() if k != "input_dims"}  # exported before input dims were recorded
+    old = replace(entry, input_dims=None)  # exported before input dims were recorded
     with pytest.raises(ModelsError, match=r"predates input dims.*export the backbone again"):
         graph_options(EngineOptions(device="tensorrt"), old, plan)
     if not builds_tensorrt("auto"):  # an older export still serves on the CPU

@@ -29,6 +29,7 @@ from inserve.clients.cli import main as cli
 from inserve.engines import EngineOptions, open_engine
 from inserve.export.backbones import BACKBONES, WeightsError, load_backbone
 from inserve.server.imaging import prepare
+from inserve.server.manifest import Manifest
 
 REL = 1e-4
 NAMES = ["efficientnet_lite0", "resnet50", "vgg16"]
@@ -122,6 +123,7 @@ def test_backbone_matches_the_original_torch_model(
 def test_manifest_describes_the_export(request: pytest.FixtureRequest, name: str) -> None:
     directory = backbone_dir(request, name)
     manifest = manifest_of(directory)
+    assert Manifest.load(directory / "manifest.json").as_json() == manifest  # the typed manifest wrote it whole
     assert manifest["format"] == 1 and manifest["backbone"] == name and manifest["opset"] == 18
     for file in graph_files(manifest):
         digest = hashlib.sha256((directory / file).read_bytes()).hexdigest()

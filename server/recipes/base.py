@@ -80,7 +80,7 @@ class FeatureBatch:
         return self.cached("cams", compute)
 
     def stride(self, layer: str) -> int:
-        return int(self.models.layer(layer)["stride"])
+        return self.models.layer(layer).stride
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def embed_images(models: ModelBundle, images: list[np.ndarray], p: float = 3.0) 
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, image in enumerate(images):
         by_shape[image.shape].append(i)
-    out = np.zeros((len(images), models.layer("feat")["channels"]), dtype=np.float32)
+    out = np.zeros((len(images), models.layer("feat").channels), dtype=np.float32)
     for indices in by_shape.values():
         for start in range(0, len(indices), CROPS_PER_RUN):
             chunk = indices[start : start + CROPS_PER_RUN]
@@ -67,7 +67,7 @@ def embed_crops(
     for pixels, image_boxes in zip(images, boxes):
         grown = expand_boxes(image_boxes, margin, pixels.shape[2], pixels.shape[1])
         crops += [crop_image(pixels, box, long_side, models.size_multiple) for box in grown]
-    vectors = embed_images(models, crops) if crops else np.zeros((0, models.layer("feat")["channels"]), np.float32)
+    vectors = embed_images(models, crops) if crops else np.zeros((0, models.layer("feat").channels), np.float32)
     bounds = np.cumsum([0, *(len(b) for b in boxes)])
     return [vectors[a:b] for a, b in pairwise(bounds)]
 

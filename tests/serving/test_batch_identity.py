@@ -90,7 +90,7 @@ def test_padding_is_cropped_off_every_map(core: InstanceSearch) -> None:
     assert batch.pixels.shape == (1, 3, 128, 256)
     assert (batch.pixels[0, :, 96:, :] == core.models.pad_value.reshape(3, 1, 1)).all()
     for name in ("feat", "desc"):
-        stride = core.models.layer(name)["stride"]
+        stride = core.models.layer(name).stride
         assert batch.maps[name][0].shape[1:] == (96 // stride, 256 // stride)
     (described,) = core.pipeline.run([DescribeJob(wide)])
     boxes = described["dasr_star"].regions.boxes
