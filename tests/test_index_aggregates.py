@@ -139,7 +139,7 @@ def test_non_searchable_space_refuses_knn(tmp_path: Path) -> None:
     index = InstanceIndex(tmp_path, CONFIG, SPECS)
     _fill(index, images=2)
     with pytest.raises(ValueError, match="no graph"):
-        index.space("r", "part").knn(np.ones(4, np.float32), 1)
+        index.nearest("r", "part", np.ones(4, np.float32), 1)
     found = index.image_vectors("r", "part", [1])
     assert list(found) == [1] and found[1][1].shape == (3, 4)
     index.close()

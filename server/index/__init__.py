@@ -22,8 +22,9 @@ from inserve.server.index.store import (
     VectorRow,
 )
 from inserve.server.index.transforms import compact, learn_transform, training_vectors
-from inserve.server.index.vectors import VectorSpace
+from inserve.server.index.vectors import GraphSpace, VectorSpace, vector_space
 from inserve.server.stages.pooling import l2_normalize
+from inserve.server.stages.whitening import Whitening
 
 __all__ = [
     "DEFAULT_SPEC",
@@ -85,10 +86,15 @@ class InstanceIndex:
     def _snapshot_path(self, recipe: str, kind: str) -> Path:
         return self.data_dir / "graphs" / f"{recipe}.{kind}"
 
+    def _new_space(
+        self, recipe: str, kind: str, dim: int, whitening: Whitening | None = None, version: int = 0
+    ) -> VectorSpace:
+        return vector_space(dim, self.config, whitening, version, self.spec(recipe, kind).searchable)
+
     def _open_space(self, recipe: str, kind: str, dim: int) -> VectorSpace:
         """Snapshot if it fits the current whitening, then whatever SQLite holds beyond it."""
         version, whitening = self.store.whitening(recipe, kind)
-        space = VectorSpace(dim, self.config, whitening, version, self.spec(recipe, kind).searchable)
+        space = self._new_space(recipe, kind, dim, whitening, version)
         loaded = space.load(self._snapshot_path(recipe, kind))
         labels, raw = self.store.vectors(recipe, kind, after_label=space.max_label if loaded else 0)
         space.add(labels, raw)
@@ -160,7 +166,7 @@ class InstanceIndex:
         for v in vectors:
             key = (v.recipe, v.kind)
             if key not in self._spaces:
-                self._spaces[key] = VectorSpace(v.raw.shape[1], self.config, None, 0, self.spec(*key).searchable)
+                self._spaces[key] = self._new_space(*key, v.raw.shape[1])
             self._spaces[key].add(labels[key], v.raw)
             self._added_since_snapshot += len(labels[key])
         for v in vectors:
@@ -191,7 +197,7 @@ class InstanceIndex:
         space = self._spaces.get((recipe, kind))
         if space is None:
             return []
-        labels, sims = space.knn(query, k)
+        labels, sims = self._graph(recipe, kind).knn(query, k)
         rows = self.store.vector_rows(labels)
         if self.spec(recipe, kind).aggregate is not None:  # labelled by the image's first part
             rows = {label: VectorRow(label, row.image_id, None, 0.0) for label, row in rows.items()}
@@ -199,7 +205,13 @@ class InstanceIndex:
 
     def stored(self, recipe: str, kind: str, labels: list[int]) -> np.ndarray:
         """Vectors of a searchable space as its graph holds them (transformed), for query expansion."""
-        return self._spaces[(recipe, kind)].stored(labels)
+        return self._graph(recipe, kind).stored(labels)
+
+    def _graph(self, recipe: str, kind: str) -> GraphSpace:
+        space = self._spaces[(recipe, kind)]
+        if not isinstance(space, GraphSpace):
+            raise ValueError(f"{recipe}/{kind} keeps no graph: it is read per image, not searched")
+        return space
 
     def transform(self, recipe: str, kind: str, raw: np.ndarray) -> np.ndarray:
         """A query's raw vector -> the space's coordinates; for an aggregate, raw parts (n, D) -> its vector."""
@@ -279,7 +291,7 @@ class InstanceIndex:
             version, whitening = self.store.whitening(recipe, kind)
             if whitening is not None and whitening.mean.shape[0] != vectors.shape[1]:
                 version, whitening = 0, None
-            space = VectorSpace(vectors.shape[1], self.config, whitening, version, self.spec(recipe, kind).searchable)
+            space = self._new_space(recipe, kind, vectors.shape[1], whitening, version)
             space.add(first, vectors)
             self._spaces[(recipe, kind)] = space
 
@@ -292,7 +304,7 @@ class InstanceIndex:
             return
         space = self._spaces.get((recipe, kind))
         if space is None:
-            space = VectorSpace(len(combined), self.config, None, 0, self.spec(recipe, kind).searchable)
+            space = self._new_space(recipe, kind, len(combined))
             self._spaces[(recipe, kind)] = space
         space.add(np.asarray([labels.min()], dtype=np.int64), combined[None])
 
@@ -368,7 +380,7 @@ class InstanceIndex:
             labels, image_ids, raw = self.store.space_vectors(recipe, kind)  # one read: training and graph
             training = training_vectors(spec, image_ids, raw)
             whitening = learn_transform(spec, self.config, training, dims)
-            space = VectorSpace(raw.shape[1], self.config, whitening, 0, spec.searchable)
+            space = self._new_space(recipe, kind, raw.shape[1], whitening)
             space.add(labels, raw)
             with self._lock.writing():
                 version = space.version = self.store.save_whitening(recipe, kind, whitening, len(training))

@@ -20,29 +20,68 @@ log = logging.getLogger(__name__)
 
 
 class VectorSpace:
-    """Cosine kNN over l2-normalised vectors (whitened when a whitening is set), labels = SQLite labels.
+    """A space's transform (l2-normalisation, or its learned whitening or reduction) and its live labels, with
+    no graph: what such a space stores is only read back per image (re-ranking regions, the parts of an
+    aggregate), never searched, so it only counts and transforms. GraphSpace adds the graph."""
 
-    A space that is not `searchable` keeps no graph: its vectors are only read back per image (re-ranking
-    regions, parts of an aggregate), so it only counts them and transforms them.
-    """
+    searchable = False
 
-    def __init__(
-        self, dim: int, config: IndexConfig, whitening: Whitening | None, version: int, searchable: bool = True
-    ) -> None:
+    def __init__(self, dim: int, config: IndexConfig, whitening: Whitening | None, version: int) -> None:
         self.raw_dim = dim
         self.whitening = whitening
         self.version = version
         self.config = config
-        self.searchable = searchable
         self.max_label = 0
         self._lock = threading.RLock()
-        self._graph = self._new_graph(1024) if searchable else None
-        self._live = 0
         self._labels: set[int] = set()
 
     @property
     def dim(self) -> int:
         return self.whitening.dims if self.whitening is not None else self.raw_dim
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
+        return self.whitening.apply(raw) if self.whitening is not None else l2_normalize(raw)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    @property
+    def graph_elements(self) -> int:
+        """Vectors the graph holds, deleted ones whose places no new vector has taken yet included."""
+        return 0
+
+    def add(self, labels: np.ndarray, raw: np.ndarray) -> None:
+        if len(labels):
+            with self._lock:
+                self._labels.update(int(v) for v in labels)
+                self.max_label = max(self.max_label, int(labels.max()))
+
+    def remove(self, labels: list[int] | np.ndarray) -> None:
+        with self._lock:
+            self._labels.difference_update(int(v) for v in labels)
+
+    def reconcile(self, live_labels: np.ndarray) -> None:
+        """After catching up with SQLite: count what it holds."""
+        with self._lock:
+            self._labels = set(int(v) for v in live_labels)
+
+    def save(self, path: Path) -> None:
+        """Nothing to snapshot: SQLite holds all of it."""
+
+    def load(self, path: Path) -> bool:
+        return False
+
+
+class GraphSpace(VectorSpace):
+    """Cosine kNN over the transformed vectors in one hnswlib graph, labels = SQLite labels."""
+
+    searchable = True
+
+    def __init__(self, dim: int, config: IndexConfig, whitening: Whitening | None, version: int) -> None:
+        super().__init__(dim, config, whitening, version)
+        self._graph = self._new_graph(1024)
+        self._live = 0
 
     def _new_graph(self, capacity: int) -> hnswlib.Index:
         graph = hnswlib.Index(space="ip", dim=self.dim)
@@ -55,29 +94,16 @@ class VectorSpace:
         graph.set_ef(self.config.ef_search)
         return graph
 
-    def transform(self, raw: np.ndarray) -> np.ndarray:
-        raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
-        return self.whitening.apply(raw) if self.whitening is not None else l2_normalize(raw)
-
     def __len__(self) -> int:
         return self._live
 
     @property
     def graph_elements(self) -> int:
-        """Vectors the graph holds, deleted ones whose places no new vector has taken yet included."""
-        return 0 if self._graph is None else self._graph.get_current_count()
+        return self._graph.get_current_count()
 
     def add(self, labels: np.ndarray, raw: np.ndarray) -> None:
-        if len(labels) == 0:
-            return
-        if not self.searchable:
-            with self._lock:
-                self._labels.update(int(v) for v in labels)
-                self._live = len(self._labels)
-                self.max_label = max(self.max_label, int(labels.max()))
-            return
-        vectors = self.transform(raw)
-        self.add_transformed(labels, vectors)
+        if len(labels):
+            self.add_transformed(labels, self.transform(raw))
 
     def add_transformed(self, labels: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors already in this space's coordinates (aggregates are built that way). They take the
@@ -94,10 +120,6 @@ class VectorSpace:
 
     def remove(self, labels: list[int] | np.ndarray) -> None:
         with self._lock:
-            if self._graph is None:
-                self._labels.difference_update(int(v) for v in labels)
-                self._live = len(self._labels)
-                return
             for label in labels:
                 try:
                     self._graph.mark_deleted(int(label))
@@ -108,8 +130,6 @@ class VectorSpace:
     def knn(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Labels and cosine similarities of the k nearest vectors to a transformed query, best first."""
         query = np.atleast_2d(np.asarray(query, dtype=np.float32))
-        if self._graph is None:
-            raise ValueError("this vector space keeps no graph (it is read per image, not searched)")
         with self._lock:
             k = min(k, self._live)
             ef = max(self.config.ef_search, k)
@@ -130,8 +150,6 @@ class VectorSpace:
 
     def stored(self, labels: list[int] | np.ndarray) -> np.ndarray:
         """The vectors the graph holds for these labels, in this space's coordinates (N, dim)."""
-        if self._graph is None:
-            raise ValueError("this vector space keeps no graph (it is read per image, not searched)")
         with self._lock:
             found = self._graph.get_items([int(v) for v in labels], return_type="numpy")
         return found.astype(np.float32, copy=False).reshape(-1, self.dim)
@@ -139,9 +157,7 @@ class VectorSpace:
     def save(self, path: Path) -> None:
         """Write the graph and its sidecar atomically (temp file, fsync, rename). The sidecar names the
         graph's size and CRC, so a graph and a sidecar from different snapshots (a crash between the two
-        renames) or a damaged graph file are never loaded together. A space without a graph writes nothing."""
-        if self._graph is None:
-            return
+        renames) or a damaged graph file are never loaded together."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             tmp = _beside(path, ".hnsw.tmp")
@@ -166,7 +182,7 @@ class VectorSpace:
         graph_file, sidecar_file = _beside(path, ".hnsw"), _beside(path, ".json")
         for leftover in (_beside(path, ".hnsw.tmp"), _beside(path, ".json.tmp")):  # a save cut short
             leftover.unlink(missing_ok=True)
-        if self._graph is None or not (graph_file.exists() and sidecar_file.exists()):
+        if not (graph_file.exists() and sidecar_file.exists()):
             return False
         try:
             sidecar = json.loads(sidecar_file.read_text())
@@ -195,10 +211,6 @@ class VectorSpace:
     def reconcile(self, live_labels: np.ndarray) -> None:
         """After catching up with SQLite: drop what SQLite no longer holds; count what it does."""
         with self._lock:
-            if self._graph is None:
-                self._labels = set(int(v) for v in live_labels)
-                self._live = len(self._labels)
-                return
             stale = set(int(v) for v in self._graph.get_ids_list()) - set(int(v) for v in live_labels)
             for label in stale:
                 try:
@@ -231,3 +243,10 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def vector_space(
+    dim: int, config: IndexConfig, whitening: Whitening | None, version: int, searchable: bool
+) -> VectorSpace:
+    """A space with a graph when it is searched (SpaceSpec.searchable), without one otherwise."""
+    return (GraphSpace if searchable else VectorSpace)(dim, config, whitening, version)
