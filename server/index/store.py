@@ -321,7 +321,7 @@ class MetadataStore:
             )
             labels = []
             for kf in keyframes:
-                if db.execute("SELECT 1 FROM images WHERE external_id = ?", (kf.external_id,)).fetchone():
+                if self._id_taken(db, kf.external_id):
                     raise DuplicateId(kf.external_id)
                 labels.append(self._insert_keyframe(db, video_id, kf))
         self._reclaim()
@@ -343,7 +343,7 @@ class MetadataStore:
             )
             added = []
             for kf in keyframes:
-                if db.execute("SELECT 1 FROM images WHERE external_id = ?", (kf.external_id,)).fetchone():
+                if self._id_taken(db, kf.external_id):
                     continue
                 added.append((kf, self._insert_keyframe(db, video_id, kf)))
         return added
@@ -474,8 +474,11 @@ class MetadataStore:
 
     def has_image(self, external_id: str) -> bool:
         """True when an image or keyframe has this id."""
-        row = self._db().execute("SELECT 1 FROM images WHERE external_id = ?", (external_id,)).fetchone()
-        return row is not None
+        return self._id_taken(self._db(), external_id)
+
+    @staticmethod
+    def _id_taken(db: sqlite3.Connection, external_id: str) -> bool:
+        return db.execute("SELECT 1 FROM images WHERE external_id = ?", (external_id,)).fetchone() is not None
 
     def id_holder(self, external_id: str) -> str | None:
         """What holds an id in the shared namespace of images and videos: "image", "video" or None."""
@@ -605,10 +608,7 @@ class MetadataStore:
         """Store a model learned for a recipe (e.g. its VLAD codebook) as a new version; returns the version."""
         data = np.ascontiguousarray(data, dtype=np.float32)
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM learned WHERE recipe = ? AND name = ?", (recipe, name)
-            ).fetchone()
-            version = int(row[0]) + 1
+            version = _next_version(db, "learned", "name", recipe, name)
             db.execute(
                 "INSERT INTO learned VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (recipe, name, version, json.dumps(list(data.shape)), data.tobytes(), source, time.time()),
@@ -679,10 +679,7 @@ class MetadataStore:
 
     def save_whitening(self, recipe: str, kind: str, whitening: Whitening, learned_from: int) -> int:
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM whitenings WHERE recipe = ? AND kind = ?", (recipe, kind)
-            ).fetchone()
-            version = int(row[0]) + 1
+            version = _next_version(db, "whitenings", "kind", recipe, kind)
             db.execute(
                 "INSERT INTO whitenings VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -701,16 +698,7 @@ class MetadataStore:
 
     def whitening(self, recipe: str, kind: str) -> tuple[int, Whitening | None]:
         """The space's current whitening version and whitening (0, None when not whitened)."""
-        row = (
-            self._db()
-            .execute(
-                "SELECT w.version, w.dims, w.mean, w.projection FROM spaces s JOIN whitenings w"
-                " ON w.recipe = s.recipe AND w.kind = s.kind AND w.version = s.whitening_version"
-                " WHERE s.recipe = ? AND s.kind = ?",
-                (recipe, kind),
-            )
-            .fetchone()
-        )
+        row = self._current_whitening("w.version, w.dims, w.mean, w.projection", recipe, kind)
         if row is None:
             return 0, None
         mean = np.frombuffer(row[2], dtype=np.float32)
@@ -719,17 +707,21 @@ class MetadataStore:
 
     def learned_from(self, recipe: str, kind: str) -> int:
         """How many vectors the space's current whitening (or reduction) was learned from; 0 when none."""
-        row = (
+        row = self._current_whitening("w.learned_from", recipe, kind)
+        return 0 if row is None else int(row[0])
+
+    def _current_whitening(self, columns: str, recipe: str, kind: str) -> tuple | None:
+        """Columns (of `whitenings w`) of the whitening a space uses now; None when it uses none."""
+        return (
             self._db()
             .execute(
-                "SELECT w.learned_from FROM spaces s JOIN whitenings w"
+                f"SELECT {columns} FROM spaces s JOIN whitenings w"
                 " ON w.recipe = s.recipe AND w.kind = s.kind AND w.version = s.whitening_version"
                 " WHERE s.recipe = ? AND s.kind = ?",
                 (recipe, kind),
             )
             .fetchone()
         )
-        return 0 if row is None else int(row[0])
 
     def close(self) -> None:
         """Close every thread's connection (after the last use from any thread)."""
@@ -738,3 +730,11 @@ class MetadataStore:
                 db.close()
             self._connections.clear()
         self._local = threading.local()
+
+
+def _next_version(db: sqlite3.Connection, table: str, name_column: str, recipe: str, name: str) -> int:
+    """The version a new row of a versioned table (whitenings per space, learned models per name) takes."""
+    row = db.execute(
+        f"SELECT COALESCE(MAX(version), 0) FROM {table} WHERE recipe = ? AND {name_column} = ?", (recipe, name)
+    ).fetchone()
+    return int(row[0]) + 1
