@@ -34,6 +34,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=EngineOptions.device, choices=DEVICES)
     threads = EngineOptions.intra_op_threads
     p.add_argument("--threads", type=int, default=threads, help="intra-op threads per engine (0 = runtime default)")
+    p.add_argument(
+        "--no-cpu-arena",
+        dest="cpu_arena",
+        action="store_false",
+        help="run ONNX Runtime on the CPU without its memory arena: about half the memory, 16%% slower",
+    )
     tensorrt = p.add_argument_group("TensorRT (--device tensorrt or tensorrt-native; profiles follow the buckets)")
     tensorrt.add_argument(
         "--precision", default=EngineOptions.precision, choices=PRECISIONS, help="int8 needs --calibration"
@@ -107,6 +113,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         return EngineOptions(
             device=args.device,
             intra_op_threads=args.threads,
+            cpu_arena=args.cpu_arena,
             precision=args.precision,
             calibration=args.calibration,
             cache_dir=args.engine_cache,
@@ -160,8 +167,8 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
             port=args.port,
             workers=args.workers,
             max_message_bytes=args.max_message_mb << 20,
-            batcher=replace(config.batcher, **_given(**batcher)),
-            video=replace(config.video, **_given(**video)),
+            batcher=replace(config.batcher, **given(**batcher)),
+            video=replace(config.video, **given(**video)),
         )
         config = apply_server_flags(config, args)
     return config
@@ -192,7 +199,8 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     ops.add_argument("--metrics-host", help="address of the metrics endpoint (default 127.0.0.1)")
 
 
-def _given(**values: object) -> dict[str, object]:
+def given(**values: object) -> dict[str, object]:
+    """The flags that were given (not None), for a dataclass whose defaults apply to the rest."""
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -201,11 +209,11 @@ def apply_server_flags(config: ServerConfig, args: argparse.Namespace) -> Server
     no_limit = {0: None}  # 0 and 0.0 alike
     return replace(
         config,
-        image=replace(config.image, **_given(max_pixels=args.max_pixels)),
-        index=replace(config.index, **_given(snapshot_every=args.snapshot_every)),
+        image=replace(config.image, **given(max_pixels=args.max_pixels)),
+        index=replace(config.index, **given(snapshot_every=args.snapshot_every)),
         video=replace(
             config.video,
-            **_given(
+            **given(
                 max_upload_bytes=None if args.max_video_mb is None else args.max_video_mb << 20,
                 max_live_streams=args.max_live_streams,
                 live_window=args.live_window,
@@ -213,14 +221,14 @@ def apply_server_flags(config: ServerConfig, args: argparse.Namespace) -> Server
         ),
         limits=replace(
             config.limits,
-            **_given(
+            **given(
                 max_streams_per_connection=args.max_streams_per_connection,
                 shutdown_grace_s=args.shutdown_grace,
                 max_metadata_bytes=None if args.max_metadata_kb is None else args.max_metadata_kb << 10,
             ),
             **{
                 name: no_limit.get(value, value)
-                for name, value in _given(
+                for name, value in given(
                     max_concurrent_rpcs=args.max_concurrent_rpcs,
                     max_concurrent_streams=args.max_concurrent_streams,
                     stream_idle_timeout_s=args.stream_idle_timeout,
@@ -231,7 +239,7 @@ def apply_server_flags(config: ServerConfig, args: argparse.Namespace) -> Server
         security=SecurityConfig(args.tls_cert, args.tls_key, args.tls_client_ca, args.token_file),
         ops=replace(
             config.ops,
-            **_given(metrics_port=args.metrics_port, metrics_host=args.metrics_host, log_format=args.log_format),
+            **given(metrics_port=args.metrics_port, metrics_host=args.metrics_host, log_format=args.log_format),
         ),
     )
 

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from inserve.clients.cli_flags import add_model_flags, add_serve_flags, server_config
+from inserve.clients.cli_flags import add_model_flags, add_serve_flags, given, server_config
 from inserve.clients.remote_commands import image_files
 from inserve.server.config import ConfigError, ServerConfig
 
@@ -28,15 +28,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.detector:
         from inserve.export.detector import export_detector
 
+        size = args.detector_min_size
+        sizes = {} if size is None else {"min_size": size, "max_size": 2 * size}
         try:
             path = export_detector(
-                args.detector,
-                args.out,
-                args.weights,
-                args.random_init,
-                min_size=args.detector_min_size,
-                max_size=2 * args.detector_min_size,
-                check=not args.no_check,
+                args.detector, args.out, args.weights, args.random_init, check=not args.no_check, **sizes
             )
         except WeightsError as exc:
             print(f"inserve export: {exc}", file=sys.stderr)
@@ -44,13 +40,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"exported {args.detector} to {path}; serve with --detector {path}")
         return 0
 
-    options = ExportOptions(
-        desc=args.desc_layer,
-        cam_top_n=args.cam_top_n,
-        dasr_strides=args.dasr_strides,
-        default_stop_stride=args.stop_stride,
-        check=not args.no_check,
-    )
+    strides = given(cam_top_n=args.cam_top_n, dasr_strides=args.dasr_strides, default_stop_stride=args.stop_stride)
+    options = ExportOptions(desc=args.desc_layer, check=not args.no_check, **strides)
     try:
         manifest = export_backbone(args.backbone, args.out, args.weights, args.random_init, options)
     except (WeightsError, ValueError) as exc:
@@ -219,15 +210,15 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
         choices=["fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn"],
         help="export this torchvision Faster R-CNN (with --weights, or --random-init for tests) instead of a backbone",
     )
-    p.add_argument("--detector-min-size", type=int, default=512, help="the detector resizes the short side to this")
+    p.add_argument("--detector-min-size", type=int, help="the detector resizes the short side to this (default 512)")
     p.add_argument("--out", type=Path, default=Path("models"))
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--weights", type=Path, help="torchvision-format state dict")
     weights.add_argument("--random-init", action="store_true", help="untrained weights, for tests only")
     p.add_argument("--desc-layer", default=None, help="descriptor layer (default: the backbone's)")
-    p.add_argument("--cam-top-n", type=int, default=64)
-    p.add_argument("--dasr-strides", type=_ints, default=(8,), help="stop strides to export, e.g. 1,4,8")
-    p.add_argument("--stop-stride", type=int, default=8, help="default DASR stop stride (dasr_*.onnx)")
+    p.add_argument("--cam-top-n", type=int, help="classes the CAM head keeps (default 64)")
+    p.add_argument("--dasr-strides", type=_ints, help="DASR stop strides to export, e.g. 1,4,8 (default 8)")
+    p.add_argument("--stop-stride", type=int, help="the DASR stop stride dasr_*.onnx stops at (default 8)")
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker and the parity check")
     p.set_defaults(fn=cmd_export)
 
