@@ -105,6 +105,7 @@ class OrtEngine:
             Path(options.cache_dir).mkdir(parents=True, exist_ok=True)
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.enable_cpu_mem_arena = options.cpu_arena
         if options.inter_op_threads:  # onnxruntime ignores inter-op threads in sequential mode
             session_options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
             session_options.inter_op_num_threads = options.inter_op_threads

@@ -100,7 +100,14 @@ def test_thread_and_optimisation_options_reach_the_session(model: Path) -> None:
     assert OrtEngine(model, EngineOptions(device="cpu")).session_options.execution_mode == (
         ort.ExecutionMode.ORT_SEQUENTIAL
     )
-    image = random_image((1, IN_CHANNELS, 3, 3))
-    np.testing.assert_allclose(
-        engine.run({"image": image})["feat"], conv_relu_reference(image, *conv_weights())["feat"], **TOLERANCE
+    assert (
+        options.enable_cpu_mem_arena
+        and OrtEngine(model, EngineOptions(device="cpu")).session_options.enable_cpu_mem_arena
     )
+    lean = OrtEngine(model, EngineOptions(device="cpu", cpu_arena=False))
+    assert not lean.session_options.enable_cpu_mem_arena
+    image = random_image((1, IN_CHANNELS, 3, 3))
+    for runs in (engine, lean):
+        np.testing.assert_allclose(
+            runs.run({"image": image})["feat"], conv_relu_reference(image, *conv_weights())["feat"], **TOLERANCE
+        )

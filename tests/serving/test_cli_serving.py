@@ -27,6 +27,7 @@ def test_flags_left_out_are_the_config_defaults() -> None:
 def test_serve_takes_its_defaults_from_the_config_and_flags_override_them() -> None:
     assert serve_config().batcher == BatcherConfig()
     assert serve_config().video == VideoConfig()
+    assert not serve_config("--no-cpu-arena").engine.cpu_arena
     config = serve_config("--max-batch", "1", "--queue-depth", "4", "--buckets", "1:1", "--media-root", "/srv/v")
     assert (config.batcher.max_batch, config.batcher.queue_depth, config.batcher.buckets) == (1, 4, ("1:1",))
     assert config.batcher.max_delay_ms == BatcherConfig().max_delay_ms
