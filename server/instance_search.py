@@ -20,7 +20,6 @@ from inserve.server.grouping import GROUPINGS, group_hits
 from inserve.server.imaging import NetworkInput
 from inserve.server.index import DuplicateId, InstanceIndex, NewKeyframe, SpaceStats, transforms
 from inserve.server.index.store import IMAGE_TAKES_ID, VIDEO_TAKES_ID, LiveResume
-from inserve.server.index.transforms import learn_transforms
 from inserve.server.latency import LatencyHistogram
 from inserve.server.models import ModelBundle, ServingShapes
 from inserve.server.pipeline import DescribeJob, Pipeline
@@ -143,7 +142,7 @@ class InstanceSearch:
         if not self._whitening.acquire(blocking=False):
             return
         try:
-            learn_transforms(self.index, transforms.due)
+            transforms.learn_transforms(self.index, transforms.due)
         finally:
             self._whitening.release()
 
@@ -305,12 +304,12 @@ class InstanceSearch:
     def learn_whitening(self, recipe: str | None = None) -> dict[tuple[str, str], int]:
         """(Re)learn whitening of every space (of one recipe) from all its raw vectors."""
         with self._whitening:
-            return learn_transforms(self.index, transforms.any_vectors, recipe)
+            return transforms.learn_transforms(self.index, transforms.any_vectors, recipe)
 
     def relearn_whitening(self) -> None:
         """Learn whitening from all vectors of every space that holds enough of them (batch indexing)."""
         with self._whitening:
-            learn_transforms(self.index, transforms.ready)
+            transforms.learn_transforms(self.index, transforms.ready)
 
     def stats(self) -> Stats:
         spaces = self.index.stats()
