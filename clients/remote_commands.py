@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from inserve.clients.cli_flags import add_connection_flags, channel_security
+from inserve.engines.precision import IMAGE_SUFFIXES
 from inserve.server.config import OVERLOADS
 from inserve.server.grouping import GROUPINGS
 
 if TYPE_CHECKING:
     from inserve.clients.client import InstanceSearchClient
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DEFAULT_SERVER = "localhost:50051"
 
 

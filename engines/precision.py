@@ -19,7 +19,7 @@ import numpy as np
 
 from inserve.engines.plan_cache import file_sha256, write_plan
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # of folders of images
 
 
 def fp16_graph(onnx_path: Path, out_dir: Path) -> Path:
