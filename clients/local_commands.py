@@ -86,6 +86,29 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bulk_index(args: argparse.Namespace) -> int:
+    try:
+        from inserve.server.bulk_index import bulk_index
+    except ImportError as exc:
+        print(f"inserve bulk-index needs Ray: pip install 'inserve[cluster]' ({exc})", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    config = server_config(args, tuple(args.recipe.split(",")), args.data_dir)
+    files = [(args.id_prefix + name, path) for name, path in image_files(args.paths)]
+    with tqdm(total=len(files), unit="img", disable=args.quiet, file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = bulk_index(config, files, args.ray_address, args.workers, progress)
+    for external_id, why in sorted(result.failed.items()):
+        print(f"{external_id}: not indexed: {why}", file=sys.stderr)
+    print(f"indexed {result.indexed} images, {result.skipped} stored already, {len(result.failed)} failed")
+    return 1 if result.failed else 0
+
+
 def stored_recipe_index(data_dir: Path):
     """The index of a data directory with the space settings of the recipes it holds (default configuration)."""
     from inserve.server.index import InstanceIndex, MetadataStore
@@ -231,6 +254,19 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
     for p in (serve, build):
         add_serve_flags(p)
     serve.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser(
+        "bulk-index", help="index image files and folders on a Ray cluster into a data directory (server stopped)"
+    )
+    p.add_argument("paths", type=Path, nargs="+")
+    p.add_argument("--data-dir", type=Path, default=ServerConfig.data_dir)
+    p.add_argument("--recipe", default=",".join(ServerConfig.recipes), help="recipe(s), comma-separated")
+    p.add_argument("--ray-address", default=None, help="a Ray cluster (ray://HOST:10001 or auto; default: local)")
+    p.add_argument("--workers", type=int, default=None, help="describing at once (default: one per CPU)")
+    p.add_argument("--id-prefix", default="")
+    p.add_argument("--quiet", action="store_true")
+    add_model_flags(p)
+    p.set_defaults(fn=cmd_bulk_index)
 
     p = sub.add_parser("whiten", help="learn PCA-whitening from the indexed vectors (server stopped)")
     p.add_argument("--data-dir", type=Path, default=Path("data"))

@@ -64,6 +64,33 @@ def serving_shapes(config: ServerConfig) -> ServingShapes:
     )
 
 
+def add_described(
+    index: InstanceIndex,
+    external_id: str,
+    described: dict[str, ImageVectors],
+    *,
+    width: int,
+    height: int,
+    thumbnail: bytes = b"",
+    source: str = "",
+    metadata: dict[str, str] | None = None,
+    replace: bool = False,
+) -> None:
+    """Commit an image as every recipe described it (raises DuplicateId unless `replace`): what the service
+    and bulk indexing (server/bulk_index.py) store."""
+    vectors = [v for image_vectors in described.values() for v in image_vectors.vectors]
+    index.add_image(
+        external_id,
+        vectors,
+        width=width,
+        height=height,
+        source=source,
+        metadata=metadata,
+        replace=replace,
+        thumbnail=thumbnail,
+    )
+
+
 class InstanceSearch:
     """Every image goes through one dynamic batcher, whoever asks: RPCs, video indexing, evaluation."""
 
@@ -119,16 +146,16 @@ class InstanceSearch:
         replace: bool = False,
     ) -> Indexed:
         """Commit one described image (raises DuplicateId unless `replace`); learns whitening when due."""
-        vectors = [v for image_vectors in described.values() for v in image_vectors.vectors]
-        self.index.add_image(
+        add_described(
+            self.index,
             external_id,
-            vectors,
+            described,
             width=inp.width,
             height=inp.height,
+            thumbnail=inp.thumbnail,
             source=source,
             metadata=metadata,
             replace=replace,
-            thumbnail=inp.thumbnail,
         )
         self._whiten_when_due()
         return Indexed(external_id, inp.width, inp.height, described)

@@ -1,0 +1,107 @@
+"""Bulk indexing on a Ray cluster (an optional extra: pip install 'inserve[cluster]').
+
+Ray Data reads and decodes the images and runs the ONNX graphs on its workers, one Describer per worker
+process holding its own engines; the driver commits each described image into the data directory's index,
+which has one writer (the server stopped), the same commit the service makes. Ids already stored are left out
+before anything is read, so a rerun after a crash or a stop continues where the last one ended and nothing is
+indexed twice. Without an address a local Ray starts on this machine's cores.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inserve.server.config import ServerConfig
+from inserve.server.errors import REQUEST_ERRORS
+from inserve.server.index import InstanceIndex, transforms
+from inserve.server.instance_search import add_described
+from inserve.server.models import ModelBundle
+from inserve.server.pipeline import DescribeJob, Pipeline
+from inserve.server.recipes import build_recipes, recipe_specs, sources
+
+
+@dataclass
+class BulkResult:
+    indexed: int = 0
+    skipped: int = 0  # stored already
+    failed: dict[str, str] = field(default_factory=dict)  # id -> why (an image that does not decode...)
+
+
+class Describer:
+    """One per Ray worker: the pipeline the server runs, described images back as pickled records."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        models = ModelBundle.open(config.models, config.backbone, config.engine)
+        recipes = build_recipes(config.recipes, config)
+        if any(recipe.dasr_peaks for recipe in recipes.values()):
+            sources.dasr_engines(models, config.dasr)
+        self.pipeline = Pipeline(models, recipes, config.image, config.batcher.buckets, config.dasr)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        records: list[bytes] = [b""] * len(batch["id"])
+        errors: list[str] = [""] * len(batch["id"])
+        by_bucket: dict[tuple, list[tuple[int, object]]] = {}
+        for i, path in enumerate(batch["path"]):
+            try:
+                inp = self.pipeline.load(Path(str(path)).read_bytes())
+            except (*REQUEST_ERRORS, OSError) as exc:
+                errors[i] = str(exc)
+                continue
+            by_bucket.setdefault(self.pipeline.bucket(inp), []).append((i, inp))
+        for members in by_bucket.values():
+            described = self.pipeline.run([DescribeJob(inp) for _, inp in members])
+            for (i, inp), vectors in zip(members, described):
+                records[i] = pickle.dumps((inp.width, inp.height, inp.thumbnail, vectors))
+        return {"id": list(batch["id"]), "record": records, "error": errors}
+
+
+def bulk_index(
+    config: ServerConfig,
+    files: Iterable[tuple[str, Path]],
+    address: str | None = None,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> BulkResult:
+    """Index (id, path) images into config.data_dir on Ray: `address` of a cluster (None: a local one),
+    `workers` describing at once (None: one per CPU Ray offers). `progress(done, total)` after each commit."""
+    import ray
+
+    index = InstanceIndex(config.data_dir, config.index, recipe_specs(build_recipes(config.recipes, config)))
+    result = BulkResult()
+    try:
+        todo = []
+        for external_id, path in files:
+            if index.contains(external_id):
+                result.skipped += 1
+            else:
+                todo.append({"id": external_id, "path": str(path)})
+        if todo:
+            if not ray.is_initialized():
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
+            described = ray.data.from_items(todo).map_batches(
+                Describer,
+                fn_constructor_args=(config,),
+                batch_size=config.batcher.max_batch,
+                concurrency=min(workers, len(todo)),
+                num_cpus=1,
+            )
+            for batch in described.iter_batches(batch_size=config.batcher.max_batch, batch_format="pandas"):
+                for external_id, record, error in zip(batch["id"], batch["record"], batch["error"]):
+                    if error:
+                        result.failed[external_id] = error
+                        continue
+                    width, height, thumbnail, vectors = pickle.loads(record)
+                    add_described(index, external_id, vectors, width=width, height=height, thumbnail=thumbnail)
+                    result.indexed += 1
+                    if progress is not None:
+                        progress(result.indexed + len(result.failed), len(todo))
+            transforms.learn_transforms(index, transforms.ready)  # what the service learns as it grows
+    finally:
+        index.close()
+    return result
