@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,8 @@ from inserve.server.instance_search import add_described
 from inserve.server.models import ModelBundle
 from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import build_recipes, recipe_specs, sources
+
+CPUS_PER_WORKER = 1
 
 
 @dataclass
@@ -36,7 +38,10 @@ class Describer:
     """One per Ray worker: the pipeline the server runs, described images back as pickled records."""
 
     def __init__(self, config: ServerConfig) -> None:
-        models = ModelBundle.open(config.models, config.backbone, config.engine)
+        engine = config.engine  # a worker reserves one CPU: its engines run one thread unless told otherwise
+        if engine.intra_op_threads == 0:
+            engine = replace(engine, intra_op_threads=CPUS_PER_WORKER)
+        models = ModelBundle.open(config.models, config.backbone, engine)
         recipes = build_recipes(config.recipes, config)
         if any(recipe.dasr_peaks for recipe in recipes.values()):
             sources.dasr_engines(models, config.dasr)
@@ -89,7 +94,7 @@ def bulk_index(
                 fn_constructor_args=(config,),
                 batch_size=config.batcher.max_batch,
                 concurrency=min(workers, len(todo)),
-                num_cpus=1,
+                num_cpus=CPUS_PER_WORKER,
             )
             for batch in described.iter_batches(batch_size=config.batcher.max_batch, batch_format="pandas"):
                 for external_id, record, error in zip(batch["id"], batch["record"], batch["error"]):
