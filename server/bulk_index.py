@@ -30,7 +30,7 @@ CPUS_PER_WORKER = 1
 @dataclass
 class BulkResult:
     indexed: int = 0
-    skipped: int = 0  # stored already
+    skipped: int = 0  # stored already, or given twice
     failed: dict[str, str] = field(default_factory=dict)  # id -> why (an image that does not decode...)
 
 
@@ -79,17 +79,17 @@ def bulk_index(
     index = InstanceIndex(config.data_dir, config.index, recipe_specs(build_recipes(config.recipes, config)))
     result = BulkResult()
     try:
-        todo = []
+        todo: dict[str, dict[str, str]] = {}  # one entry per id, the first path given for it
         for external_id, path in files:
-            if index.contains(external_id):
+            if index.contains(external_id) or external_id in todo:
                 result.skipped += 1
             else:
-                todo.append({"id": external_id, "path": str(path)})
+                todo[external_id] = {"id": external_id, "path": str(path)}
         if todo:
             if not ray.is_initialized():
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
             workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
-            described = ray.data.from_items(todo).map_batches(
+            described = ray.data.from_items(list(todo.values())).map_batches(
                 Describer,
                 fn_constructor_args=(config,),
                 batch_size=config.batcher.max_batch,
