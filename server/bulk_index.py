@@ -19,10 +19,10 @@ import numpy as np
 from inserve.server.config import ServerConfig
 from inserve.server.errors import REQUEST_ERRORS
 from inserve.server.index import InstanceIndex, transforms
-from inserve.server.instance_search import add_described
+from inserve.server.instance_search import add_described, describing_pipeline
 from inserve.server.models import ModelBundle
-from inserve.server.pipeline import DescribeJob, Pipeline
-from inserve.server.recipes import build_recipes, recipe_specs, sources
+from inserve.server.pipeline import DescribeJob
+from inserve.server.recipes import build_recipes, recipe_specs
 
 CPUS_PER_WORKER = 1
 
@@ -42,10 +42,7 @@ class Describer:
         if engine.intra_op_threads == 0:
             engine = replace(engine, intra_op_threads=CPUS_PER_WORKER)
         models = ModelBundle.open(config.models, config.backbone, engine)
-        recipes = build_recipes(config.recipes, config)
-        if any(recipe.dasr_peaks for recipe in recipes.values()):
-            sources.dasr_engines(models, config.dasr)
-        self.pipeline = Pipeline(models, recipes, config.image, config.batcher.buckets, config.dasr)
+        self.pipeline = describing_pipeline(config, models, build_recipes(config.recipes, config))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         records: list[bytes] = [b""] * len(batch["id"])

@@ -26,6 +26,7 @@ from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import (
     ImageVectors,
     QueryVector,
+    Recipe,
     build_recipes,
     recipe_specs,
     sources,
@@ -62,6 +63,14 @@ def serving_shapes(config: ServerConfig) -> ServingShapes:
     return ServingShapes(
         config.batcher.buckets, config.image.long_side, config.batcher.max_batch, config.dasr.seeds_per_run
     )
+
+
+def describing_pipeline(config: ServerConfig, models: ModelBundle, recipes: dict[str, Recipe]) -> Pipeline:
+    """The pipeline that describes images with these recipes, their DASR engines opened first: what the
+    service and each bulk-indexing worker (server/bulk_index.py) run."""
+    if any(recipe.dasr_peaks for recipe in recipes.values()):
+        sources.dasr_engines(models, config.dasr)
+    return Pipeline(models, recipes, config.image, config.batcher.buckets, config.dasr)
 
 
 def add_described(
@@ -106,9 +115,7 @@ class InstanceSearch:
                 self.unavailable[name] = str(exc)
                 log.warning("recipe %s is unavailable (the others are served): %s", name, exc)
         available = {name: r for name, r in self.recipes.items() if name not in self.unavailable}
-        if any(recipe.dasr_peaks for recipe in available.values()):
-            sources.dasr_engines(self.models, config.dasr)
-        self.pipeline = Pipeline(self.models, available, config.image, config.batcher.buckets, config.dasr)
+        self.pipeline = describing_pipeline(config, self.models, available)
         self.index = InstanceIndex(config.data_dir, config.index, recipe_specs(self.recipes))
         self.batcher = DynamicBatcher(self.pipeline.run, self.pipeline.job_bucket, config.batcher)
         self._whitening = threading.Lock()
