@@ -22,6 +22,7 @@ from inserve.server.config import (
     RegionRecipeConfig,
     SecurityConfig,
     ServerConfig,
+    milvus_uri,
 )
 
 TOKEN_ENV = "INSERVE_TOKEN"
@@ -81,9 +82,27 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_store_flags(p: argparse.ArgumentParser) -> None:
+    """Where the index lives: a data directory (the embedded default) or a shared Milvus store."""
+    p.add_argument("--data-dir", type=Path, default=ServerConfig.data_dir, help="the embedded store's directory")
+    p.add_argument(
+        "--store",
+        default=None,
+        help="DIR (as --data-dir), milvus://HOST:PORT (a Milvus shared by replicas) or FILE.db (milvus-lite)",
+    )
+
+
+def store_of(args: argparse.Namespace, data_dir: Path) -> tuple[Path, str]:
+    """(data directory, Milvus store) the store flags name: `--store DIR` is `--data-dir DIR`."""
+    store = getattr(args, "store", None) or ""
+    if store and milvus_uri(store) is None:
+        return Path(store), ""
+    return data_dir, store
+
+
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     """What `serve` takes; `build-engines` takes the same, so that it builds the engines serve will open."""
-    p.add_argument("--data-dir", type=Path, default=ServerConfig.data_dir)
+    add_store_flags(p)
     p.add_argument("--port", type=int, default=ServerConfig.port)
     p.add_argument("--host", default=ServerConfig.host, help="interface to bind; [::] = every interface")
     p.add_argument(
@@ -129,8 +148,10 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
     from inserve.server.recipes import check_recipe_names
 
     check_recipe_names(recipes)
+    data_dir, store = store_of(args, data_dir)
     config = ServerConfig(
         data_dir=data_dir,
+        store=store,
         models=args.models,
         backbone=args.backbone,
         recipes=recipes,

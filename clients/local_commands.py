@@ -8,7 +8,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from inserve.clients.cli_flags import add_model_flags, add_serve_flags, given, server_config
+from inserve.clients.cli_flags import (
+    add_model_flags,
+    add_serve_flags,
+    add_store_flags,
+    given,
+    server_config,
+    store_of,
+)
 from inserve.clients.remote_commands import image_files
 from inserve.server.config import ConfigError, ServerConfig
 
@@ -109,21 +116,29 @@ def cmd_bulk_index(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
-def stored_recipe_index(data_dir: Path):
-    """The index of a data directory with the space settings of the recipes it holds (default configuration)."""
-    from inserve.server.index import InstanceIndex, MetadataStore
+def stored_recipe_index(args: argparse.Namespace):
+    """The index the store flags name, with the space settings of the recipes it holds (default configuration)."""
+    from inserve.server.index import MetadataStore, open_index
     from inserve.server.recipes import RECIPES, build_recipes, recipe_specs
 
-    store = MetadataStore(Path(data_dir) / "index.sqlite")
-    names = sorted({recipe for recipe, *_ in store.spaces()} & set(RECIPES))
-    store.close()
-    return InstanceIndex(data_dir, specs=recipe_specs(build_recipes(names, ServerConfig())))
+    data_dir, store = store_of(args, args.data_dir)
+    config = ServerConfig().index
+    if store:
+        index = open_index(data_dir, store, config, {})
+        held = {s.recipe for s in index.stats()}
+        index.close()
+    else:
+        metadata = MetadataStore(Path(data_dir) / "index.sqlite")
+        held = {recipe for recipe, *_ in metadata.spaces()}
+        metadata.close()
+    specs = recipe_specs(build_recipes(sorted(held & set(RECIPES)), ServerConfig()))
+    return open_index(data_dir, store, config, specs)
 
 
 def cmd_whiten(args: argparse.Namespace) -> int:
     from inserve.server.index.transforms import any_vectors, learn_transforms
 
-    index = stored_recipe_index(args.data_dir)
+    index = stored_recipe_index(args)
     try:
         learned = learn_transforms(index, any_vectors, args.recipe, args.dims)
         for s in index.stats():
@@ -168,7 +183,7 @@ def cmd_learn_codebook(args: argparse.Namespace) -> int:
 
     vectors = codebook_vectors(args, args.source)
     centroids = learn_codebook(vectors, args.k)
-    index = stored_recipe_index(args.data_dir)
+    index = stored_recipe_index(args)
     try:
         version = save_codebook(index, centroids, f"{args.source.resolve()} ({len(vectors)} regions)")
     finally:
@@ -256,10 +271,11 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser(
-        "bulk-index", help="index image files and folders on a Ray cluster into a data directory (server stopped)"
+        "bulk-index",
+        help="index image files and folders on a Ray cluster into a store (a data directory: server stopped)",
     )
     p.add_argument("paths", type=Path, nargs="+")
-    p.add_argument("--data-dir", type=Path, default=ServerConfig.data_dir)
+    add_store_flags(p)
     p.add_argument("--recipe", default=",".join(ServerConfig.recipes), help="recipe(s), comma-separated")
     p.add_argument("--ray-address", default=None, help="a Ray cluster (ray://HOST:10001 or auto; default: local)")
     p.add_argument("--workers", type=int, default=None, help="describing at once (default: one per CPU)")
@@ -269,13 +285,13 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_bulk_index)
 
     p = sub.add_parser("whiten", help="learn PCA-whitening from the indexed vectors (server stopped)")
-    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    add_store_flags(p)
     p.add_argument("--recipe", default=None)
     p.add_argument("--dims", type=int, default=None)
     p.set_defaults(fn=cmd_whiten)
 
     p = sub.add_parser("learn-codebook", help="learn dasr_star_vlad's VLAD codebook on other data (server stopped)")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="the index that will use the codebook")
+    add_store_flags(p)  # the index that will use the codebook
     p.add_argument(
         "--from",
         dest="source",

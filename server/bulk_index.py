@@ -18,7 +18,7 @@ import numpy as np
 
 from inserve.server.config import ServerConfig
 from inserve.server.errors import REQUEST_ERRORS
-from inserve.server.index import InstanceIndex, transforms
+from inserve.server.index import open_index, transforms
 from inserve.server.instance_search import add_described, describing_pipeline
 from inserve.server.models import ModelBundle
 from inserve.server.pipeline import DescribeJob
@@ -73,7 +73,7 @@ def bulk_index(
     `workers` describing at once (None: one per CPU Ray offers). `progress(done, total)` after each commit."""
     import ray
 
-    index = InstanceIndex(config.data_dir, config.index, recipe_specs(build_recipes(config.recipes, config)))
+    index = open_index(config.data_dir, config.store, config.index, recipe_specs(build_recipes(config.recipes, config)))
     result = BulkResult()
     try:
         todo: dict[str, dict[str, str]] = {}  # one entry per id, the first path given for it

@@ -8,6 +8,19 @@ from pathlib import Path
 from inserve.engines import EngineOptions
 from inserve.server.errors import ConfigError
 
+MILVUS_SCHEME = "milvus://"
+
+
+def milvus_uri(store: str) -> str | None:
+    """The pymilvus URI of a `--store` value: milvus://HOST:PORT -> http://HOST:PORT, a file *.db -> that
+    milvus-lite file; None for a data directory (the embedded hnswlib + SQLite)."""
+    if store.startswith(MILVUS_SCHEME):
+        address = store[len(MILVUS_SCHEME) :].rstrip("/")
+        if ":" not in address:
+            raise ConfigError(f"--store {store}: give milvus://HOST:PORT")
+        return "http://" + address
+    return store if store.endswith(".db") else None
+
 
 @dataclass(frozen=True)
 class ImageConfig:
@@ -273,7 +286,9 @@ class OpsConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    data_dir: Path = Path("data")
+    data_dir: Path = Path("data")  # the embedded store: hnswlib graphs + SQLite (server/index)
+    # a shared store instead, for replicas (server/index/milvus.py): milvus://HOST:PORT, or a milvus-lite file *.db
+    store: str = ""
     models: Path = Path("models")
     backbone: str = "efficientnet_lite0"
     recipes: tuple[str, ...] = ("whole_and_regions",)  # indexed with every recipe listed; the first is the default
@@ -296,6 +311,10 @@ class ServerConfig:
     clusters: ClustersConfig = field(default_factory=ClustersConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     regions: RegionRecipeConfig = field(default_factory=RegionRecipeConfig)
+
+    def __post_init__(self) -> None:
+        if self.store and milvus_uri(self.store) is None:
+            raise ConfigError(f"store {self.store!r}: give milvus://HOST:PORT or a milvus-lite file *.db")
 
     @property
     def default_recipe(self) -> str:

@@ -89,6 +89,13 @@ class BatcherClosed(InserveError, RuntimeError):
     status = "UNAVAILABLE"
 
 
+class StoreUnavailable(InserveError, ConnectionError):
+    """The shared vector store (Milvus) cannot be reached, or changed under a search: retry; the server goes
+    on serving and recovers when the store is back."""
+
+    status = "UNAVAILABLE"
+
+
 # --- errors of the setup: the server does not start ---
 
 
@@ -117,6 +124,7 @@ REQUEST_ERRORS = (
     Overloaded,
     DeadlineExceeded,
     BatcherClosed,
+    StoreUnavailable,
     FileNotFoundError,  # a media file named by a request that is not there
 )
 

@@ -18,7 +18,7 @@ from inserve.server.config import ServerConfig
 from inserve.server.errors import LiveStreamBusy, RecipeUnavailable, RequestError, UnavailableError
 from inserve.server.grouping import GROUPINGS, group_hits
 from inserve.server.imaging import NetworkInput
-from inserve.server.index import DuplicateId, InstanceIndex, NewKeyframe, SpaceStats, transforms
+from inserve.server.index import DuplicateId, InstanceIndex, NewKeyframe, SpaceStats, open_index, transforms
 from inserve.server.index.store import IMAGE_TAKES_ID, VIDEO_TAKES_ID, LiveResume
 from inserve.server.latency import LatencyHistogram
 from inserve.server.models import ModelBundle, ServingShapes
@@ -116,7 +116,7 @@ class InstanceSearch:
                 log.warning("recipe %s is unavailable (the others are served): %s", name, exc)
         available = {name: r for name, r in self.recipes.items() if name not in self.unavailable}
         self.pipeline = describing_pipeline(config, self.models, available)
-        self.index = InstanceIndex(config.data_dir, config.index, recipe_specs(self.recipes))
+        self.index = open_index(config.data_dir, config.store, config.index, recipe_specs(self.recipes))
         self.batcher = DynamicBatcher(self.pipeline.run, self.pipeline.job_bucket, config.batcher)
         self._whitening = threading.Lock()
         self._live: set[str] = set()  # stream ids a live connection is writing to

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -33,6 +34,19 @@ def encode(image: np.ndarray | Image.Image, format: str = "JPEG", **params: obje
 
 def photo_jpeg(name: str) -> bytes:
     return encode(photo(name))
+
+
+@cache
+def distinct_photo(i: int) -> bytes:
+    """Image i of as many distinct ones as needed: a shifted three-quarter crop of one of the test photos,
+    192 pixels wide, as JPEG."""
+    picture = photo(PHOTOS[i % len(PHOTOS)])
+    height, width = picture.shape[:2]
+    step = i // len(PHOTOS)
+    x, y = (step * 7) % (width // 4), (step * 5) % (height // 4)
+    cut = picture[y : y + 3 * height // 4, x : x + 3 * width // 4]
+    small = Image.fromarray(cut).resize((192, round(192 * cut.shape[0] / cut.shape[1])), Image.BILINEAR)
+    return encode(np.asarray(small))
 
 
 def crop(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from inserve.server.config import IndexConfig
+from inserve.server.config import IndexConfig, milvus_uri
+from inserve.server.errors import ConfigError
 from inserve.server.index.locking import ReadWriteLock
 from inserve.server.index.spaces import DEFAULT_SPEC, Aggregate, Learned, SpaceSpec, SpaceStats
 from inserve.server.index.store import (
@@ -39,6 +40,7 @@ __all__ = [
     "SpaceSpec",
     "SpaceStats",
     "VectorRow",
+    "open_index",
 ]
 
 log = logging.getLogger(__name__)
@@ -421,3 +423,19 @@ class InstanceIndex:
     def close(self) -> None:
         self.snapshot()
         self.store.close()
+
+
+def open_index(
+    data_dir: Path, store: str, config: IndexConfig, specs: Mapping[tuple[str, str], SpaceSpec]
+) -> InstanceIndex:
+    """The index a configuration names: the data directory's hnswlib + SQLite, or a shared Milvus store
+    (`store`: milvus://HOST:PORT or a milvus-lite file *.db; ServerConfig.store). Both answer InstanceIndex's
+    interface; the Milvus one (server/index/milvus.py) holds no state of its own, so replicas can share it."""
+    uri = milvus_uri(store)
+    if uri is None:
+        return InstanceIndex(data_dir, config, specs)
+    try:
+        from inserve.server.index.milvus import MilvusIndex
+    except ImportError as exc:
+        raise ConfigError(f"--store {store} needs pymilvus and milvus-lite: pip install 'inserve[cluster]'") from exc
+    return MilvusIndex(uri, config, specs)

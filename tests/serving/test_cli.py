@@ -89,13 +89,14 @@ BAD_SETTINGS = [
     (("--queue-depth", "4"), "queue_depth 4 is below max_batch 8: need max_batch <= queue_depth"),
     (("--precision", "int8"), "precision int8 needs a calibration folder of images"),
     (("--dla-core", "-1"), "dla_core must be >= 0, got -1"),
+    (("--store", "milvus://nohost"), "--store milvus://nohost: give milvus://HOST:PORT"),
 ]
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     BAD_SETTINGS,
-    ids=["recipe", "region-set-weight", "sigmas", "queue-depth", "int8-without-images", "dla-core"],
+    ids=["recipe", "region-set-weight", "sigmas", "queue-depth", "int8-without-images", "dla-core", "store"],
 )
 def test_bad_settings_are_one_line_saying_what_is_valid_before_any_model_loads(tmp_path: Path, flags, message) -> None:
     done = inserve("serve", *flags, "--models", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path / "data"))

@@ -8,16 +8,13 @@ import json
 import re
 import sqlite3
 import zlib
-from functools import cache
 from pathlib import Path
 
 import grpc
 import hnswlib
-import numpy as np
 import pytest
 from media import scenes_video
-from photos import PHOTOS, encode, photo
-from PIL import Image
+from photos import distinct_photo, encode
 from servers import Server, running_server
 from skimage import data
 
@@ -27,18 +24,6 @@ FLAGS = ("--recipe", "gem", "--snapshot-every", "8")  # snapshots every 8 vector
 LOGS = ("--log-level", "INFO")
 STREAM = 400  # images offered on the stream; it is killed long before its end
 KILL_AFTER = 30  # acknowledgements
-
-
-@cache
-def image(i: int) -> bytes:
-    """Image i: a shifted three-quarter crop of one of the test photos, 192 pixels wide (all distinct)."""
-    picture = photo(PHOTOS[i % len(PHOTOS)])
-    height, width = picture.shape[:2]
-    step = i // len(PHOTOS)
-    x, y = (step * 7) % (width // 4), (step * 5) % (height // 4)
-    crop = picture[y : y + 3 * height // 4, x : x + 3 * width // 4]
-    small = Image.fromarray(crop).resize((192, round(192 * crop.shape[0] / crop.shape[1])), Image.BILINEAR)
-    return encode(np.asarray(small))
 
 
 def name(i: int) -> str:
@@ -52,7 +37,7 @@ def kill(server: Server) -> None:
 
 def all_hits(client: InstanceSearchClient) -> list[str]:
     """Every image id the gem index returns (top_k above the number indexed)."""
-    return [hit.id for hit in client.search(image(0), top_k=1000)]
+    return [hit.id for hit in client.search(distinct_photo(0), top_k=1000)]
 
 
 def loaded_from_snapshot(server: Server) -> re.Match:
@@ -112,7 +97,7 @@ def test_acknowledged_images_deletes_and_keyframes_survive_sigkill(models_dir: P
         InstanceSearchClient(server.address, timeout=300) as client,
     ):
         client.wait_ready()
-        stream = client.index_images(ImageItem(name(i), image(i)) for i in range(STREAM))
+        stream = client.index_images(ImageItem(name(i), distinct_photo(i)) for i in range(STREAM))
         with pytest.raises(grpc.RpcError) as cut:
             for ack in stream:
                 acked.append(ack.id)
@@ -133,7 +118,7 @@ def test_acknowledged_images_deletes_and_keyframes_survive_sigkill(models_dir: P
         assert sorted(ids) == [name(i) for i in range(committed)]  # every one once, no gap
         assert stats.indexes[0].vectors == committed
         for i in (0, KILL_AFTER // 2, KILL_AFTER - 1):  # the last acknowledged one included
-            top = client.search(image(i), top_k=1)[0]
+            top = client.search(distinct_photo(i), top_k=1)[0]
             assert top.id == name(i) and top.score == pytest.approx(1.0, abs=1e-4)
         found = loaded_from_snapshot(server)
         assert found.group(2) == "snapshot" and int(found.group(1)) == committed

@@ -1,0 +1,121 @@
+"""Two real servers on one Milvus (a `milvus-lite server` process, which serves one store to many processes):
+what one acknowledges the other finds on the next call; one killed mid-stream loses nothing it acknowledged
+while the other keeps serving; the store going away gives callers UNAVAILABLE, and serving resumes when it
+is back."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from photos import distinct_photo
+from servers import running_server
+
+from inserve.clients.client import ImageItem, InstanceSearchClient
+
+FLAGS = ("--recipe", "gem")
+KILL_AFTER = 6  # acknowledgements before the writer is killed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def milvus_lite_server(data_dir: Path, port: int) -> Iterator[subprocess.Popen]:
+    """`milvus-lite server` on a loopback port until the block ends."""
+    executable = shutil.which("milvus-lite", path=str(Path(sys.executable).parent))
+    process = subprocess.Popen(
+        [executable, "server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("milvus-lite server did not start") from None
+                time.sleep(0.2)
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_store_that_cannot_be_reached_stops_the_server_with_one_line(models_dir: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "inserve.clients.cli", "serve", "--models", str(models_dir)]
+    command += ["--store", f"milvus://127.0.0.1:{free_port()}", "--recipe", "gem"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+    assert "cannot reach the Milvus store http://127.0.0.1:" in done.stderr
+
+
+def name(i: int) -> str:
+    return f"img{i:03d}"
+
+
+def top(client: InstanceSearchClient, i: int) -> tuple[str, float]:
+    hit = client.search(distinct_photo(i), top_k=1)[0]
+    return hit.id, hit.score
+
+
+def test_two_replicas_share_one_milvus(models_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    store = ("--store", f"milvus://127.0.0.1:{port}")
+    with (
+        milvus_lite_server(tmp_path / "milvus", port),
+        running_server(models_dir, tmp_path / "a", *FLAGS, *store) as a,
+        running_server(models_dir, tmp_path / "b", *FLAGS, *store) as b,
+        InstanceSearchClient(a.address, timeout=120) as writer,
+        InstanceSearchClient(b.address, timeout=120) as reader,
+    ):
+        writer.wait_ready()
+        reader.wait_ready()
+        for i in range(3):  # acknowledged by one, found through the other on the next call
+            assert [ack.id for ack in writer.index_images([ImageItem(name(i), distinct_photo(i))])] == [name(i)]
+            assert top(reader, i) == (name(i), pytest.approx(1.0, abs=1e-4))
+        assert reader.delete([name(0)]).deleted == 1  # and the other way round
+        assert name(0) not in [hit.id for hit in writer.search(distinct_photo(0), top_k=50)]
+
+        acked = []
+        stream = writer.index_images(ImageItem(name(i), distinct_photo(i)) for i in range(3, 60))
+        with pytest.raises(grpc.RpcError) as cut:
+            for ack in stream:
+                acked.append(ack.id)
+                if len(acked) == KILL_AFTER:
+                    a.process.kill()
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        found = [hit.id for hit in reader.search(distinct_photo(1), top_k=100)]
+        assert len(found) == len(set(found))  # nothing twice
+        assert {name(1), name(2), *acked} <= set(found)  # nothing acknowledged lost; the reader keeps serving
+        assert top(reader, 3 + KILL_AFTER - 1) == (acked[-1], pytest.approx(1.0, abs=1e-4))
+
+    with (
+        milvus_lite_server(tmp_path / "milvus", port) as milvus,  # the store restarts under a running replica
+        running_server(models_dir, tmp_path / "b", *FLAGS, *store) as b,
+        InstanceSearchClient(b.address, timeout=120) as reader,
+    ):
+        assert top(reader, 2) == (name(2), pytest.approx(1.0, abs=1e-4))
+        milvus.kill()
+        milvus.wait()
+        with pytest.raises(grpc.RpcError) as down:
+            reader.search(distinct_photo(2), top_k=1)
+        assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "Milvus store" in down.value.details()
+        with milvus_lite_server(tmp_path / "milvus", port):
+            assert top(reader, 2) == (name(2), pytest.approx(1.0, abs=1e-4))
+            assert b.process.poll() is None

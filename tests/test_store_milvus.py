@@ -1,0 +1,111 @@
+"""What only the Milvus store has to get right: refusing stores it cannot read, unreachable stores, and writes
+of another replica landing while a space learns its transform (milvus-lite: a real Milvus engine, embedded)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inserve.server.config import IndexConfig, ServerConfig
+from inserve.server.errors import ConfigError
+from inserve.server.index import NewVectors, open_index
+from inserve.server.index.milvus import STORE_FORMAT, MilvusIndex, SnowflakeIds
+from inserve.server.recipes import build_recipes, recipe_specs
+
+CONFIG = IndexConfig()
+
+
+def vectors(seed: int, n: int = 3, dim: int = 8) -> NewVectors:
+    raw = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32) + 1.0
+    return NewVectors("gem", "global", raw)
+
+
+def test_store_settings_are_checked_before_anything_opens() -> None:
+    with pytest.raises(ConfigError, match="give milvus://HOST:PORT"):
+        ServerConfig(store="milvus://nohost")
+    with pytest.raises(ConfigError, match="give milvus://HOST:PORT or a milvus-lite file"):
+        ServerConfig(store="somewhere")
+
+
+def test_an_unreachable_store_is_a_start_up_error() -> None:
+    with pytest.raises(ConfigError, match=r"cannot reach the Milvus store http://127.0.0.1:1"):
+        open_index(Path("unused"), "milvus://127.0.0.1:1", CONFIG, {})
+
+
+def test_a_store_of_another_format_is_refused(tmp_path: Path) -> None:
+    store = str(tmp_path / "m.db")
+    index = open_index(tmp_path, store, CONFIG, {})
+    index._put_meta("format", json.dumps(STORE_FORMAT + 1))
+    index.close()
+    with pytest.raises(ConfigError, match=f"written by inserve store format {STORE_FORMAT + 1}; this inserve reads"):
+        open_index(tmp_path, store, CONFIG, {})
+
+
+def test_a_space_whose_collection_has_another_dimension_is_refused(tmp_path: Path) -> None:
+    store = str(tmp_path / "m.db")
+    index = open_index(tmp_path, store, CONFIG, {})
+    index.add_image("a", [vectors(1)], width=1, height=1)
+    record = index._record("gem", "global")
+    index._save_record("gem", "global", type(record)(**{**record.__dict__, "dim": 16}))
+    index.close()
+    with pytest.raises(ConfigError, match="holds 8-dimensional vectors; its record in inserve_meta says 16"):
+        open_index(tmp_path, store, CONFIG, {})
+
+
+def test_recipes_with_per_image_aggregates_are_refused_by_name(tmp_path: Path) -> None:
+    specs = recipe_specs(build_recipes(("rmac", "gem"), ServerConfig()))
+    with pytest.raises(ConfigError, match=r"aggregates yet \(rmac/global\)"):
+        open_index(tmp_path, str(tmp_path / "m.db"), CONFIG, specs)
+
+
+def test_writes_of_another_replica_during_learning_land_in_the_new_collection(tmp_path: Path, monkeypatch) -> None:
+    """Replica B writes while A copies the space into its new collection (before A switches) and once more
+    after the switch: both images are found under the new transform; one B deletes meanwhile stays deleted."""
+    index = open_index(tmp_path, str(tmp_path / "m.db"), CONFIG, {})
+    assert isinstance(index, MilvusIndex)
+    for i in range(12):
+        index.add_image(f"img{i}", [vectors(i)], width=1, height=1)
+    other = MilvusIndex.__new__(MilvusIndex)  # a second replica's view: same client, its own id generator
+    other.__dict__.update(index.__dict__, _ids=SnowflakeIds())
+    copy = index._copy
+    during = vectors(100)
+
+    def copy_then_interleave(rows, raw, whitening, collection):
+        copy(rows, raw, whitening, collection)
+        if not other.contains("during"):
+            other.add_image("during", [during], width=1, height=1)
+            other.delete(["img3"])
+
+    monkeypatch.setattr(index, "_copy", copy_then_interleave)
+    assert index.learn_whitening("gem", "global", dims=6) == 1
+    after = vectors(101)
+    other.add_image("after", [after], width=1, height=1)
+    space = index.space("gem", "global")
+    assert (space.version, space.dim, len(space)) == (1, 6, 3 * 13)
+    for name, raw in (("during", during.raw[0]), ("after", after.raw[2]), ("img5", vectors(5).raw[1])):
+        found = index.nearest("gem", "global", index.transform("gem", "global", raw), 1)
+        assert index.images([found[0][0].image_id])[found[0][0].image_id].external_id == name
+        assert found[0][1] == pytest.approx(1.0, abs=1e-4)
+    assert not index.contains("img3")
+    assert len(index._client.list_collections()) == 4  # meta, images, videos and the space's new collection
+    index.close()
+
+
+def test_inserve_whiten_learns_the_shared_whitening_of_a_milvus_store(tmp_path: Path) -> None:
+    store = str(tmp_path / "m.db")
+    index = open_index(tmp_path, store, CONFIG, {})
+    for i in range(12):
+        index.add_image(f"img{i}", [vectors(i)], width=1, height=1)
+    index.close()
+    command = [sys.executable, "-m", "inserve.clients.cli", "whiten", "--store", store, "--dims", "6"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "gem/global: whitening v1 from 36 vectors" in done.stdout
+    index = open_index(tmp_path, store, CONFIG, {})
+    assert [(s.whitening_version, s.dim) for s in index.stats()] == [(1, 6)]
+    index.close()
