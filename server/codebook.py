@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inserve.server.index import InstanceIndex
+from inserve.server.index import Index, InstanceIndex
 from inserve.server.recipes.dasr import CODEBOOK
 from inserve.server.stages.pooling import l2_normalize
 from inserve.server.stages.vlad import kmeans
@@ -51,6 +51,6 @@ def learn_codebook(vectors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return kmeans(l2_normalize(vectors), k, seed=seed)
 
 
-def save_codebook(index: InstanceIndex, centroids: np.ndarray, source: str) -> int:
+def save_codebook(index: Index, centroids: np.ndarray, source: str) -> int:
     """Store a new codebook version; the VLAD vectors are rebuilt from the stored regions. Returns the version."""
     return index.save_learned(RECIPE, CODEBOOK, centroids, source)

@@ -18,7 +18,7 @@ from inserve.server.config import ServerConfig
 from inserve.server.errors import LiveStreamBusy, RecipeUnavailable, RequestError, UnavailableError
 from inserve.server.grouping import GROUPINGS, group_hits
 from inserve.server.imaging import NetworkInput
-from inserve.server.index import DuplicateId, InstanceIndex, NewKeyframe, SpaceStats, open_index, transforms
+from inserve.server.index import DuplicateId, Index, NewKeyframe, SpaceStats, open_index, transforms
 from inserve.server.index.store import IMAGE_TAKES_ID, VIDEO_TAKES_ID, LiveResume
 from inserve.server.latency import LatencyHistogram
 from inserve.server.models import ModelBundle, ServingShapes
@@ -74,7 +74,7 @@ def describing_pipeline(config: ServerConfig, models: ModelBundle, recipes: dict
 
 
 def add_described(
-    index: InstanceIndex,
+    index: Index,
     external_id: str,
     described: dict[str, ImageVectors],
     *,

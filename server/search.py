@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from inserve.server.index import ImageRow, InstanceIndex, VectorRow
+from inserve.server.index import ImageRow, Index, VectorRow
 from inserve.server.recipes import QueryVector
 from inserve.server.recipes.cam import online_aggregates
 from inserve.server.stages.matching import best_region, expand_query, region_set_score, rerank_order, soft_box
@@ -56,7 +56,7 @@ class Match:
 
 
 def best_per_image(
-    index: InstanceIndex, recipe: str, kind: str, query: np.ndarray, top_k: int
+    index: Index, recipe: str, kind: str, query: np.ndarray, top_k: int
 ) -> list[tuple[VectorRow, float]]:
     """The best-matching vector of each of the top_k images, asking the graph for more neighbours until
     top_k distinct images are found or the space is exhausted."""
@@ -79,7 +79,7 @@ class FirstStage:
     """Ranks images for a query vector in the first stage's coordinates: kNN in the query's space, or, for a
     query with tags, a scan of the images' online aggregates (seed 001 OnA), built once per search."""
 
-    def __init__(self, index: InstanceIndex, recipe: str, query: QueryVector) -> None:
+    def __init__(self, index: Index, recipe: str, query: QueryVector) -> None:
         self.index, self.recipe, self.kind = index, recipe, query.kind
         self.online = query.tags is not None
         if self.online:
@@ -109,9 +109,7 @@ class FirstStage:
         return [Match(row.image_id, sim, row, stored[i]) for i, (row, sim) in enumerate(matches)]
 
 
-def rerank(
-    index: InstanceIndex, recipe: str, kind: str, query: np.ndarray, matches: list[Match], top: int
-) -> list[Match]:
+def rerank(index: Index, recipe: str, kind: str, query: np.ndarray, matches: list[Match], top: int) -> list[Match]:
     """Seed 000's class-agnostic spatial re-ranking: each of the top images scores by its region (in space
     `kind`) that best matches the query region, which also gives its box; images without regions go last
     among them."""
@@ -130,7 +128,7 @@ def rerank(
 
 
 def search(
-    index: InstanceIndex,
+    index: Index,
     recipe: str,
     query: QueryVector,
     top_k: int,
@@ -174,7 +172,7 @@ def search(
 
 
 def region_set_search(
-    index: InstanceIndex,
+    index: Index,
     recipe: str,
     query: QueryVector,
     top_k: int,

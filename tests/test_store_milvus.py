@@ -59,7 +59,7 @@ def test_a_space_whose_collection_has_another_dimension_is_refused(tmp_path: Pat
 
 def test_recipes_with_per_image_aggregates_are_refused_by_name(tmp_path: Path) -> None:
     specs = recipe_specs(build_recipes(("rmac", "gem"), ServerConfig()))
-    with pytest.raises(ConfigError, match=r"aggregates yet \(rmac/global\)"):
+    with pytest.raises(ConfigError, match=r"aggregates \(R-MAC, CAM, VLAD recipes\) yet \(rmac/global\)"):
         open_index(tmp_path, str(tmp_path / "m.db"), CONFIG, specs)
 
 

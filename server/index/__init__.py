@@ -12,6 +12,7 @@ import numpy as np
 from inserve.server.config import IndexConfig, milvus_uri
 from inserve.server.errors import ConfigError
 from inserve.server.index.locking import ReadWriteLock
+from inserve.server.index.protocol import Index, Space
 from inserve.server.index.spaces import DEFAULT_SPEC, Aggregate, Learned, SpaceSpec, SpaceStats
 from inserve.server.index.store import (
     DuplicateId,
@@ -32,11 +33,13 @@ __all__ = [
     "Aggregate",
     "DuplicateId",
     "ImageRow",
+    "Index",
     "InstanceIndex",
     "Learned",
     "MetadataStore",
     "NewKeyframe",
     "NewVectors",
+    "Space",
     "SpaceSpec",
     "SpaceStats",
     "VectorRow",
@@ -425,12 +428,11 @@ class InstanceIndex:
         self.store.close()
 
 
-def open_index(
-    data_dir: Path, store: str, config: IndexConfig, specs: Mapping[tuple[str, str], SpaceSpec]
-) -> InstanceIndex:
+def open_index(data_dir: Path, store: str, config: IndexConfig, specs: Mapping[tuple[str, str], SpaceSpec]) -> Index:
     """The index a configuration names: the data directory's hnswlib + SQLite, or a shared Milvus store
     (`store`: milvus://HOST:PORT or a milvus-lite file *.db; ServerConfig.store). Both answer InstanceIndex's
-    interface; the Milvus one (server/index/milvus.py) holds no state of its own, so replicas can share it."""
+    interface (server/index/protocol.py); the Milvus one (server/index/milvus.py) holds no state of its own, so
+    replicas can share it."""
     uri = milvus_uri(store)
     if uri is None:
         return InstanceIndex(data_dir, config, specs)

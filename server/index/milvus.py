@@ -69,6 +69,7 @@ NO_TAG = -1  # tags are class indices, >= 0
 PAGE = 4096
 NOT_LOADED = 101  # MilvusException codes: a collection not loaded (released by a restart)
 UNREACHABLE = (2, 503)  # MilvusException codes: no connection, unavailable  # rows per query page
+NO_AGGREGATES = "the Milvus store does not hold per-image aggregates (R-MAC, CAM, VLAD recipes) yet"
 EPOCH_MS = 1_767_225_600_000  # 2026-01-01: 41 bits of milliseconds from it last until 2095
 
 
@@ -148,7 +149,8 @@ def _ids(values) -> str:
 
 
 class MilvusIndex:
-    """InstanceIndex's interface over Milvus (see the module docstring); `uri` as pymilvus takes it."""
+    """The Index protocol (server/index/protocol.py) over Milvus (see the module docstring); `uri` as pymilvus
+    takes it."""
 
     def __init__(
         self,
@@ -162,10 +164,7 @@ class MilvusIndex:
         self.uri = uri
         aggregates = sorted(f"{r}/{k}" for (r, k), spec in self.specs.items() if spec.aggregate is not None)
         if aggregates:
-            raise ConfigError(
-                f"the Milvus store does not hold per-image aggregates yet ({', '.join(aggregates)}): "
-                "serve those recipes from a data directory (--store DIR)"
-            )
+            raise ConfigError(f"{NO_AGGREGATES} ({', '.join(aggregates)}): serve those recipes from a data directory")
         self._p = prefix
         self._ids = SnowflakeIds()
         self._whitenings: dict[tuple[str, str, int], Whitening | None] = {}
@@ -381,7 +380,7 @@ class MilvusIndex:
         found = self._client.query(collection, filter=expr, output_fields=["count(*)"])
         return int(found[0]["count(*)"])
 
-    # --- InstanceIndex's interface ---
+    # --- the Index protocol ---
 
     def reading(self) -> AbstractContextManager[None]:
         """A search's reads are each consistent (Strong); between two of them another replica's write may land,
@@ -705,13 +704,18 @@ class MilvusIndex:
         rows = self._call(self._space_rows, recipe, kind, ["raw"])
         return decode_vectors([_unb64(r["raw"]) for r in rows]) if rows else np.zeros((0, 0), np.float32)
 
-    def tagged_vectors(self, recipe, kind, tags) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        raise ConfigError("the Milvus store does not hold per-image aggregates yet")
+    def tagged_vectors(
+        self, recipe: str, kind: str, tags: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        raise ConfigError(NO_AGGREGATES)
 
     def combine(self, recipe: str, aggregate: Aggregate, raw: np.ndarray) -> np.ndarray | None:
-        raise ConfigError("the Milvus store does not hold per-image aggregates yet")
+        raise ConfigError(NO_AGGREGATES)
 
-    combine_groups = combine
+    def combine_groups(
+        self, recipe: str, aggregate: Aggregate, labels: np.ndarray, image_ids: np.ndarray, raw: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise ConfigError(NO_AGGREGATES)
 
     def learned(self, recipe: str, name: str) -> tuple[int, np.ndarray, str] | None:
         def read():

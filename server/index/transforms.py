@@ -3,7 +3,7 @@ reduction), from which vectors, when it is learned again, and the one loop that 
 service as its index grows, by `inserve whiten` and by evaluation alike.
 
 The index applies a space's transform (VectorSpace, server/index/vectors.py) and keeps its versions (SQLite);
-learning one rebuilds the space's graph (InstanceIndex.learn_whitening).
+learning one rebuilds the space's graph or collection (Index.learn_whitening).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from inserve.server.index.spaces import SpaceSpec
 from inserve.server.stages.whitening import Whitening, pca_reduce, pca_whiten
 
 if TYPE_CHECKING:
-    from inserve.server.index import InstanceIndex
+    from inserve.server.index.protocol import Index
 
 COMPACT_RELEARN_LIMIT = 64  # a compact space stops re-learning once learned from this many x compact_after
 
@@ -56,13 +56,13 @@ def learn_transform(spec: SpaceSpec, config: IndexConfig, training: np.ndarray, 
     return pca_whiten(training, dims or spec.whiten_dims or config.whiten_dims, shrinkage=shrinkage)
 
 
-def any_vectors(index: InstanceIndex, recipe: str, kind: str) -> bool:
+def any_vectors(index: Index, recipe: str, kind: str) -> bool:
     """Selects every space that learns and holds at least two vectors (`inserve whiten`, evaluation)."""
     space = index.space(recipe, kind)
     return learns(index.spec(recipe, kind), index.config) and space is not None and len(space) >= 2
 
 
-def ready(index: InstanceIndex, recipe: str, kind: str) -> bool:
+def ready(index: Index, recipe: str, kind: str) -> bool:
     """Selects the spaces that hold enough vectors to learn their transform: per dimension
     (IndexConfig.auto_whiten_per_dim) for whitening, IndexConfig.compact_after for a compact space."""
     space = index.space(recipe, kind)
@@ -78,7 +78,7 @@ def ready(index: InstanceIndex, recipe: str, kind: str) -> bool:
     return samples >= per_dim * space.raw_dim
 
 
-def due(index: InstanceIndex, recipe: str, kind: str) -> bool:
+def due(index: Index, recipe: str, kind: str) -> bool:
     """Selects a space that was never whitened and now can be; a compact space also each time it has doubled
     since its reduction was learned, until that was learned from 64 x compact_after vectors: a reduction
     learned on the first images keeps the directions of what they show, and later images may need others
@@ -93,11 +93,11 @@ def due(index: InstanceIndex, recipe: str, kind: str) -> bool:
     return len(space) >= 2 * learned_from and learned_from < COMPACT_RELEARN_LIMIT * index.config.compact_after
 
 
-Selection = Callable[["InstanceIndex", str, str], bool]
+Selection = Callable[["Index", str, str], bool]
 
 
 def learn_transforms(
-    index: InstanceIndex, select: Selection, recipe: str | None = None, dims: int | None = None
+    index: Index, select: Selection, recipe: str | None = None, dims: int | None = None
 ) -> dict[tuple[str, str], int]:
     """Learn the transform of every space `select` picks (of one recipe, or all), parts before aggregates:
     an aggregate is rebuilt on its parts' new transform. Returns each learned space's new version."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from inserve.server.config import CamConfig
-from inserve.server.index import Aggregate, InstanceIndex, NewVectors, SpaceSpec
+from inserve.server.index import Aggregate, Index, NewVectors, SpaceSpec
 from inserve.server.recipes import sources
 from inserve.server.recipes.base import FeatureBatch, ImageVectors, QueryVector, Recipe, crop_map
 from inserve.server.stages.dasr import Regions
@@ -87,7 +87,7 @@ class CamRecipe(Recipe):
 
 
 def online_aggregates(
-    index: InstanceIndex, recipe: str, kind: str, parts: np.ndarray, tags: np.ndarray
+    index: Index, recipe: str, kind: str, parts: np.ndarray, tags: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Online aggregation (seed 001 OnA): the aggregate `kind` built from only the parts whose tag is one of
     `tags`, for the query (`parts` (n, D) raw) and for every image holding such parts.
