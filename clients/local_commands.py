@@ -101,8 +101,11 @@ def cmd_bulk_index(args: argparse.Namespace) -> int:
         return 2
     from tqdm import tqdm
 
+    from inserve.engines.precision import IMAGE_SUFFIXES
+    from inserve.server.video.decode import VIDEO_SUFFIXES
+
     config = server_config(args, tuple(args.recipe.split(",")), args.data_dir)
-    files = [(args.id_prefix + name, path) for name, path in image_files(args.paths)]
+    files = [(args.id_prefix + name, path) for name, path in image_files(args.paths, IMAGE_SUFFIXES + VIDEO_SUFFIXES)]
     with tqdm(total=len(files), unit="img", disable=args.quiet, file=sys.stderr) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -112,7 +115,7 @@ def cmd_bulk_index(args: argparse.Namespace) -> int:
         result = bulk_index(config, files, args.ray_address, args.workers, progress)
     for external_id, why in sorted(result.failed.items()):
         print(f"{external_id}: not indexed: {why}", file=sys.stderr)
-    print(f"indexed {result.indexed} images, {result.skipped} stored already, {len(result.failed)} failed")
+    print(f"indexed {result.indexed} images and videos, {result.skipped} stored already, {len(result.failed)} failed")
     return 1 if result.failed else 0
 
 
@@ -272,7 +275,7 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "bulk-index",
-        help="index image files and folders on a Ray cluster into a store (a data directory: server stopped)",
+        help="index images, videos and folders of them on a Ray cluster into a store (stop a data directory's server)",
     )
     p.add_argument("paths", type=Path, nargs="+")
     add_store_flags(p)

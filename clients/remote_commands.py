@@ -34,13 +34,13 @@ def connect(args: argparse.Namespace) -> InstanceSearchClient:
     return InstanceSearchClient(args.server, security=channel_security(args), **deadlines)
 
 
-def image_files(paths: list[Path]) -> Iterator[tuple[str, Path]]:
-    """(id, path) of every image among files and folders (recursively); a folder's images are named by
-    their path inside it."""
+def image_files(paths: list[Path], suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> Iterator[tuple[str, Path]]:
+    """(id, path) of every image (every file with one of `suffixes`) among files and folders (recursively); a
+    folder's files are named by their path inside it."""
     for path in paths:
         if path.is_dir():
             for file in sorted(path.rglob("*")):
-                if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
+                if file.suffix.lower() in suffixes and file.is_file():
                     yield str(file.relative_to(path)), file
         elif path.is_file():
             yield path.name, path

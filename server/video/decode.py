@@ -14,6 +14,8 @@ from inserve.server.config import ImageConfig
 from inserve.server.errors import VideoError
 from inserve.server.imaging import ImageError, check_size
 
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mpg", ".mpeg")  # of folders of videos
+
 
 @dataclass(frozen=True)
 class Frame:

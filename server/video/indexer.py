@@ -10,18 +10,21 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
+from PIL import Image
+
+from inserve.server.config import ServerConfig
 from inserve.server.errors import VideoError
 from inserve.server.ids import keyframe_id
 from inserve.server.imaging import NetworkInput
 from inserve.server.index import NewKeyframe
 from inserve.server.instance_search import InstanceSearch
 from inserve.server.recipes import ImageVectors
-from inserve.server.video.decode import decode_video
+from inserve.server.video.decode import Frame, decode_video
 from inserve.server.video.keyframes import KeyframeSelector, SelectionRules, colour_histogram
 
 
@@ -63,6 +66,19 @@ def new_keyframe(video_id: str, selected: SelectedFrame, described: dict[str, Im
     )
 
 
+def selected_frames(
+    file: BinaryIO, rules: SelectionRules, config: ServerConfig, prepare: Callable[[Image.Image], NetworkInput]
+) -> Iterator[tuple[Frame, SelectedFrame | None, int]]:
+    """Every decoded frame of a video file; for a keyframe, also the frame made ready for the network by
+    `prepare`; and how many shots so far. What IndexVideo and bulk indexing (server/bulk_index.py) select."""
+    selector = KeyframeSelector(rules)
+    for frame in decode_video(file, rules.iframes_only, config.image):
+        histogram = colour_histogram(frame.small_rgb(config.video.histogram_side))
+        chosen = selector.offer(frame.time_s, histogram, frame.intra)
+        selected = SelectedFrame(frame.number, frame.time_s, selector.shot, prepare(frame.image())) if chosen else None
+        yield frame, selected, selector.shot + 1
+
+
 def region_count(described: dict[str, ImageVectors]) -> int:
     return sum(len(v.regions.boxes) for v in described.values())
 
@@ -82,7 +98,6 @@ def index_video(
     """Blocking. Raises VideoError, CancelledError when `cancelled` is set, and what the batcher raises
     (DeadlineExceeded) for `deadline` (time.monotonic() seconds); a new video keeps the keyframes committed until
     then (its last progress says how many), a re-indexed one stays as it was."""
-    selector = KeyframeSelector(rules)
     state = VideoProgress(video_id)
     batch: list[SelectedFrame] = []
     in_flight: deque[tuple[SelectedFrame, Future]] = deque()
@@ -131,21 +146,17 @@ def index_video(
         batch.clear()
 
     try:
-        for frame in decode_video(file, rules.iframes_only, core.config.image):
+        for frame, selected, shots in selected_frames(file, rules, core.config, core.pipeline.prepare):
             check_cancelled()
-            histogram = colour_histogram(frame.small_rgb(core.config.video.histogram_side))
-            chosen = selector.offer(frame.time_s, histogram, frame.intra)
-            if chosen:
-                batch.append(
-                    SelectedFrame(frame.number, frame.time_s, selector.shot, core.pipeline.prepare(frame.image()))
-                )
+            if selected is not None:
+                batch.append(selected)
                 if len(batch) == step:
                     submit()
             state = replace(
                 state,
                 frames_decoded=state.frames_decoded + 1,
-                keyframes_selected=state.keyframes_selected + chosen,
-                shots=selector.shot + 1,
+                keyframes_selected=state.keyframes_selected + (selected is not None),
+                shots=shots,
                 duration_s=frame.time_s,
             )
             collect(block=len(in_flight) > 2 * step)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from inserve.server.config import VideoConfig
+
 
 def colour_histogram(rgb: np.ndarray, bins: int = 8) -> np.ndarray:
     """(h, w, 3) uint8 -> the frame's bins^3 RGB histogram, summing to 1."""
@@ -31,6 +33,10 @@ class SelectionRules:
     min_interval_s: float
     max_interval_s: float
     iframes_only: bool  # only the codec's intra frames may become keyframes
+
+    @staticmethod
+    def defaults(config: VideoConfig) -> SelectionRules:
+        return SelectionRules(config.scene_threshold, config.min_interval_s, config.max_interval_s, config.iframes_only)
 
     def __post_init__(self) -> None:
         if math.isnan(self.min_interval_s) or math.isnan(self.max_interval_s):
