@@ -61,8 +61,15 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 
 
 def service_config(retries: bool) -> str:
+    """Retries as above; and calls spread over every address the target resolves to (`round_robin`), so that
+    one client reaches all replicas of a shared store: `dns:///inserve.example:50051` (several A records) or
+    `ipv4:10.0.0.1:50051,10.0.0.2:50051`. A replica that goes away drops out; a read retried after
+    UNAVAILABLE goes to another."""
     methods = [{"service": SERVICE, "method": method} for method in RETRIED_METHODS]
-    config = {"methodConfig": [{"name": methods, "retryPolicy": RETRY_POLICY}] if retries else []}
+    config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": methods, "retryPolicy": RETRY_POLICY}] if retries else [],
+    }
     return json.dumps(config)
 
 

@@ -91,6 +91,8 @@ def test_two_replicas_share_one_milvus(models_dir: Path, tmp_path: Path) -> None
         assert reader.delete([name(0)]).deleted == 1  # and the other way round
         assert name(0) not in [hit.id for hit in writer.search(distinct_photo(0), top_k=50)]
 
+        balanced = InstanceSearchClient(f"ipv4:{a.address},{b.address}", timeout=120)  # both, round robin
+        assert [top(balanced, 1)[0] for _ in range(4)] == [name(1)] * 4
         acked = []
         stream = writer.index_images(ImageItem(name(i), distinct_photo(i)) for i in range(3, 60))
         with pytest.raises(grpc.RpcError) as cut:
@@ -103,6 +105,9 @@ def test_two_replicas_share_one_milvus(models_dir: Path, tmp_path: Path) -> None
         assert len(found) == len(set(found))  # nothing twice
         assert {name(1), name(2), *acked} <= set(found)  # nothing acknowledged lost; the reader keeps serving
         assert top(reader, 3 + KILL_AFTER - 1) == (acked[-1], pytest.approx(1.0, abs=1e-4))
+        for i in (1, 2, 3, 4):  # a client of both replicas goes on being served by the one left
+            assert top(balanced, i) == (name(i), pytest.approx(1.0, abs=1e-4))
+        balanced.close()
 
     with (
         milvus_lite_server(tmp_path / "milvus", port) as milvus,  # the store restarts under a running replica
