@@ -1,13 +1,17 @@
 """A real `inserve serve` on a free loopback port, in a subprocess: for integration tests, benchmarks and
-notebooks that want the whole service (gRPC, batcher, index files) rather than the classes in-process."""
+notebooks that want the whole service (gRPC, batcher, index files) rather than the classes in-process; and a
+real `milvus-lite server` for replicas to share."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,3 +70,35 @@ def local_server(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def milvus_lite_server(data_dir: Path, port: int) -> Iterator[subprocess.Popen]:
+    """`milvus-lite server` (the `cluster` extra) on a loopback port until the block ends, then killed: a store
+    several `inserve serve --store milvus://127.0.0.1:PORT` share."""
+    executable = shutil.which("milvus-lite", path=str(Path(sys.executable).parent)) or "milvus-lite"
+    process = subprocess.Popen(
+        [executable, "server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("milvus-lite server did not start") from None
+                time.sleep(0.2)
+        yield process
+    finally:
+        process.kill()
+        process.wait()

@@ -63,6 +63,33 @@ def test_recipes_with_per_image_aggregates_are_refused_by_name(tmp_path: Path) -
         open_index(tmp_path, str(tmp_path / "m.db"), CONFIG, specs)
 
 
+def replica_of(index: MilvusIndex) -> MilvusIndex:
+    """A second replica's view of the same store: the same connection, its own ids."""
+    other = MilvusIndex.__new__(MilvusIndex)
+    other.__dict__.update(index.__dict__, _ids=SnowflakeIds())
+    return other
+
+
+def test_replicas_creating_one_space_at_once_share_its_collection(tmp_path: Path, monkeypatch) -> None:
+    index = open_index(tmp_path, str(tmp_path / "m.db"), CONFIG, {})
+    other = replica_of(index)
+    record = other._record
+    seen = []
+
+    def before_the_first_replica_saved(recipe: str, kind: str):
+        seen.append(kind)
+        return None if len(seen) <= 2 else record(recipe, kind)  # both reads of _ensure_space
+
+    monkeypatch.setattr(other, "_record", before_the_first_replica_saved)
+    first, second = vectors(1), vectors(2)
+    index.add_image("first", [first], width=1, height=1)
+    other.add_image("second", [second], width=1, height=1)
+    for name, raw in (("first", first.raw[0]), ("second", second.raw[1])):
+        (row, sim), *_ = index.nearest("gem", "global", index.transform("gem", "global", raw), 1)
+        assert index.images([row.image_id])[row.image_id].external_id == name and sim == pytest.approx(1.0, abs=1e-4)
+    index.close()
+
+
 def test_writes_of_another_replica_during_learning_land_in_the_new_collection(tmp_path: Path, monkeypatch) -> None:
     """Replica B writes while A copies the space into its new collection (before A switches) and once more
     after the switch: both images are found under the new transform; one B deletes meanwhile stays deleted."""
@@ -70,8 +97,7 @@ def test_writes_of_another_replica_during_learning_land_in_the_new_collection(tm
     assert isinstance(index, MilvusIndex)
     for i in range(12):
         index.add_image(f"img{i}", [vectors(i)], width=1, height=1)
-    other = MilvusIndex.__new__(MilvusIndex)  # a second replica's view: same client, its own id generator
-    other.__dict__.update(index.__dict__, _ids=SnowflakeIds())
+    other = replica_of(index)
     copy = index._copy
     during = vectors(100)
 

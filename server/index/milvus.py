@@ -7,7 +7,7 @@ Collections (names start with the store's prefix, `inserve` by default):
   learned models and whitenings as chunked blobs.
 - `<p>_images`: one row per image or keyframe (id, external id, size, metadata, thumbnail, video fields).
 - `<p>_videos`: one row per video (source, metadata, live).
-- one collection per vector space and transform version, `<p>_s_<recipe>_<kind>_<version>_<suffix>`: a row per
+- one collection per vector space and transform version, `<p>_s_<recipe>_<kind>_<version>[_<suffix>]`: a row per
   vector with its image id, box, score, tag, raw vector (codec.py bytes, base64) and the vector in the space's
   coordinates under an HNSW index (IndexConfig: M, efConstruction, ef). Learning a transform writes a new
   collection beside the one in use, switches the space record to it, catches up with what was written to the
@@ -291,7 +291,9 @@ class MilvusIndex:
         return int(next(f for f in fields if f["name"] == "vec")["params"]["dim"])
 
     def _space_collection(self, recipe: str, kind: str, dim: int, version: int) -> str:
-        name = f"{self._p}_s_{recipe}_{kind}_{version}_{secrets.token_hex(4)}"
+        """A space's collection for a transform version. The first has a fixed name, so that replicas creating a
+        new space at once all write to the one collection; a learned version's name is this learner's own."""
+        name = f"{self._p}_s_{recipe}_{kind}_{version}" + (f"_{secrets.token_hex(4)}" if version else "")
         self._ensure(
             name,
             [

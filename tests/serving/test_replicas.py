@@ -5,13 +5,8 @@ is back."""
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -20,40 +15,10 @@ from photos import distinct_photo
 from servers import running_server
 
 from inserve.clients.client import ImageItem, InstanceSearchClient
+from inserve.clients.local_server import free_port, milvus_lite_server
 
 FLAGS = ("--recipe", "gem")
 KILL_AFTER = 6  # acknowledgements before the writer is killed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def milvus_lite_server(data_dir: Path, port: int) -> Iterator[subprocess.Popen]:
-    """`milvus-lite server` on a loopback port until the block ends."""
-    executable = shutil.which("milvus-lite", path=str(Path(sys.executable).parent))
-    process = subprocess.Popen(
-        [executable, "server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("milvus-lite server did not start") from None
-                time.sleep(0.2)
-        yield process
-    finally:
-        process.kill()
-        process.wait()
 
 
 def test_a_store_that_cannot_be_reached_stops_the_server_with_one_line(models_dir: Path, tmp_path: Path) -> None:
