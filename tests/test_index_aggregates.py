@@ -1,5 +1,6 @@
 """The index's per-space settings: aggregates rebuilt from whitened parts, per-image whitening samples,
-non-searchable spaces, tags for online aggregation, learned models, and the v1 -> v2 schema upgrade."""
+non-searchable spaces, tags for online aggregation, learned models, and the v1 -> v2 schema upgrade. What
+aggregates do is checked on both stores (a data directory and Milvus, as milvus-lite)."""
 
 import sqlite3
 from pathlib import Path
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from inserve.server.config import IndexConfig
-from inserve.server.index import Aggregate, InstanceIndex, NewVectors, SpaceSpec
+from inserve.server.index import Aggregate, InstanceIndex, NewVectors, SpaceSpec, open_index
 from inserve.server.index.transforms import training_vectors
 from inserve.server.recipes.cam import online_aggregates
 from inserve.server.stages.matching import sum_normalized
@@ -36,6 +37,24 @@ SPECS = {
 }
 
 
+@pytest.fixture(params=["directory", "milvus"])
+def reopen(request, tmp_path: Path):
+    """Opens the store afresh each call (as a restarted server would); every index opened is closed after."""
+    store = "" if request.param == "directory" else str(tmp_path / "milvus.db")
+    opened = []
+
+    def open_store():
+        for index in opened:
+            index.close()
+        opened.clear()
+        opened.append(open_index(tmp_path, store, CONFIG, SPECS))
+        return opened[0]
+
+    yield open_store
+    for index in opened:
+        index.close()
+
+
 def _parts(rng: np.random.Generator, n: int, dim: int = 4) -> np.ndarray:
     return rng.normal(size=(n, dim)).astype(np.float32)
 
@@ -51,8 +70,8 @@ def _fill(index: InstanceIndex, images: int = 6, seed: int = 0) -> dict[str, np.
     return stored
 
 
-def test_aggregate_is_the_sum_of_the_parts_and_follows_their_whitening(tmp_path: Path) -> None:
-    index = InstanceIndex(tmp_path, CONFIG, SPECS)
+def test_aggregate_is_the_sum_of_the_parts_and_follows_their_whitening(reopen) -> None:
+    index = reopen()
     stored = _fill(index)
     space = index.space("r", "global")
     assert len(space) == 6 and not index.space("r", "part").searchable
@@ -70,14 +89,12 @@ def test_aggregate_is_the_sum_of_the_parts_and_follows_their_whitening(tmp_path:
     np.testing.assert_allclose(index.transform("r", "global", query), expected, rtol=1e-4, atol=1e-5)
     (row, sim), *_ = index.nearest("r", "global", expected, 6)
     assert index.images([row.image_id])[row.image_id].external_id == "img3" and abs(sim - 1.0) < 1e-4
-    index.close()
 
-    reopened = InstanceIndex(tmp_path, CONFIG, SPECS)  # aggregates are rebuilt from SQLite
+    reopened = reopen()  # aggregates are rebuilt from SQLite, or read from Milvus
     np.testing.assert_allclose(reopened.transform("r", "global", query), expected, rtol=1e-4, atol=1e-5)
     assert len(reopened.space("r", "global")) == 6
     reopened.delete(["img3"])
     assert len(reopened.space("r", "global")) == 5
-    reopened.close()
 
 
 def test_whitening_learns_from_the_first_n_vectors_of_each_image(tmp_path: Path) -> None:
@@ -89,8 +106,8 @@ def test_whitening_learns_from_the_first_n_vectors_of_each_image(tmp_path: Path)
     index.close()
 
 
-def test_tagged_aggregation_keeps_only_the_query_tags(tmp_path: Path) -> None:
-    index = InstanceIndex(tmp_path, CONFIG, SPECS)
+def test_tagged_aggregation_keeps_only_the_query_tags(reopen) -> None:
+    index = reopen()
     stored = _fill(index)
     query_parts = stored["img1"][[0, 1]]  # tags 1 and 2
     query, ids, _, vectors = online_aggregates(index, "r", "global", query_parts, np.array([1, 2]))
@@ -104,8 +121,8 @@ def test_tagged_aggregation_keeps_only_the_query_tags(tmp_path: Path) -> None:
     index.close()
 
 
-def test_aggregate_waits_for_its_learned_model_and_is_rebuilt_with_it(tmp_path: Path) -> None:
-    index = InstanceIndex(tmp_path, CONFIG, SPECS)
+def test_aggregate_waits_for_its_learned_model_and_is_rebuilt_with_it(reopen) -> None:
+    index = reopen()
     parts = np.array([[3.0, 4.0], [0.0, 2.0]], dtype=np.float32)
     index.add_image("a", [NewVectors("v", "part", parts)], width=10, height=10)
     assert index.space("v", "global") is None  # no codebook yet
@@ -119,8 +136,8 @@ def test_aggregate_waits_for_its_learned_model_and_is_rebuilt_with_it(tmp_path: 
     index.close()
 
 
-def test_whitened_aggregate_learns_from_the_aggregates(tmp_path: Path) -> None:
-    index = InstanceIndex(tmp_path, CONFIG, SPECS)
+def test_whitened_aggregate_learns_from_the_aggregates(reopen) -> None:
+    index = reopen()
     rng = np.random.default_rng(1)
     stored = {f"img{i}": _parts(rng, 3) for i in range(8)}
     for name, parts in stored.items():

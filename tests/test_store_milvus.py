@@ -15,7 +15,6 @@ from inserve.server.config import IndexConfig, ServerConfig
 from inserve.server.errors import ConfigError
 from inserve.server.index import NewVectors, open_index
 from inserve.server.index.milvus import STORE_FORMAT, MilvusIndex, SnowflakeIds
-from inserve.server.recipes import build_recipes, recipe_specs
 
 CONFIG = IndexConfig()
 
@@ -55,12 +54,6 @@ def test_a_space_whose_collection_has_another_dimension_is_refused(tmp_path: Pat
     index.close()
     with pytest.raises(ConfigError, match="holds 8-dimensional vectors; its record in inserve_meta says 16"):
         open_index(tmp_path, store, CONFIG, {})
-
-
-def test_recipes_with_per_image_aggregates_are_refused_by_name(tmp_path: Path) -> None:
-    specs = recipe_specs(build_recipes(("rmac", "gem"), ServerConfig()))
-    with pytest.raises(ConfigError, match=r"aggregates \(R-MAC, CAM, VLAD recipes\) yet \(rmac/global\)"):
-        open_index(tmp_path, str(tmp_path / "m.db"), CONFIG, specs)
 
 
 def replica_of(index: MilvusIndex) -> MilvusIndex:

@@ -13,7 +13,15 @@ from inserve.server.config import IndexConfig, milvus_uri
 from inserve.server.errors import ConfigError
 from inserve.server.index.locking import ReadWriteLock
 from inserve.server.index.protocol import Index, Space
-from inserve.server.index.spaces import DEFAULT_SPEC, Aggregate, Learned, SpaceSpec, SpaceStats
+from inserve.server.index.spaces import (
+    DEFAULT_SPEC,
+    NOT_SEARCHED,
+    Aggregate,
+    Learned,
+    SpaceSpec,
+    SpaceStats,
+    combine_per_image,
+)
 from inserve.server.index.store import (
     DuplicateId,
     ImageRow,
@@ -215,7 +223,7 @@ class InstanceIndex:
     def _graph(self, recipe: str, kind: str) -> GraphSpace:
         space = self._spaces[(recipe, kind)]
         if not isinstance(space, GraphSpace):
-            raise ValueError(f"{recipe}/{kind} keeps no graph: it is read per image, not searched")
+            raise ValueError(f"{recipe}/{kind} {NOT_SEARCHED}")
         return space
 
     def transform(self, recipe: str, kind: str, raw: np.ndarray) -> np.ndarray:
@@ -265,20 +273,8 @@ class InstanceIndex:
         self, recipe: str, aggregate: Aggregate, labels: np.ndarray, image_ids: np.ndarray, raw: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Combine parts per image: image ids, first labels and aggregate vectors (raw, before whitening)."""
-        if len(labels) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-        parts = self._parts(recipe, aggregate, raw)
-        learned = lambda name: self._learned(recipe, name)  # noqa: E731
-        ids, first, vectors = [], [], []
-        for image_id in np.unique(image_ids):
-            members = np.nonzero(image_ids == image_id)[0]
-            combined = aggregate.combine(parts[members], learned)
-            if combined is None:
-                return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-            ids.append(int(image_id))
-            first.append(int(labels[members].min()))
-            vectors.append(combined)
-        return np.asarray(ids, np.int64), np.asarray(first, np.int64), np.stack(vectors).astype(np.float32)
+        parts = self._parts(recipe, aggregate, raw) if len(labels) else raw
+        return combine_per_image(aggregate, parts, labels, image_ids, lambda name: self._learned(recipe, name))
 
     def _learned(self, recipe: str, name: str) -> np.ndarray | None:
         found = self.store.learned(recipe, name)

@@ -18,7 +18,9 @@ delete under way) is never returned. Every read uses `Strong` consistency, so a 
 sees it, from any replica (Milvus waits until the read's timestamp is applied everywhere: tens of ms on a
 cluster, nothing on milvus-lite); ids come from `SnowflakeIds`. Milvus has no transactions across collections:
 two replicas writing one external id at the same moment can both succeed (the later row wins on reads), which
-the single-writer SQLite store refuses. Aggregate spaces (R-MAC, CAM, VLAD recipes) are not held yet.
+the single-writer SQLite store refuses. A per-image aggregate (R-MAC, CAM, VLAD recipes) is a space of its own,
+written with its image's parts and rebuilt into a new collection when the parts' transform or the recipe's
+learned models change.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -41,7 +43,14 @@ from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 from inserve.server.config import IndexConfig
 from inserve.server.errors import ConfigError, DuplicateId, StoreUnavailable
 from inserve.server.index.codec import decode_vectors, encode_vector
-from inserve.server.index.spaces import DEFAULT_SPEC, Aggregate, SpaceSpec, SpaceStats
+from inserve.server.index.spaces import (
+    DEFAULT_SPEC,
+    NOT_SEARCHED,
+    Aggregate,
+    SpaceSpec,
+    SpaceStats,
+    combine_per_image,
+)
 from inserve.server.index.store import (
     FILE_TAKES_ID,
     IMAGE_TAKES_ID,
@@ -69,7 +78,6 @@ NO_TAG = -1  # tags are class indices, >= 0
 PAGE = 4096
 NOT_LOADED = 101  # MilvusException codes: a collection not loaded (released by a restart)
 UNREACHABLE = (2, 503)  # MilvusException codes: no connection, unavailable  # rows per query page
-NO_AGGREGATES = "the Milvus store does not hold per-image aggregates (R-MAC, CAM, VLAD recipes) yet"
 EPOCH_MS = 1_767_225_600_000  # 2026-01-01: 41 bits of milliseconds from it last until 2095
 
 
@@ -113,18 +121,19 @@ class SpaceRecord:
 
 
 class MilvusSpace:
-    """What the rest of the server reads of a space (VectorSpace's interface): its dims, transform version and
-    size, and its transform."""
+    """What the rest of the server reads of a space (the Space protocol): its dims, transform version and size
+    (counted when asked), and its transform."""
 
-    searchable = True
-
-    def __init__(self, record: SpaceRecord, whitening: Whitening | None, count: int) -> None:
+    def __init__(
+        self, record: SpaceRecord, whitening: Whitening | None, searchable: bool, count: Callable[[], int]
+    ) -> None:
         self.raw_dim, self.dim, self.version = record.raw_dim, record.dim, record.version
         self.whitening = whitening
+        self.searchable = searchable
         self._count = count
 
     def __len__(self) -> int:
-        return self._count
+        return self._count()
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
         raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
@@ -162,9 +171,6 @@ class MilvusIndex:
         self.config = config
         self.specs = dict(specs or {})
         self.uri = uri
-        aggregates = sorted(f"{r}/{k}" for (r, k), spec in self.specs.items() if spec.aggregate is not None)
-        if aggregates:
-            raise ConfigError(f"{NO_AGGREGATES} ({', '.join(aggregates)}): serve those recipes from a data directory")
         self._p = prefix
         self._ids = SnowflakeIds()
         self._whitenings: dict[tuple[str, str, int], Whitening | None] = {}
@@ -290,10 +296,11 @@ class MilvusIndex:
         fields = self._client.describe_collection(collection)["fields"]
         return int(next(f for f in fields if f["name"] == "vec")["params"]["dim"])
 
-    def _space_collection(self, recipe: str, kind: str, dim: int, version: int) -> str:
-        """A space's collection for a transform version. The first has a fixed name, so that replicas creating a
-        new space at once all write to the one collection; a learned version's name is this learner's own."""
-        name = f"{self._p}_s_{recipe}_{kind}_{version}" + (f"_{secrets.token_hex(4)}" if version else "")
+    def _space_collection(self, recipe: str, kind: str, dim: int, version: int, shared: bool) -> str:
+        """A space's collection for a transform version. A new space's (`shared`) has a fixed name, so that
+        replicas creating it at once all write to the one collection; one a learner or rebuilder fills is its
+        own until it switches the space to it."""
+        name = f"{self._p}_s_{recipe}_{kind}_{version}" + ("" if shared else f"_{secrets.token_hex(4)}")
         self._ensure(
             name,
             [
@@ -400,7 +407,9 @@ class MilvusIndex:
         record = record or self._record(recipe, kind)
         if record is None:
             return None
-        return MilvusSpace(record, self._whitening(recipe, kind, record.version), self._count(record.collection))
+        whitening = self._whitening(recipe, kind, record.version)
+        count = lambda: self._call(self._count, record.collection)  # noqa: E731
+        return MilvusSpace(record, whitening, self.spec(recipe, kind).searchable, count)
 
     def contains(self, external_id: str) -> bool:
         return self._call(self._image_ids, external_id) != []
@@ -479,14 +488,11 @@ class MilvusIndex:
             self._client.insert(f"{self._p}_images", rows)
 
     def _insert_vectors(self, image_id: int, vectors: list[NewVectors]) -> None:
-        """Vectors into their spaces' current collections; a space switched to a new transform meanwhile gets
-        them again in its new collection (the learner catches up from the old one only until it switched)."""
+        """Vectors into their spaces' collections, and each image's aggregates of them."""
         for v in vectors:
             raw = np.ascontiguousarray(v.raw, dtype=np.float32).reshape(len(v.raw), -1)
             if len(raw) == 0:
                 continue
-            record = self._ensure_space(v.recipe, v.kind, raw.shape[1])
-            int8 = compact(self.spec(v.recipe, v.kind), self.config)
             labels = self._ids.take(len(raw))
             rows = [
                 {
@@ -495,23 +501,44 @@ class MilvusIndex:
                     "box": [] if v.boxes is None else [float(c) for c in v.boxes[i]],
                     "score": 0.0 if v.scores is None else float(v.scores[i]),
                     "tag": NO_TAG if v.tags is None else int(v.tags[i]),
-                    "raw": _b64(encode_vector(raw[i], int8)),
                 }
                 for i, label in enumerate(labels)
             ]
-            while True:
-                vecs = MilvusSpace(record, self._whitening(v.recipe, v.kind, record.version), 0).transform(raw)
-                for row, vec in zip(rows, vecs):
-                    row["vec"] = vec.tolist()
-                try:
-                    self._client.upsert(record.collection, rows)
-                except MilvusException:
-                    if self._record(v.recipe, v.kind).collection == record.collection:
-                        raise
-                now = self._record(v.recipe, v.kind)  # dropped or switched by a learner: again, in the new one
-                if now.collection == record.collection:
-                    break
-                record = now
+            self._write(v.recipe, v.kind, rows, raw)
+            for recipe, kind in self._aggregates(v.recipe, v.kind):
+                combined = self.combine(recipe, self.spec(recipe, kind).aggregate, raw)
+                if combined is not None:
+                    row = {"label": min(labels), "image_id": image_id, "box": [], "score": 0.0, "tag": NO_TAG}
+                    self._write(recipe, kind, [row], combined[None])
+
+    def _write(self, recipe: str, kind: str, rows: list[dict], raw: np.ndarray) -> None:
+        """Rows with their raw vectors into the space's current collection (created with the first); a space
+        switched to a new collection meanwhile (a learned transform, a rebuilt aggregate) gets them again in the
+        new one, as the switcher catches up from the old one only until it switched."""
+        record = self._ensure_space(recipe, kind, raw.shape[1])
+        int8 = compact(self.spec(recipe, kind), self.config)
+        for row, vector in zip(rows, raw):
+            row["raw"] = _b64(encode_vector(vector, int8))
+        while True:
+            vecs = self._space(recipe, kind, record).transform(raw)
+            for row, vec in zip(rows, vecs):
+                row["vec"] = vec.tolist()
+            try:
+                self._client.upsert(record.collection, rows)
+            except MilvusException:
+                if self._record(recipe, kind).collection == record.collection:
+                    raise
+            now = self._record(recipe, kind)  # dropped or switched: again, in the new one
+            if now.collection == record.collection:
+                return
+            record = now
+
+    def _aggregates(self, recipe: str, source: str | None = None) -> list[tuple[str, str]]:
+        return [
+            key
+            for key, spec in self.specs.items()
+            if spec.aggregate is not None and key[0] == recipe and source in (None, spec.aggregate.source)
+        ]
 
     def _ensure_space(self, recipe: str, kind: str, raw_dim: int) -> SpaceRecord:
         record = self._record(recipe, kind)
@@ -519,7 +546,9 @@ class MilvusIndex:
             with self._learning:
                 record = self._record(recipe, kind)
                 if record is None:
-                    record = SpaceRecord(raw_dim, raw_dim, 0, 0, self._space_collection(recipe, kind, raw_dim, 0))
+                    record = SpaceRecord(
+                        raw_dim, raw_dim, 0, 0, self._space_collection(recipe, kind, raw_dim, 0, shared=True)
+                    )
                     self._save_record(recipe, kind, record)
         if record.raw_dim != raw_dim:
             raise ValueError(f"{recipe}/{kind} vectors have {record.raw_dim} dimensions in this index, got {raw_dim}")
@@ -633,6 +662,7 @@ class MilvusIndex:
         record = self._record(recipe, kind)
         if record is None or k <= 0:
             return []
+        self._check_searched(recipe, kind)
         query = np.asarray(query, dtype=np.float32).reshape(-1)
         if len(query) != record.dim:
             raise StoreUnavailable(f"{recipe}/{kind} switched to another transform during the search: search again")
@@ -660,7 +690,13 @@ class MilvusIndex:
             return set()
         return {r["id"] for r in self._client.get(f"{self._p}_images", ids=sorted(image_ids), output_fields=["id"])}
 
+    def _check_searched(self, recipe: str, kind: str) -> None:
+        if not self.spec(recipe, kind).searchable:
+            raise ValueError(f"{recipe}/{kind} {NOT_SEARCHED}")
+
     def stored(self, recipe: str, kind: str, labels: list[int]) -> np.ndarray:
+        self._check_searched(recipe, kind)
+
         def read() -> np.ndarray:
             record = self._record(recipe, kind)
             rows = {
@@ -672,10 +708,17 @@ class MilvusIndex:
         return self._call(read)
 
     def transform(self, recipe: str, kind: str, raw: np.ndarray) -> np.ndarray:
+        """A query's raw vector -> the space's coordinates; for an aggregate, raw parts (n, D) -> its vector."""
         space = self.space(recipe, kind)
         if space is None:
             raise KeyError(f"{recipe}/{kind} holds no vectors")
-        return space.transform(raw)[0]
+        aggregate = self.spec(recipe, kind).aggregate
+        if aggregate is None:
+            return space.transform(raw)[0]
+        combined = self.combine(recipe, aggregate, np.atleast_2d(raw))
+        if combined is None:
+            raise KeyError(f"{recipe}/{kind} cannot be built yet")
+        return space.transform(combined)[0]
 
     def image_vectors(
         self, recipe: str, kind: str, image_ids: list[int]
@@ -709,15 +752,89 @@ class MilvusIndex:
     def tagged_vectors(
         self, recipe: str, kind: str, tags: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        raise ConfigError(NO_AGGREGATES)
+        def read() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            record = self._record(recipe, kind)
+            wanted = [int(t) for t in tags]
+            rows = (
+                []
+                if record is None or not wanted
+                else self._query(record.collection, f"tag in {_ids(wanted)}", ["label", "image_id", "tag", "raw"])
+            )
+            rows.sort(key=lambda r: r["label"])
+            column = lambda name: np.asarray([r[name] for r in rows], np.int64)  # noqa: E731
+            raw = decode_vectors([_unb64(r["raw"]) for r in rows]) if rows else np.zeros((0, 0), np.float32)
+            return column("label"), column("image_id"), column("tag"), raw
+
+        return self._call(read)
+
+    def _parts(self, recipe: str, aggregate: Aggregate, raw: np.ndarray) -> np.ndarray:
+        source = self._space(recipe, aggregate.source)
+        return l2_normalize(raw) if aggregate.on_raw or source is None else source.transform(raw)
 
     def combine(self, recipe: str, aggregate: Aggregate, raw: np.ndarray) -> np.ndarray | None:
-        raise ConfigError(NO_AGGREGATES)
+        return aggregate.combine(self._parts(recipe, aggregate, raw), lambda name: self._learned_data(recipe, name))
 
     def combine_groups(
         self, recipe: str, aggregate: Aggregate, labels: np.ndarray, image_ids: np.ndarray, raw: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        raise ConfigError(NO_AGGREGATES)
+        parts = self._parts(recipe, aggregate, raw) if len(labels) else raw
+        return combine_per_image(aggregate, parts, labels, image_ids, lambda name: self._learned_data(recipe, name))
+
+    def _learned_data(self, recipe: str, name: str) -> np.ndarray | None:
+        found = self.learned(recipe, name)
+        return None if found is None else found[1]
+
+    def _rebuild_aggregate(self, recipe: str, kind: str) -> None:
+        """An aggregate space again from all its parts (their transform or the recipe's learned models changed),
+        into a new collection, keeping its own whitening where it still fits; images whose parts came in while
+        it was built are combined after the switch."""
+        aggregate = self.spec(recipe, kind).aggregate
+        old = self._record(recipe, kind)
+
+        def combined(skip: set[int]) -> tuple[list[dict], np.ndarray]:
+            rows = [
+                r for r in self._space_rows(recipe, aggregate.source, ["image_id", "raw"]) if r["image_id"] not in skip
+            ]
+            if not rows:
+                return [], np.zeros((0, 0), np.float32)
+            labels = np.asarray([r["label"] for r in rows], np.int64)
+            image_ids = np.asarray([r["image_id"] for r in rows], np.int64)
+            ids, first, vectors = self.combine_groups(
+                recipe, aggregate, labels, image_ids, decode_vectors([_unb64(r["raw"]) for r in rows])
+            )
+            made = [
+                {
+                    "label": int(f),
+                    "image_id": int(i),
+                    "box": [],
+                    "score": 0.0,
+                    "tag": NO_TAG,
+                    "raw": _b64(encode_vector(v)),
+                }
+                for i, f, v in zip(ids, first, vectors)
+            ]
+            return made, vectors
+
+        rows, vectors = combined(set())
+        if not rows:
+            if old is not None:  # nothing can be combined (a learned model gone): the space goes, as in a restart
+                self._client.delete(f"{self._p}_meta", ids=[f"space/{recipe}/{kind}"])
+                self._client.drop_collection(old.collection)
+            return
+        whitening = None if old is None else self._whitening(recipe, kind, old.version)
+        if whitening is not None and whitening.mean.shape[0] != vectors.shape[1]:
+            whitening = None
+        version = old.version if whitening is not None else 0
+        dim = whitening.dims if whitening is not None else vectors.shape[1]
+        collection = self._space_collection(recipe, kind, dim, version, shared=False)
+        record = SpaceRecord(vectors.shape[1], dim, version, old.learned_from if whitening else 0, collection)
+        self._copy(rows, vectors, self._space(recipe, kind, record).transform, collection)
+        self._save_record(recipe, kind, record)
+        late, late_vectors = combined({r["image_id"] for r in rows})
+        if late:
+            self._copy(late, late_vectors, self._space(recipe, kind, record).transform, collection)
+        if old is not None:
+            self._client.drop_collection(old.collection)
 
     def learned(self, recipe: str, name: str) -> tuple[int, np.ndarray, str] | None:
         def read():
@@ -738,9 +855,12 @@ class MilvusIndex:
             np.save(buffer, np.asarray(data))
             self._put_blob(f"learned/{recipe}/{name}/{version}", buffer.getvalue())
             self._put_meta(f"learned/{recipe}/{name}", json.dumps({"version": version, "source": source}))
+            for key in self._aggregates(recipe):
+                self._rebuild_aggregate(*key)
             return version
 
-        return self._call(write)
+        with self._learning:
+            return self._call(write)
 
     def learned_from(self, recipe: str, kind: str) -> int:
         record = self._call(self._record, recipe, kind)
@@ -770,19 +890,27 @@ class MilvusIndex:
         self._whitenings[(recipe, kind, version)] = whitening
         record = SpaceRecord(old.raw_dim, whitening.dims, version, len(training), "")
         record = SpaceRecord(
-            **{**record.__dict__, "collection": self._space_collection(recipe, kind, whitening.dims, version)}
+            **{
+                **record.__dict__,
+                "collection": self._space_collection(recipe, kind, whitening.dims, version, shared=False),
+            }
         )
-        self._copy(rows, raw, whitening, record.collection)
+        self._copy(rows, raw, whitening.apply, record.collection)
         self._save_record(recipe, kind, record)
         copied = {r["label"] for r in rows}
         now = self._space_rows_in(old.collection)  # written or deleted while the new collection was filled
         late = [r for r in now if r["label"] not in copied]
         if late:
-            self._copy(late, decode_vectors([_unb64(r["raw"]) for r in late]), whitening, record.collection)
+            self._copy(late, decode_vectors([_unb64(r["raw"]) for r in late]), whitening.apply, record.collection)
         deleted = copied - {r["label"] for r in now}
         if deleted:
             self._client.delete(record.collection, ids=sorted(deleted))
         self._client.drop_collection(old.collection)
+        for key in self._aggregates(recipe, kind):  # combined from the parts' new transform
+            self._rebuild_aggregate(*key)
+            aggregate = self._record(*key)
+            if self.spec(*key).whiten and aggregate is not None and aggregate.version:
+                self._learn(*key, None)
         log.info(
             "%s/%s: transform v%d, %d -> %d dims, from %d vectors",
             recipe,
@@ -797,8 +925,10 @@ class MilvusIndex:
     def _space_rows_in(self, collection: str) -> list[dict]:
         return self._query(collection, "label >= 0", ["label", "image_id", "box", "score", "tag", "raw"])
 
-    def _copy(self, rows: list[dict], raw: np.ndarray, whitening: Whitening, collection: str) -> None:
-        vecs = whitening.apply(raw) if len(raw) else raw
+    def _copy(
+        self, rows: list[dict], raw: np.ndarray, transform: Callable[[np.ndarray], np.ndarray], collection: str
+    ) -> None:
+        vecs = transform(raw) if len(raw) else raw
         batch = []
         for row, vec in zip(rows, vecs):
             batch.append(

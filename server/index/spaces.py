@@ -37,6 +37,28 @@ class SpaceSpec:
 
 
 DEFAULT_SPEC = SpaceSpec()
+NOT_SEARCHED = "keeps no graph: it is read per image, not searched"  # a space with searchable=False, asked for kNN
+
+
+def combine_per_image(
+    aggregate: Aggregate, parts: np.ndarray, labels: np.ndarray, image_ids: np.ndarray, learned: Learned
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Combine each image's parts (already in the form the aggregate takes): image ids, each image's first
+    part label (the aggregate's label) and the aggregate vectors; all empty while one cannot be combined yet
+    (a learned model missing)."""
+    empty = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    ids, first, vectors = [], [], []
+    for image_id in np.unique(image_ids):
+        members = np.nonzero(image_ids == image_id)[0]
+        combined = aggregate.combine(parts[members], learned)
+        if combined is None:
+            return empty
+        ids.append(int(image_id))
+        first.append(int(labels[members].min()))
+        vectors.append(combined)
+    if not vectors:
+        return empty
+    return np.asarray(ids, np.int64), np.asarray(first, np.int64), np.stack(vectors).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The same images and queries through two real servers, one on a data directory (hnswlib + SQLite), one on a
 Milvus store (a milvus-lite file): the same hits, scores and boxes, for the default recipe (regions read per
-image, a compact region space) and gem, with and without a box; deletes and stats alike."""
+image, a compact region space), gem and rmac (a per-image aggregate of region parts), with and without a box;
+deletes and stats alike."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from inserve.clients.client import ImageItem, InstanceSearchClient
 
 NAMES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "motorcycle")
 QUERIES = [(name, None) for name in NAMES[:3]] + [("astronaut", (150, 20, 330, 220)), ("coffee", (180, 40, 460, 330))]
-FLAGS = ("--recipe", "whole_and_regions,gem")
+RECIPES = ("whole_and_regions", "gem", "rmac")
+FLAGS = ("--recipe", ",".join(RECIPES))
 
 
 def answers(client: InstanceSearchClient) -> dict:
     """Every query's hits per recipe: (id, score, box to a pixel)."""
     found = {}
-    for recipe in ("whole_and_regions", "gem"):
+    for recipe in RECIPES:
         for name, box in QUERIES:
             hits = client.search(encode(photo(name)), box=box, recipe=recipe, top_k=4)
             found[(recipe, name, box)] = [
