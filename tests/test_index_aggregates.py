@@ -3,13 +3,14 @@ non-searchable spaces, tags for online aggregation, learned models, and the v1 -
 aggregates do is checked on both stores (a data directory and Milvus, as milvus-lite)."""
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from inserve.server.config import IndexConfig
-from inserve.server.index import Aggregate, InstanceIndex, NewVectors, SpaceSpec, open_index
+from inserve.server.index import Aggregate, InstanceIndex, NewVectors, SpaceSpec
 from inserve.server.index.transforms import training_vectors
 from inserve.server.recipes.cam import online_aggregates
 from inserve.server.stages.matching import sum_normalized
@@ -37,22 +38,9 @@ SPECS = {
 }
 
 
-@pytest.fixture(params=["directory", "milvus"])
-def reopen(request, tmp_path: Path):
-    """Opens the store afresh each call (as a restarted server would); every index opened is closed after."""
-    store = "" if request.param == "directory" else str(tmp_path / "milvus.db")
-    opened = []
-
-    def open_store():
-        for index in opened:
-            index.close()
-        opened.clear()
-        opened.append(open_index(tmp_path, store, CONFIG, SPECS))
-        return opened[0]
-
-    yield open_store
-    for index in opened:
-        index.close()
+@pytest.fixture
+def reopen(open_store: Callable):
+    return lambda: open_store(CONFIG, SPECS)
 
 
 def _parts(rng: np.random.Generator, n: int, dim: int = 4) -> np.ndarray:

@@ -4,13 +4,12 @@ engine embedded). Every test runs on each and checks what the rest of the server
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from inserve.server.config import IndexConfig
-from inserve.server.index import DuplicateId, NewKeyframe, NewVectors, SpaceSpec, open_index
+from inserve.server.index import DuplicateId, NewKeyframe, NewVectors, SpaceSpec
 from inserve.server.index.transforms import due
 
 DIM = 8
@@ -21,22 +20,9 @@ SPECS = {("compact", "region"): SpaceSpec(whiten=False, compact=True)}
 Opener = Callable[[], object]
 
 
-@pytest.fixture(params=["directory", "milvus"])
-def reopen(request, tmp_path: Path):
-    """Opens the store afresh each call (as a restarted server would); every index opened is closed after."""
-    store = "" if request.param == "directory" else str(tmp_path / "milvus.db")
-    opened = []
-
-    def open_store():
-        for index in opened:
-            index.close()
-        opened.clear()
-        opened.append(open_index(tmp_path / "data", store, CONFIG, SPECS))
-        return opened[0]
-
-    yield open_store
-    for index in opened:
-        index.close()
+@pytest.fixture
+def reopen(open_store: Callable):
+    return lambda: open_store(CONFIG, SPECS)
 
 
 @pytest.fixture

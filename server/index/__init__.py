@@ -11,6 +11,7 @@ import numpy as np
 
 from inserve.server.config import IndexConfig, milvus_uri
 from inserve.server.errors import ConfigError
+from inserve.server.index.aggregation import Combining
 from inserve.server.index.locking import ReadWriteLock
 from inserve.server.index.protocol import Index, Space
 from inserve.server.index.spaces import (
@@ -20,7 +21,6 @@ from inserve.server.index.spaces import (
     Learned,
     SpaceSpec,
     SpaceStats,
-    combine_per_image,
 )
 from inserve.server.index.store import (
     DuplicateId,
@@ -33,7 +33,6 @@ from inserve.server.index.store import (
 )
 from inserve.server.index.transforms import compact, learn_transform, training_vectors
 from inserve.server.index.vectors import GraphSpace, VectorSpace, vector_space
-from inserve.server.stages.pooling import l2_normalize
 from inserve.server.stages.whitening import Whitening
 
 __all__ = [
@@ -57,7 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class InstanceIndex:
+class InstanceIndex(Combining):
     """Durable image index: writes commit to SQLite first, then go into the in-memory graphs."""
 
     def __init__(
@@ -226,19 +225,6 @@ class InstanceIndex:
             raise ValueError(f"{recipe}/{kind} {NOT_SEARCHED}")
         return space
 
-    def transform(self, recipe: str, kind: str, raw: np.ndarray) -> np.ndarray:
-        """A query's raw vector -> the space's coordinates; for an aggregate, raw parts (n, D) -> its vector."""
-        space = self._spaces.get((recipe, kind))
-        if space is None:
-            raise KeyError(f"{recipe}/{kind} holds no vectors")
-        aggregate = self.spec(recipe, kind).aggregate
-        if aggregate is None:
-            return space.transform(raw)[0]
-        combined = self.combine(recipe, aggregate, np.atleast_2d(raw))
-        if combined is None:
-            raise KeyError(f"{recipe}/{kind} cannot be built yet")
-        return space.transform(combined)[0]
-
     def image_vectors(
         self, recipe: str, kind: str, image_ids: list[int]
     ) -> dict[int, tuple[list[VectorRow], np.ndarray]]:
@@ -258,27 +244,6 @@ class InstanceIndex:
             found[row.image_id][0].append(row)
             found[row.image_id][1].append(i)
         return {image_id: (group, vectors[idx]) for image_id, (group, idx) in found.items()}
-
-    def _parts(self, recipe: str, aggregate: Aggregate, raw: np.ndarray) -> np.ndarray:
-        source = self._spaces.get((recipe, aggregate.source))
-        if aggregate.on_raw or source is None:
-            return l2_normalize(raw)
-        return source.transform(raw)
-
-    def combine(self, recipe: str, aggregate: Aggregate, raw: np.ndarray) -> np.ndarray | None:
-        """One aggregate vector from raw parts (n, D), in the parts' current whitening; None = cannot yet."""
-        return aggregate.combine(self._parts(recipe, aggregate, raw), lambda name: self._learned(recipe, name))
-
-    def combine_groups(
-        self, recipe: str, aggregate: Aggregate, labels: np.ndarray, image_ids: np.ndarray, raw: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Combine parts per image: image ids, first labels and aggregate vectors (raw, before whitening)."""
-        parts = self._parts(recipe, aggregate, raw) if len(labels) else raw
-        return combine_per_image(aggregate, parts, labels, image_ids, lambda name: self._learned(recipe, name))
-
-    def _learned(self, recipe: str, name: str) -> np.ndarray | None:
-        found = self.store.learned(recipe, name)
-        return None if found is None else found[1]
 
     def _build_aggregate(self, recipe: str, kind: str) -> None:
         """(Re)build an aggregate space from all its parts, with its current whitening when one fits."""

@@ -42,14 +42,13 @@ from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
 from inserve.server.config import IndexConfig
 from inserve.server.errors import ConfigError, DuplicateId, StoreUnavailable
+from inserve.server.index.aggregation import Combining
 from inserve.server.index.codec import decode_vectors, encode_vector
 from inserve.server.index.spaces import (
     DEFAULT_SPEC,
     NOT_SEARCHED,
-    Aggregate,
     SpaceSpec,
     SpaceStats,
-    combine_per_image,
 )
 from inserve.server.index.store import (
     FILE_TAKES_ID,
@@ -157,7 +156,7 @@ def _ids(values) -> str:
     return "[" + ",".join(str(int(v)) for v in values) + "]"
 
 
-class MilvusIndex:
+class MilvusIndex(Combining):
     """The Index protocol (server/index/protocol.py) over Milvus (see the module docstring); `uri` as pymilvus
     takes it."""
 
@@ -707,19 +706,6 @@ class MilvusIndex:
 
         return self._call(read)
 
-    def transform(self, recipe: str, kind: str, raw: np.ndarray) -> np.ndarray:
-        """A query's raw vector -> the space's coordinates; for an aggregate, raw parts (n, D) -> its vector."""
-        space = self.space(recipe, kind)
-        if space is None:
-            raise KeyError(f"{recipe}/{kind} holds no vectors")
-        aggregate = self.spec(recipe, kind).aggregate
-        if aggregate is None:
-            return space.transform(raw)[0]
-        combined = self.combine(recipe, aggregate, np.atleast_2d(raw))
-        if combined is None:
-            raise KeyError(f"{recipe}/{kind} cannot be built yet")
-        return space.transform(combined)[0]
-
     def image_vectors(
         self, recipe: str, kind: str, image_ids: list[int]
     ) -> dict[int, tuple[list[VectorRow], np.ndarray]]:
@@ -766,23 +752,6 @@ class MilvusIndex:
             return column("label"), column("image_id"), column("tag"), raw
 
         return self._call(read)
-
-    def _parts(self, recipe: str, aggregate: Aggregate, raw: np.ndarray) -> np.ndarray:
-        source = self._space(recipe, aggregate.source)
-        return l2_normalize(raw) if aggregate.on_raw or source is None else source.transform(raw)
-
-    def combine(self, recipe: str, aggregate: Aggregate, raw: np.ndarray) -> np.ndarray | None:
-        return aggregate.combine(self._parts(recipe, aggregate, raw), lambda name: self._learned_data(recipe, name))
-
-    def combine_groups(
-        self, recipe: str, aggregate: Aggregate, labels: np.ndarray, image_ids: np.ndarray, raw: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        parts = self._parts(recipe, aggregate, raw) if len(labels) else raw
-        return combine_per_image(aggregate, parts, labels, image_ids, lambda name: self._learned_data(recipe, name))
-
-    def _learned_data(self, recipe: str, name: str) -> np.ndarray | None:
-        found = self.learned(recipe, name)
-        return None if found is None else found[1]
 
     def _rebuild_aggregate(self, recipe: str, kind: str) -> None:
         """An aggregate space again from all its parts (their transform or the recipe's learned models changed),
