@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from inserve.server.config import IndexConfig, ServerConfig
-from inserve.server.errors import ConfigError
+from inserve.server.errors import ConfigError, StoreUnavailable
 from inserve.server.index import NewVectors, open_index
 from inserve.server.index.milvus import STORE_FORMAT, MilvusIndex, SnowflakeIds
 
@@ -127,4 +128,22 @@ def test_inserve_whiten_learns_the_shared_whitening_of_a_milvus_store(tmp_path: 
     assert "gem/global: whitening v1 from 36 vectors" in done.stdout
     index = open_index(tmp_path, store, CONFIG, {})
     assert [(s.whitening_version, s.dim) for s in index.stats()] == [(1, 6)]
+    index.close()
+
+
+def test_one_replica_learns_for_a_recipe_at_a_time(tmp_path: Path) -> None:
+    """A fresh lease of another replica: this one leaves the learning to it (and refuses to save a learned model
+    meanwhile); a lease left by a replica that died expires."""
+    index = open_index(tmp_path, str(tmp_path / "m.db"), CONFIG, {})
+    for i in range(12):
+        index.add_image(f"img{i}", [vectors(i)], width=1, height=1)
+    collections = sorted(index._client.list_collections())
+    index._put_meta("lease/gem", json.dumps({"token": "other", "until": time.time() + 60}))
+    assert index.learn_whitening("gem", "global", dims=6) == 0
+    assert sorted(index._client.list_collections()) == collections
+    with pytest.raises(StoreUnavailable, match="another replica is learning for gem"):
+        index.save_learned("gem", "codebook", np.ones(3), "x")
+    index._put_meta("lease/gem", json.dumps({"token": "dead", "until": time.time() - 1}))
+    assert index.learn_whitening("gem", "global", dims=6) == 1
+    assert index._get_meta("lease/gem") is None  # given back
     index.close()

@@ -11,7 +11,7 @@ Collections (names start with the store's prefix, `inserve` by default):
   vector with its image id, box, score, tag, raw vector (codec.py bytes, base64) and the vector in the space's
   coordinates under an HNSW index (IndexConfig: M, efConstruction, ef). Learning a transform writes a new
   collection beside the one in use, switches the space record to it, catches up with what was written to the
-  old one meanwhile and drops the old one.
+  old one meanwhile and drops the old one; one replica at a time learns for a recipe (a lease in `<p>_meta`).
 
 Writes go vectors first, then the image row: a vector whose image row is not there (a write cut short, a
 delete under way) is never returned. Every read uses `Strong` consistency, so a read after an acknowledged write
@@ -32,8 +32,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +75,8 @@ THUMBNAIL_CHUNKS = 4  # a thumbnail's base64 in at most this many VARCHARs
 PLACEHOLDER = [0.0, 0.0]  # the vector of collections that search none (Milvus collections need one)
 NO_TAG = -1  # tags are class indices, >= 0
 PAGE = 4096
+LEASE_S = 3600.0  # a replica's lease on learning for a recipe, if it dies holding it
+LEASE_SETTLE_S = 0.5  # how long a replica waits after writing its lease before it reads whose it is
 NOT_LOADED = 101  # MilvusException codes: a collection not loaded (released by a restart)
 UNREACHABLE = (2, 503)  # MilvusException codes: no connection, unavailable  # rows per query page
 EPOCH_MS = 1_767_225_600_000  # 2026-01-01: 41 bits of milliseconds from it last until 2095
@@ -828,7 +830,9 @@ class MilvusIndex(Combining):
                 self._rebuild_aggregate(*key)
             return version
 
-        with self._learning:
+        with self._learning, self._lease(recipe) as held:
+            if not held:
+                raise StoreUnavailable(f"another replica is learning for {recipe}: save {name} again shortly")
             return self._call(write)
 
     def learned_from(self, recipe: str, kind: str) -> int:
@@ -837,11 +841,38 @@ class MilvusIndex(Combining):
 
     def learn_whitening(self, recipe: str, kind: str, dims: int | None = None) -> int:
         """Learn the space's transform from its raw vectors into a new collection beside the one in use, switch
-        the space to it, copy what was written to the old one meanwhile, drop the old one. One replica learns a
-        space at a time per process; two replicas learning one space at once each build a collection and the
-        later switch wins (the earlier one's collection is dropped by it)."""
-        with self._learning:
+        the space to it, copy what was written to the old one meanwhile, drop the old one. One replica at a time
+        learns for a recipe (`_lease`); a replica that finds another one learning leaves it to it and returns
+        the version in use."""
+        with self._learning, self._lease(recipe) as held:
+            if not held:
+                log.info("%s/%s: another replica is learning for %s; left to it", recipe, kind, recipe)
+                record = self._call(self._record, recipe, kind)
+                return 0 if record is None else record.version
             return self._call(self._learn, recipe, kind, dims)
+
+    @contextmanager
+    def _lease(self, recipe: str) -> Iterator[bool]:
+        """Whether this replica may switch the recipe's collections now (yields True, held until the block
+        ends) or another one is (False). Milvus has no compare-and-set: a replica writes its token, waits
+        LEASE_SETTLE_S, and holds the lease if its token is still there, so of replicas that try at once only the
+        last writer proceeds. A lease left by a replica that died expires after LEASE_S."""
+        key = f"lease/{recipe}"
+        found = self._call(self._get_meta, key)
+        if found is not None and json.loads(found)["until"] > time.time():
+            yield False
+            return
+        token = secrets.token_hex(8)
+        self._call(self._put_meta, key, json.dumps({"token": token, "until": time.time() + LEASE_S}))
+        time.sleep(LEASE_SETTLE_S)
+        found = self._call(self._get_meta, key)
+        if found is None or json.loads(found)["token"] != token:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._call(self._client.delete, f"{self._p}_meta", ids=[key])
 
     def _learn(self, recipe: str, kind: str, dims: int | None) -> int:
         spec = self.spec(recipe, kind)
