@@ -56,22 +56,24 @@ class Match:
 
 
 def best_per_image(
-    index: Index, recipe: str, kind: str, query: np.ndarray, top_k: int
+    index: Index, recipe: str, kind: str, query: np.ndarray, top_k: int, size: int | None = None
 ) -> list[tuple[VectorRow, float]]:
     """The best-matching vector of each of the top_k images, asking the graph for more neighbours until
-    top_k distinct images are found or the space is exhausted."""
-    space = index.space(recipe, kind)
-    if space is None or len(space) == 0:
+    top_k distinct images are found or the space is exhausted (`size`: its vectors, when the caller knows)."""
+    if size is None:
+        space = index.space(recipe, kind)
+        size = 0 if space is None else len(space)
+    if size == 0:
         return []
-    k = min(len(space), max(4 * top_k, 64))
+    k = min(size, max(4 * top_k, 64))
     while True:
         best: dict[int, tuple[VectorRow, float]] = {}
         for row, sim in index.nearest(recipe, kind, query, k):
             if row.image_id not in best or sim > best[row.image_id][1]:
                 best[row.image_id] = (row, sim)
-        if len(best) >= top_k or k >= len(space):
+        if len(best) >= top_k or k >= size:
             break
-        k = min(len(space), 4 * k)
+        k = min(size, 4 * k)
     return sorted(best.values(), key=lambda pair: -pair[1])[:top_k]
 
 
@@ -186,12 +188,14 @@ def region_set_search(
     similarity to the crop (its region and region score: the best match's). Candidates: the top `depth` images
     of each query vector's kNN, every one then scored on all of them (an image that only one kNN found still
     gets every term)."""
-    if index.space(recipe, "region") is None:
+    space = index.space(recipe, "region")
+    if space is None:
         return []
-    queries = np.stack([index.transform(recipe, "region", q) for q in query.regions])
+    queries = space.transform(np.stack(query.regions))  # one read of the space for all of them (a shared store)
+    size = len(space)
     candidates = set()
     for q in queries:
-        candidates |= {row.image_id for row, _ in best_per_image(index, recipe, "region", q, depth)}
+        candidates |= {row.image_id for row, _ in best_per_image(index, recipe, "region", q, depth, size)}
     scored = []
     for image_id, (rows, vectors) in index.image_vectors(recipe, "region", sorted(candidates)).items():
         sims = queries @ vectors.T
