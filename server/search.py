@@ -56,25 +56,40 @@ class Match:
 
 
 def best_per_image(
-    index: Index, recipe: str, kind: str, query: np.ndarray, top_k: int, size: int | None = None
+    index: Index, recipe: str, kind: str, query: np.ndarray, top_k: int
 ) -> list[tuple[VectorRow, float]]:
     """The best-matching vector of each of the top_k images, asking the graph for more neighbours until
-    top_k distinct images are found or the space is exhausted (`size`: its vectors, when the caller knows)."""
+    top_k distinct images are found or the space is exhausted."""
+    return best_per_image_each(index, recipe, kind, np.atleast_2d(query), top_k)[0]
+
+
+def best_per_image_each(
+    index: Index, recipe: str, kind: str, queries: np.ndarray, top_k: int, size: int | None = None
+) -> list[list[tuple[VectorRow, float]]]:
+    """best_per_image for several queries (N, dim): their first kNN in one call to the index (a shared store
+    answers them in one search), then each query that found too few images asks again on its own (`size`: the
+    space's vectors, when the caller knows)."""
     if size is None:
         space = index.space(recipe, kind)
         size = 0 if space is None else len(space)
     if size == 0:
-        return []
+        return [[] for _ in queries]
     k = min(size, max(4 * top_k, 64))
-    while True:
-        best: dict[int, tuple[VectorRow, float]] = {}
-        for row, sim in index.nearest(recipe, kind, query, k):
-            if row.image_id not in best or sim > best[row.image_id][1]:
-                best[row.image_id] = (row, sim)
-        if len(best) >= top_k or k >= size:
-            break
-        k = min(size, 4 * k)
-    return sorted(best.values(), key=lambda pair: -pair[1])[:top_k]
+    found = index.nearest_each(recipe, kind, queries, k)
+    results = []
+    for query, hits in zip(queries, found):
+        ask = k
+        while True:
+            best: dict[int, tuple[VectorRow, float]] = {}
+            for row, sim in hits:
+                if row.image_id not in best or sim > best[row.image_id][1]:
+                    best[row.image_id] = (row, sim)
+            if len(best) >= top_k or ask >= size:
+                break
+            ask = min(size, 4 * ask)
+            hits = index.nearest(recipe, kind, query, ask)
+        results.append(sorted(best.values(), key=lambda pair: -pair[1])[:top_k])
+    return results
 
 
 class FirstStage:
@@ -193,9 +208,9 @@ def region_set_search(
         return []
     queries = space.transform(np.stack(query.regions))  # one read of the space for all of them (a shared store)
     size = len(space)
-    candidates = set()
-    for q in queries:
-        candidates |= {row.image_id for row, _ in best_per_image(index, recipe, "region", q, depth, size)}
+    candidates = {
+        row.image_id for hits in best_per_image_each(index, recipe, "region", queries, depth, size) for row, _ in hits
+    }
     scored = []
     for image_id, (rows, vectors) in index.image_vectors(recipe, "region", sorted(candidates)).items():
         sims = queries @ vectors.T

@@ -215,6 +215,10 @@ class InstanceIndex(Combining):
             rows = {label: VectorRow(label, row.image_id, None, 0.0) for label, row in rows.items()}
         return [(rows[int(label)], float(sim)) for label, sim in zip(labels, sims) if int(label) in rows]
 
+    def nearest_each(self, recipe: str, kind: str, queries: np.ndarray, k: int) -> list[list[tuple[VectorRow, float]]]:
+        """`nearest` for each of several queries (N, dim)."""
+        return [self.nearest(recipe, kind, query, k) for query in queries]
+
     def stored(self, recipe: str, kind: str, labels: list[int]) -> np.ndarray:
         """Vectors of a searchable space as its graph holds them (transformed), for query expansion."""
         return self._graph(recipe, kind).stored(labels)

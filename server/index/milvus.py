@@ -657,27 +657,33 @@ class MilvusIndex(Combining):
         return len(unique) - len(missing), missing
 
     def nearest(self, recipe: str, kind: str, query: np.ndarray, k: int) -> list[tuple[VectorRow, float]]:
-        return self._call(self._nearest, recipe, kind, query, k)
+        return self.nearest_each(recipe, kind, np.atleast_2d(query), k)[0]
 
-    def _nearest(self, recipe: str, kind: str, query: np.ndarray, k: int) -> list[tuple[VectorRow, float]]:
+    def nearest_each(self, recipe: str, kind: str, queries: np.ndarray, k: int) -> list[list[tuple[VectorRow, float]]]:
+        """One Milvus search for all queries (N, dim), and one read of the images their hits belong to."""
+        return self._call(self._nearest_each, recipe, kind, queries, k)
+
+    def _nearest_each(self, recipe: str, kind: str, queries: np.ndarray, k: int) -> list[list[tuple[VectorRow, float]]]:
         record = self._record(recipe, kind)
         if record is None or k <= 0:
-            return []
+            return [[] for _ in queries]
         self._check_searched(recipe, kind)
-        query = np.asarray(query, dtype=np.float32).reshape(-1)
-        if len(query) != record.dim:
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.shape[1] != record.dim:
             raise StoreUnavailable(f"{recipe}/{kind} switched to another transform during the search: search again")
         found = self._client.search(
             record.collection,
-            data=[query.tolist()],
+            data=queries.tolist(),
             anns_field="vec",
             limit=k,
             output_fields=["image_id", "box", "score"],
             search_params={"metric_type": "IP", "params": {"ef": max(self.config.ef_search, k)}},
-        )[0]
-        hits = [(self._vector_row(hit["label"], hit["entity"]), float(hit["distance"])) for hit in found]
-        live = self._live_images({row.image_id for row, _ in hits})
-        return [(row, sim) for row, sim in hits if row.image_id in live]
+        )
+        hits = [
+            [(self._vector_row(hit["label"], hit["entity"]), float(hit["distance"])) for hit in each] for each in found
+        ]
+        live = self._live_images({row.image_id for each in hits for row, _ in each})
+        return [[(row, sim) for row, sim in each if row.image_id in live] for each in hits]
 
     @staticmethod
     def _vector_row(label: int, entity: dict) -> VectorRow:
