@@ -11,9 +11,9 @@ import numpy as np
 
 from inserve.server.config import IndexConfig, milvus_uri
 from inserve.server.errors import ConfigError
-from inserve.server.index.aggregation import Combining
 from inserve.server.index.locking import ReadWriteLock
 from inserve.server.index.protocol import Index, Space
+from inserve.server.index.space_rules import SpaceRules
 from inserve.server.index.spaces import (
     DEFAULT_SPEC,
     NOT_SEARCHED,
@@ -56,7 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class InstanceIndex(Combining):
+class InstanceIndex(SpaceRules):
     """Durable image index: writes commit to SQLite first, then go into the in-memory graphs."""
 
     def __init__(
@@ -84,16 +84,6 @@ class InstanceIndex(Combining):
         """Held by a search that reads the index in several steps (graphs, then SQLite rows, then more for
         re-ranking): no write lands in between, so it sees each write whole or not at all."""
         return self._lock.reading()
-
-    def spec(self, recipe: str, kind: str) -> SpaceSpec:
-        return self.specs.get((recipe, kind), DEFAULT_SPEC)
-
-    def _aggregates(self, recipe: str | None = None, source: str | None = None) -> list[tuple[str, str]]:
-        return [
-            key
-            for key, spec in self.specs.items()
-            if spec.aggregate is not None and recipe in (None, key[0]) and source in (None, spec.aggregate.source)
-        ]
 
     def _snapshot_path(self, recipe: str, kind: str) -> Path:
         return self.data_dir / "graphs" / f"{recipe}.{kind}"

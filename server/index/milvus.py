@@ -42,10 +42,9 @@ from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
 from inserve.server.config import IndexConfig
 from inserve.server.errors import ConfigError, DuplicateId, StoreUnavailable
-from inserve.server.index.aggregation import Combining
 from inserve.server.index.codec import decode_vectors, encode_vector
+from inserve.server.index.space_rules import SpaceRules
 from inserve.server.index.spaces import (
-    DEFAULT_SPEC,
     NOT_SEARCHED,
     SpaceSpec,
     SpaceStats,
@@ -158,7 +157,7 @@ def _ids(values) -> str:
     return "[" + ",".join(str(int(v)) for v in values) + "]"
 
 
-class MilvusIndex(Combining):
+class MilvusIndex(SpaceRules):
     """The Index protocol (server/index/protocol.py) over Milvus (see the module docstring); `uri` as pymilvus
     takes it."""
 
@@ -398,9 +397,6 @@ class MilvusIndex(Combining):
         left out of its hits."""
         return nullcontext()
 
-    def spec(self, recipe: str, kind: str) -> SpaceSpec:
-        return self.specs.get((recipe, kind), DEFAULT_SPEC)
-
     def space(self, recipe: str, kind: str) -> MilvusSpace | None:
         return self._call(self._space, recipe, kind)
 
@@ -533,13 +529,6 @@ class MilvusIndex(Combining):
             if now.collection == record.collection:
                 return
             record = now
-
-    def _aggregates(self, recipe: str, source: str | None = None) -> list[tuple[str, str]]:
-        return [
-            key
-            for key, spec in self.specs.items()
-            if spec.aggregate is not None and key[0] == recipe and source in (None, spec.aggregate.source)
-        ]
 
     def _ensure_space(self, recipe: str, kind: str, raw_dim: int) -> SpaceRecord:
         record = self._record(recipe, kind)

@@ -1,23 +1,33 @@
-"""The query-side maths of spaces that both stores share: a query's raw vector into a space's coordinates, and
-per-image aggregates combined from their parts in the parts' current transform."""
+"""What both stores share of their spaces' settings and maths: each space's SpaceSpec, a query's raw vector into
+a space's coordinates, and per-image aggregates combined from their parts in the parts' current transform."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from inserve.server.index.protocol import Space
-from inserve.server.index.spaces import Aggregate, SpaceSpec, combine_per_image
+from inserve.server.index.spaces import DEFAULT_SPEC, Aggregate, SpaceSpec, combine_per_image
 from inserve.server.stages.pooling import l2_normalize
 
 
-class Combining:
-    """Mixed into each store; needs its `space`, `spec` and `learned`."""
+class SpaceRules:
+    """The rules of an index's spaces, mixed into each store; it needs the store's `specs`, `space` and `learned`."""
+
+    specs: dict[tuple[str, str], SpaceSpec]
 
     def space(self, recipe: str, kind: str) -> Space | None:
         raise NotImplementedError
 
     def spec(self, recipe: str, kind: str) -> SpaceSpec:
-        raise NotImplementedError
+        return self.specs.get((recipe, kind), DEFAULT_SPEC)
+
+    def _aggregates(self, recipe: str | None = None, source: str | None = None) -> list[tuple[str, str]]:
+        """The aggregate spaces (of a recipe; of parts of one kind)."""
+        return [
+            key
+            for key, spec in self.specs.items()
+            if spec.aggregate is not None and recipe in (None, key[0]) and source in (None, spec.aggregate.source)
+        ]
 
     def learned(self, recipe: str, name: str) -> tuple[int, np.ndarray, str] | None:
         raise NotImplementedError
