@@ -157,7 +157,9 @@ class Bench:
             engine=EngineOptions(device="cpu"),
             # no detector weights ship: deep_region crops its top-2 DASR* regions, deepvision uses DASR* regions
             regions=RegionRecipeConfig(deep_region_source="dasr_star"),
-            dasr=DasrConfig(mode=args.dasr_mode, sigmas=args.sigmas, star_seeds=args.star_seeds),
+            dasr=DasrConfig(
+                mode=args.dasr_mode, sigmas=args.sigmas, star_seeds=args.star_seeds, max_regions=args.max_regions
+            ),
         )
         self.models = ModelBundle.open(args.models, self.base.backbone, self.base.engine)
         self.pipeline = Pipeline(self.models, build_recipes(RECIPES, self.base), self.base.image)
@@ -446,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dasr-mode", default=DasrConfig.mode, choices=REGION_MODES, help="DASR region mode")
     parser.add_argument("--sigmas", type=float, default=DasrConfig.sigmas, help="adjoint boxes: standard deviations")
     parser.add_argument("--star-seeds", default=DasrConfig.star_seeds, choices=STAR_SEED_RULES)
+    parser.add_argument("--max-regions", type=int, default=DasrConfig.max_regions, help="DASR regions per image")
     args = parser.parse_args(argv)
     args.datasets, args.recipes = tuple(args.datasets), tuple(args.recipes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
