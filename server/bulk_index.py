@@ -103,7 +103,7 @@ def bulk_index(
 ) -> BulkResult:
     """Index (id, path) images and videos (VIDEO_SUFFIXES) into the configured store on Ray: `address` of a
     cluster (None: a local one), `workers` describing at once (None: one per CPU Ray offers). `progress(done,
-    total)` after each commit."""
+    total)` after each file."""
     import ray
 
     index = open_index(config.data_dir, config.store, config.index, recipe_specs(build_recipes(config.recipes, config)))
@@ -120,38 +120,33 @@ def bulk_index(
                 (videos if video else images)[external_id] = {"id": external_id, "path": str(path)}
         total = len(images) + len(videos)
 
-        def committed() -> None:
-            result.indexed += 1
-            if progress is not None:
-                progress(result.indexed + len(result.failed), total)
-
         if total:
             if not ray.is_initialized():
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
             workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
-        for width, todo, describer in ((config.batcher.max_batch, images, Describer), (1, videos, VideoDescriber)):
+        for batch_size, todo, describer in ((config.batcher.max_batch, images, Describer), (1, videos, VideoDescriber)):
             if not todo:
                 continue
             described = ray.data.from_items(list(todo.values())).map_batches(
                 describer,
                 fn_constructor_args=(config,),
-                batch_size=width,
+                batch_size=batch_size,
                 concurrency=min(workers, len(todo)),
                 num_cpus=CPUS_PER_WORKER,
             )
-            for batch in described.iter_batches(batch_size=width, batch_format="pandas"):
+            for batch in described.iter_batches(batch_size=batch_size, batch_format="pandas"):
                 for external_id, record, error in zip(batch["id"], batch["record"], batch["error"]):
                     if error:
                         result.failed[external_id] = error
                     elif describer is VideoDescriber:
                         index.replace_video(external_id, pickle.loads(record), source=todo[external_id]["path"])
-                        committed()
+                        result.indexed += 1
                     else:
-                        width_px, height_px, thumbnail, vectors = pickle.loads(record)
-                        add_described(
-                            index, external_id, vectors, width=width_px, height=height_px, thumbnail=thumbnail
-                        )
-                        committed()
+                        width, height, thumbnail, vectors = pickle.loads(record)
+                        add_described(index, external_id, vectors, width=width, height=height, thumbnail=thumbnail)
+                        result.indexed += 1
+                    if progress is not None:
+                        progress(result.indexed + len(result.failed), total)
         if total:
             transforms.learn_transforms(index, transforms.ready)  # what the service learns as it grows
     finally:
