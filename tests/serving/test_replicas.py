@@ -47,6 +47,7 @@ def test_two_replicas_share_one_milvus(models_dir: Path, tmp_path: Path) -> None
         running_server(models_dir, tmp_path / "b", *FLAGS, *store) as b,
         InstanceSearchClient(a.address, timeout=120) as writer,
         InstanceSearchClient(b.address, timeout=120) as reader,
+        InstanceSearchClient(f"ipv4:{a.address},{b.address}", timeout=120) as balanced,  # both, round robin
     ):
         writer.wait_ready()
         reader.wait_ready()
@@ -56,7 +57,6 @@ def test_two_replicas_share_one_milvus(models_dir: Path, tmp_path: Path) -> None
         assert reader.delete([name(0)]).deleted == 1  # and the other way round
         assert name(0) not in [hit.id for hit in writer.search(distinct_photo(0), top_k=50)]
 
-        balanced = InstanceSearchClient(f"ipv4:{a.address},{b.address}", timeout=120)  # both, round robin
         assert [top(balanced, 1)[0] for _ in range(4)] == [name(1)] * 4
         acked = []
         stream = writer.index_images(ImageItem(name(i), distinct_photo(i)) for i in range(3, 60))
@@ -72,15 +72,14 @@ def test_two_replicas_share_one_milvus(models_dir: Path, tmp_path: Path) -> None
         assert top(reader, 3 + KILL_AFTER - 1) == (acked[-1], pytest.approx(1.0, abs=1e-4))
         for i in (1, 2, 3, 4):  # a client of both replicas goes on being served by the one left
             assert top(balanced, i) == (name(i), pytest.approx(1.0, abs=1e-4))
-        balanced.close()
 
     with (
-        milvus_lite_server(tmp_path / "milvus", port) as milvus,  # the store restarts under a running replica
+        milvus_lite_server(tmp_path / "milvus", port) as milvus,  # the store again, from its files
         running_server(models_dir, tmp_path / "b", *FLAGS, *store) as b,
         InstanceSearchClient(b.address, timeout=120) as reader,
     ):
         assert top(reader, 2) == (name(2), pytest.approx(1.0, abs=1e-4))
-        milvus.kill()
+        milvus.kill()  # and away under a running replica, then back
         milvus.wait()
         with pytest.raises(grpc.RpcError) as down:
             reader.search(distinct_photo(2), top_k=1)
