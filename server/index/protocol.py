@@ -2,8 +2,8 @@
 
 Two implementations answer it: InstanceIndex (server/index/__init__.py: hnswlib graphs and SQLite in one data
 directory, the embedded default) and MilvusIndex (server/index/milvus.py: Milvus collections shared by
-replicas). `open_index` picks one from ServerConfig.store; nothing above it knows which, and
-tests/test_store_contract.py holds both to the same behaviour.
+replicas); both inherit SpaceRules (server/index/space_rules.py). `open_index` picks one from ServerConfig.store;
+nothing above it knows which, and the tests that take conftest's `open_store` hold both to the same behaviour.
 """
 
 from __future__ import annotations
