@@ -349,7 +349,7 @@ class MilvusIndex(SpaceRules):
         return _unb64("".join(found[k] for k in keys))
 
     def _records(self) -> dict[tuple[str, str], SpaceRecord]:
-        rows = self._query(f"{self._p}_meta", 'key like "space/%"', ["key", "value"])
+        rows = self._few(f"{self._p}_meta", 'key like "space/%"', ["key", "value"])
         records = {}
         for row in rows:
             _, recipe, kind = row["key"].split("/", 2)
@@ -373,6 +373,10 @@ class MilvusIndex(SpaceRules):
                 arrays = np.load(io.BytesIO(data))
                 self._whitenings[key] = Whitening(arrays["mean"], arrays["projection"])
         return self._whitenings[key]
+
+    def _few(self, collection: str, expr: str, fields: list[str]) -> list[dict]:
+        """The rows matching `expr` where there can only be a few (one id's image rows, the space records)."""
+        return self._client.query(collection, filter=expr, output_fields=fields, limit=PAGE)
 
     def _query(self, collection: str, expr: str, fields: list[str]) -> list[dict]:
         """Every row matching `expr`, page by page (a query returns at most 16384 rows)."""
@@ -412,8 +416,9 @@ class MilvusIndex(SpaceRules):
         return self._call(self._image_ids, external_id) != []
 
     def _image_ids(self, external_id: str, keyframes_of: bool = False) -> list[int]:
-        field = "video_id" if keyframes_of else "external_id"
-        return [r["id"] for r in self._query(f"{self._p}_images", f"{field} == {_quote(external_id)}", ["id"])]
+        if keyframes_of:
+            return [r["id"] for r in self._query(f"{self._p}_images", f"video_id == {_quote(external_id)}", ["id"])]
+        return [r["id"] for r in self._few(f"{self._p}_images", f"external_id == {_quote(external_id)}", ["id"])]
 
     def _is_image(self, external_id: str) -> bool:
         expr = f'external_id == {_quote(external_id)} and video_id == ""'
@@ -446,7 +451,7 @@ class MilvusIndex(SpaceRules):
     def _add_image(self, external_id, vectors, width, height, source, metadata, replace, thumbnail) -> int:
         if self._is_video(external_id):
             raise DuplicateId(external_id, VIDEO_TAKES_ID)
-        old = self._query(f"{self._p}_images", f"external_id == {_quote(external_id)}", ["id", "video_id"])
+        old = self._few(f"{self._p}_images", f"external_id == {_quote(external_id)}", ["id", "video_id"])
         if old:
             if old[0]["video_id"]:
                 raise DuplicateId(
@@ -627,7 +632,7 @@ class MilvusIndex(SpaceRules):
     def _delete(self, unique: list[str]) -> tuple[int, list[str]]:
         missing, doomed = [], []
         for external_id in unique:
-            rows = self._query(f"{self._p}_images", f"external_id == {_quote(external_id)}", ["id", "video_id"])
+            rows = self._few(f"{self._p}_images", f"external_id == {_quote(external_id)}", ["id", "video_id"])
             video = external_id if not rows and self._is_video(external_id) else None
             if video is not None:
                 rows = self._query(f"{self._p}_images", f"video_id == {_quote(video)}", ["id", "video_id"])
