@@ -61,8 +61,7 @@ from inserve.server.index.store import (
     VectorRow,
 )
 from inserve.server.index.transforms import compact, learn_transform, training_vectors
-from inserve.server.stages.pooling import l2_normalize
-from inserve.server.stages.whitening import Whitening
+from inserve.server.stages.whitening import Whitening, space_transform
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,15 @@ TEXT = 65535  # VARCHAR bytes, Milvus' largest
 BLOB_CHUNK = 48 << 10  # base64 characters per meta row
 THUMBNAIL_CHUNKS = 4  # a thumbnail's base64 in at most this many VARCHARs
 PLACEHOLDER = [0.0, 0.0]  # the vector of collections that search none (Milvus collections need one)
-NO_TAG = -1  # tags are class indices, >= 0
+NO_TAG = -1
+ROW_FIELDS = (
+    "label",
+    "image_id",
+    "box",
+    "score",
+    "tag",
+    "raw",
+)  # a space row but its vector in the space's coordinates  # tags are class indices, >= 0
 PAGE = 4096
 LEASE_S = 3600.0  # a replica's lease on learning for a recipe, if it dies holding it
 LEASE_SETTLE_S = 0.5  # how long a replica waits after writing its lease before it reads whose it is
@@ -136,8 +143,7 @@ class MilvusSpace:
         return self._count()
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
-        raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
-        return self.whitening.apply(raw) if self.whitening is not None else l2_normalize(raw)
+        return space_transform(self.whitening, raw)
 
 
 def _b64(data: bytes) -> str:
@@ -879,7 +885,7 @@ class MilvusIndex(SpaceRules):
         old = self._record(recipe, kind)
         if old is None:
             raise KeyError(f"{recipe}/{kind} holds no vectors")
-        rows = self._space_rows(recipe, kind, ["image_id", "box", "score", "tag", "raw"])
+        rows = sorted(self._space_rows_in(old.collection), key=lambda r: r["label"])
         raw = decode_vectors([_unb64(r["raw"]) for r in rows])
         training = training_vectors(spec, np.asarray([r["image_id"] for r in rows]), raw)
         whitening = learn_transform(spec, self.config, training, dims)
@@ -888,13 +894,8 @@ class MilvusIndex(SpaceRules):
         np.savez(buffer, mean=whitening.mean, projection=whitening.projection)
         self._put_blob(f"whitening/{recipe}/{kind}/{version}", buffer.getvalue())
         self._whitenings[(recipe, kind, version)] = whitening
-        record = SpaceRecord(old.raw_dim, whitening.dims, version, len(training), "")
-        record = SpaceRecord(
-            **{
-                **record.__dict__,
-                "collection": self._space_collection(recipe, kind, whitening.dims, version, shared=False),
-            }
-        )
+        collection = self._space_collection(recipe, kind, whitening.dims, version, shared=False)
+        record = SpaceRecord(old.raw_dim, whitening.dims, version, len(training), collection)
         self._copy(rows, raw, whitening.apply, record.collection)
         self._save_record(recipe, kind, record)
         copied = {r["label"] for r in rows}
@@ -923,7 +924,7 @@ class MilvusIndex(SpaceRules):
         return version
 
     def _space_rows_in(self, collection: str) -> list[dict]:
-        return self._query(collection, "label >= 0", ["label", "image_id", "box", "score", "tag", "raw"])
+        return self._query(collection, "label >= 0", list(ROW_FIELDS))
 
     def _copy(
         self, rows: list[dict], raw: np.ndarray, transform: Callable[[np.ndarray], np.ndarray], collection: str
@@ -931,9 +932,7 @@ class MilvusIndex(SpaceRules):
         vecs = transform(raw) if len(raw) else raw
         batch = []
         for row, vec in zip(rows, vecs):
-            batch.append(
-                {**{k: row[k] for k in ("label", "image_id", "box", "score", "tag", "raw")}, "vec": vec.tolist()}
-            )
+            batch.append({**{k: row[k] for k in ROW_FIELDS}, "vec": vec.tolist()})
             if len(batch) == 512:
                 self._client.upsert(collection, batch)
                 batch = []

@@ -13,8 +13,7 @@ import hnswlib
 import numpy as np
 
 from inserve.server.config import IndexConfig
-from inserve.server.stages.pooling import l2_normalize
-from inserve.server.stages.whitening import Whitening
+from inserve.server.stages.whitening import Whitening, space_transform
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,7 @@ class VectorSpace:
         return self.whitening.dims if self.whitening is not None else self.raw_dim
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
-        raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
-        return self.whitening.apply(raw) if self.whitening is not None else l2_normalize(raw)
+        return space_transform(self.whitening, raw)
 
     def __len__(self) -> int:
         return len(self._labels)

@@ -25,6 +25,13 @@ class Whitening:
         return l2_normalize((x - self.mean) @ self.projection.T)
 
 
+def space_transform(whitening: Whitening | None, raw: np.ndarray) -> np.ndarray:
+    """Raw vectors (N, D) in a vector space's coordinates: its learned transform, or l2-normalised when it has
+    none (both stores' spaces apply this)."""
+    raw = np.atleast_2d(np.asarray(raw, dtype=np.float32))
+    return whitening.apply(raw) if whitening is not None else l2_normalize(raw)
+
+
 def principal_axes(
     raw: np.ndarray, eps: float = 1e-6, centred: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
