@@ -5,9 +5,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 
-import onnxruntime as ort
-
-from inserve.engines.onnxruntime_engine import CUDA_EP, TENSORRT_EP
+from inserve.engines.onnxruntime_engine import CUDA_EP, TENSORRT_EP, load_onnxruntime
 
 _DRIVER_LIBRARIES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll")
 
@@ -34,7 +32,7 @@ def available_devices() -> list[str]:
     """The `EngineOptions.device` values that can run here, fastest first; "cpu" is always there."""
     devices = []
     if visible_gpus() > 0:
-        providers = ort.get_available_providers()
+        providers = load_onnxruntime().get_available_providers()
         if _importable("tensorrt") and (_importable("cuda.bindings") or _importable("cuda.cudart")):
             devices.append("tensorrt-native")
         if TENSORRT_EP in providers:
@@ -48,7 +46,7 @@ def builds_tensorrt(device: str) -> bool:
     """Whether graphs opened on `device` become TensorRT engines (which need optimisation profiles): the two
     TensorRT devices, and "auto" where onnxruntime has its TensorRT provider."""
     return device in ("tensorrt", "tensorrt-native") or (
-        device == "auto" and TENSORRT_EP in ort.get_available_providers()
+        device == "auto" and TENSORRT_EP in load_onnxruntime().get_available_providers()
     )
 
 

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from inserve.engines.base import DEFAULT_OPTIONS, EngineOptions, EngineUnavailable
 from inserve.engines.tensors import TensorSpec, check_inputs, check_outputs
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+# the base install leaves onnxruntime out on Linux aarch64, where a Jetson has JetPack's onnxruntime-gpu (the same
+# module, which pip's CPU build would replace); other aarch64 Linux machines take the `cpu` extra (pyproject.toml)
+INSTALL_ONNXRUNTIME = "pip install 'inserve[cpu]', or on a Jetson its JetPack's onnxruntime-gpu wheel (README, GPUs)"
 
 TENSORRT_EP = "TensorrtExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -45,6 +53,16 @@ _NUMPY_TYPES = {
 }
 
 ProviderChoice = list[tuple[str, dict[str, object]]]
+
+
+def load_onnxruntime() -> ModuleType:
+    """onnxruntime, imported where an engine or the providers are first asked for, so that an install without it
+    stops with EngineUnavailable saying what to install instead of an ImportError when inserve is imported."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise EngineUnavailable(f"onnxruntime cannot be imported ({exc}): {INSTALL_ONNXRUNTIME}") from exc
+    return onnxruntime
 
 
 def choose_providers(options: EngineOptions, available: Sequence[str]) -> ProviderChoice:
@@ -100,6 +118,7 @@ class OrtEngine:
     """An `Engine` over one onnxruntime.InferenceSession (whose `run` is itself thread-safe)."""
 
     def __init__(self, path: Path | str, options: EngineOptions = DEFAULT_OPTIONS) -> None:
+        ort = load_onnxruntime()
         providers = choose_providers(options, ort.get_available_providers())
         if options.cache_dir is not None and providers[0][0] == TENSORRT_EP:
             Path(options.cache_dir).mkdir(parents=True, exist_ok=True)

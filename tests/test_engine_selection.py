@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 from pathlib import Path
@@ -14,8 +15,15 @@ from inserve.engines import EngineOptions, EngineUnavailable, available_devices,
 from inserve.engines import devices as devices_module
 from inserve.engines.base import DEVICES
 from inserve.engines.cuda_runtime import load_cudart
-from inserve.engines.devices import visible_gpus
-from inserve.engines.onnxruntime_engine import CPU_EP, CUDA_EP, TENSORRT_EP, OrtEngine, choose_providers
+from inserve.engines.devices import builds_tensorrt, visible_gpus
+from inserve.engines.onnxruntime_engine import (
+    CPU_EP,
+    CUDA_EP,
+    INSTALL_ONNXRUNTIME,
+    TENSORRT_EP,
+    OrtEngine,
+    choose_providers,
+)
 
 ALL_EPS = [TENSORRT_EP, CUDA_EP, CPU_EP]
 INSTALLED = ort.get_available_providers()
@@ -164,6 +172,17 @@ def test_missing_cuda_python_says_what_to_install(monkeypatch: pytest.MonkeyPatc
         monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(EngineUnavailable, match=r"cuda-python.*inserve\[gpu\]"):
         load_cudart()
+
+
+def test_without_onnxruntime_engines_say_what_to_install(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux aarch64 installs leave onnxruntime out (a Jetson brings its own): opening an engine names the fix."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    message = r"onnxruntime cannot be imported \(.*\): " + re.escape(INSTALL_ONNXRUNTIME)
+    with pytest.raises(EngineUnavailable, match=message):
+        open_engine(model, EngineOptions(device="cpu"))
+    with pytest.raises(EngineUnavailable, match=message):  # what "auto" asks before deriving TensorRT profiles
+        builds_tensorrt("auto")
+    assert builds_tensorrt("tensorrt-native")  # needs no onnxruntime
 
 
 def test_available_devices_are_valid_and_end_in_cpu() -> None:

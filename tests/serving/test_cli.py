@@ -12,6 +12,8 @@ from photos import encode, photo
 from PIL import Image
 from servers import running_server
 
+from inserve.engines.onnxruntime_engine import INSTALL_ONNXRUNTIME
+
 NAMES = ("astronaut", "chelsea", "coffee", "rocket")
 
 
@@ -113,6 +115,15 @@ def test_build_engines_says_what_it_needs_in_one_line(models_dir: Path, tmp_path
         done = inserve("build-engines", "--device", "tensorrt-native", *cache)
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert "needs the tensorrt and cuda-python packages" in done.stderr
+
+
+def test_serving_without_onnxruntime_is_one_line_saying_what_to_install(models_dir: Path, tmp_path: Path) -> None:
+    """Linux aarch64 installs leave onnxruntime out (pyproject.toml): serve stops with one line naming the fix."""
+    hidden = "import sys; sys.modules['onnxruntime'] = None; from inserve.clients.cli import main; sys.exit(main())"
+    flags = ("serve", "--models", str(models_dir), "--data-dir", str(tmp_path / "data"), "--port", "0")
+    done = subprocess.run([sys.executable, "-c", hidden, *flags], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+    assert "onnxruntime cannot be imported" in done.stderr and INSTALL_ONNXRUNTIME in done.stderr
 
 
 def test_options_a_recipe_cannot_take_are_refused_before_indexing(models_dir: Path, tmp_path: Path) -> None:
