@@ -72,6 +72,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_import(spec: str) -> tuple[str, Path]:
+    """(graph file, plan) of `--import-plan GRAPH.onnx=PLAN`."""
+    graph, _, plan = spec.partition("=")
+    if not graph or not plan:
+        raise ConfigError(f"--import-plan takes GRAPH.onnx=PLAN, got {spec!r}")
+    return graph, Path(plan)
+
+
 def cmd_build_engines(args: argparse.Namespace) -> int:
     """Every TensorRT engine the configuration needs, built (or imported from trtexec) ahead of serving."""
     from tqdm import tqdm
@@ -82,12 +90,14 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     config = server_config(args, tuple(args.recipe.split(",")), args.data_dir)
     if config.engine.device not in ("tensorrt", "tensorrt-native") or config.engine.cache_dir is None:
         raise ConfigError("build-engines needs --device tensorrt or tensorrt-native and --engine-cache DIR")
-    bundle = ModelBundle.open(config.models, config.backbone, config.engine, serving_shapes(config))
-    for spec in args.import_plan:
-        graph, _, plan = spec.partition("=")
-        if not plan:
-            raise ConfigError(f"--import-plan takes GRAPH.onnx=PLAN, got {spec!r}")
-        print(f"{graph}: imported into {bundle.import_plan(graph, Path(plan))}")
+    imports = [plan_import(spec) for spec in args.import_plan]
+    shapes = serving_shapes(config)
+    bundle = ModelBundle.open(config.models, config.backbone, config.engine, shapes, open_backbone=False)
+    for graph, plan in imports:  # before any graph opens, so that an imported plan is loaded rather than built
+        try:
+            print(f"{graph}: imported into {bundle.import_plan(graph, plan)}")
+        except ValueError as exc:  # a plan that this TensorRT, this GPU or this graph cannot take
+            raise ConfigError(f"--import-plan {graph}: {exc}") from exc
     for name in tqdm(bundle.open_all(), total=len(bundle.entries()), desc="engines", unit="graph", file=sys.stderr):
         print(f"{name}: ready")
     return 0

@@ -25,13 +25,15 @@ from inserve.engines.cuda_runtime import MISSING_GPU_PACKAGES, CudaRuntime, load
 from inserve.engines.devices import visible_gpus
 from inserve.engines.plan_cache import plan_key, plan_path, read_plan, write_plan
 from inserve.engines.precision import calibration_digest, fp16_graph
-from inserve.engines.profiles import covering_profile
+from inserve.engines.profiles import Profile, covering_profile
 from inserve.engines.tensors import TensorSpec, check_inputs, check_outputs
 
 log = logging.getLogger(__name__)
 
 _MIN_ALLOCATION = 256  # bytes; also gives empty tensors a real address
 TIMING_CACHE = "timing.cache"  # in EngineOptions.cache_dir
+NO_GPU = "tensorrt-native: no NVIDIA GPU visible (the CUDA driver reports none)"
+IMPORT_NEEDS_CACHE = "importing a plan needs EngineOptions.cache_dir (--engine-cache)"
 
 
 def _import_tensorrt() -> ModuleType:
@@ -53,6 +55,47 @@ def _logger(trt: ModuleType) -> Any:
     return trt.Logger(trt.Logger.WARNING)
 
 
+def _open_gpu(options: EngineOptions) -> tuple[ModuleType, CudaRuntime, str]:
+    """TensorRT, the CUDA runtime with `options.device_id` current, and that GPU's name; EngineUnavailable naming
+    what is missing (the packages, a GPU) otherwise. What building, loading and importing a plan all need."""
+    trt = _import_tensorrt()
+    cuda = CudaRuntime(load_cudart())
+    gpus = visible_gpus()
+    if gpus == 0:
+        raise EngineUnavailable(NO_GPU)
+    if options.device_id >= gpus:
+        raise EngineUnavailable(f"tensorrt-native: device_id {options.device_id}, but {gpus} GPU(s) seen")
+    cuda.set_device(options.device_id)
+    return trt, cuda, cuda.device_name(options.device_id)
+
+
+def int8_refusal(trt: ModuleType) -> str | None:
+    """Why this TensorRT cannot build int8 by calibration (None: it can). Asked before any calibrator is made:
+    making one subclasses trt.IInt8EntropyCalibrator2, which releases without implicit quantization lack."""
+    lacking = [
+        name
+        for name, present in (
+            ("INT8 builder flag", hasattr(trt.BuilderFlag, "INT8")),
+            ("IInt8EntropyCalibrator2", hasattr(trt, "IInt8EntropyCalibrator2")),
+        )
+        if not present
+    ]
+    if not lacking:
+        return None
+    return (
+        f"int8 by calibration needs TensorRT's implicit quantization; TensorRT {trt.__version__} has no "
+        f"{' and no '.join(lacking)}: quantize the graph (Q/DQ) and import the plan trtexec builds from it "
+        "(build-engines --import-plan), or use --precision fp16"
+    )
+
+
+def _refuse_int8(trt: ModuleType, options: EngineOptions) -> None:
+    """EngineUnavailable where `options` ask for int8 and this TensorRT cannot calibrate (int8_refusal)."""
+    refusal = int8_refusal(trt) if options.precision == "int8" else None
+    if refusal is not None:
+        raise EngineUnavailable(refusal)
+
+
 def strongly_typed(trt: ModuleType, precision: str) -> bool:
     """Whether this build takes its precision from the graph: fp16 where the installed TensorRT has no FP16
     builder flag (removed after TensorRT 10); fp32 needs no flag either way."""
@@ -68,11 +111,9 @@ def build_plan(
     typed network from the graph's fp16 copy (engines/precision.py, written to `work_dir`); int8 needs the INT8
     flag (implicit quantization) and `calibrator`, and keeps fp16 for the layers int8 cannot run.
     """
-    if options.precision == "int8" and (calibrator is None or not hasattr(trt.BuilderFlag, "INT8")):
-        raise EngineUnavailable(
-            f"int8 needs TensorRT's INT8 builder flag and calibration batches; TensorRT {trt.__version__} "
-            + ("has no INT8 flag: quantize the graph (Q/DQ) and build it as is" if calibrator else "got no batches")
-        )
+    _refuse_int8(trt, options)
+    if options.precision == "int8" and calibrator is None:
+        raise EngineUnavailable("int8 needs calibration batches of the graph's input; got none")
     typed = strongly_typed(trt, options.precision)
     source = fp16_graph(onnx_path, work_dir or onnx_path.parent) if typed else onnx_path
     logger = _logger(trt)
@@ -192,15 +233,7 @@ class TensorRTEngine:
         options: EngineOptions = DEFAULT_OPTIONS,
         calibration: Sequence[np.ndarray] | None = None,
     ) -> None:
-        trt = _import_tensorrt()
-        cuda = CudaRuntime(load_cudart())
-        gpus = visible_gpus()
-        if gpus == 0:
-            raise EngineUnavailable("tensorrt-native: no NVIDIA GPU visible (the CUDA driver reports none)")
-        if options.device_id >= gpus:
-            raise EngineUnavailable(f"tensorrt-native: device_id {options.device_id}, but {gpus} GPU(s) seen")
-        cuda.set_device(options.device_id)
-        gpu_name = cuda.device_name(options.device_id)
+        trt, cuda, gpu_name = _open_gpu(options)
         onnx_path = Path(onnx_path)
 
         def calibrator(cache: Path | None) -> Any:
@@ -234,13 +267,7 @@ class TensorRTEngine:
         ]
         for index, context in enumerate(self._contexts[1:], start=1):
             context.set_optimization_profile_async(index, int(self._stream))
-        self._profiles = [
-            {
-                spec.name: tuple(tuple(s) for s in self._engine.get_tensor_profile_shape(spec.name, index))
-                for spec in self._inputs
-            }
-            for index in range(len(self._contexts))
-        ]
+        self._profiles = _engine_profiles(self._engine, self.input_names)
         self._buffers: dict[str, tuple[int, int]] = {}  # tensor name -> (device pointer, capacity in bytes)
         self._release = weakref.finalize(self, _release, cuda, self._buffers, self._stream)
 
@@ -309,20 +336,31 @@ class TensorRTEngine:
         return buffer[0]
 
 
+def _engine_profiles(engine: Any, input_names: Sequence[str]) -> list[Profile]:
+    """The (min, opt, max) shape of each input in each of a deserialized engine's optimisation profiles."""
+    return [
+        {name: tuple(tuple(s) for s in engine.get_tensor_profile_shape(name, index)) for name in input_names}
+        for index in range(engine.num_optimization_profiles)
+    ]
+
+
 def _plan(
     trt: ModuleType, onnx_path: Path, options: EngineOptions, gpu_name: str, calibrator: Callable[[Path | None], Any]
 ) -> tuple[bytes, Path | None, bool]:
     """(plan, its cache file or None, whether it came from the cache). `calibrator(table path)` makes the int8
-    calibrator, asked only when a plan is built."""
-    if options.cache_dir is None:
-        return build_plan(trt, onnx_path, options, calibrator(None)), None, False
-    path = _cache_path(trt, onnx_path, options, gpu_name)
-    cached = read_plan(path)
+    calibrator, asked only when a plan is built and this TensorRT can calibrate: a cached int8 plan (imported from
+    trtexec) still loads where it cannot."""
+    path = None if options.cache_dir is None else _cache_path(trt, onnx_path, options, gpu_name)
+    cached = None if path is None else read_plan(path)
     if cached is not None:
         return cached, path, True
+    _refuse_int8(trt, options)
     log.info("building TensorRT plan for %s on %s (cached at %s)", onnx_path, gpu_name, path)
-    plan = build_plan(trt, onnx_path, options, calibrator(path.with_suffix(".calibration")), Path(options.cache_dir))
-    write_plan(path, plan)
+    table = None if path is None else path.with_suffix(".calibration")
+    work_dir = None if options.cache_dir is None else Path(options.cache_dir)
+    plan = build_plan(trt, onnx_path, options, calibrator(table), work_dir)
+    if path is not None:
+        write_plan(path, plan)
     return plan, path, False
 
 
@@ -340,31 +378,47 @@ def _cache_path(trt: ModuleType, onnx_path: Path, options: EngineOptions, gpu_na
     return plan_path(Path(options.cache_dir), onnx_path, key)
 
 
-def import_plan(onnx_path: Path, plan_file: Path, options: EngineOptions) -> Path:
-    """Copy a plan built elsewhere (trtexec --onnx=GRAPH --saveEngine=PLAN, with the same precision and
-    profiles) into `options.cache_dir` as the plan of `onnx_path`, after checking that this TensorRT on this GPU
-    can load it and that it has the graph's inputs. Returns the cache file."""
-    trt = _import_tensorrt()
+def import_plan(onnx_path: Path, plan_file: Path, options: EngineOptions, inputs: Sequence[str]) -> Path:
+    """Copy a plan built elsewhere (trtexec --onnx=GRAPH --saveEngine=PLAN, with the same precision and shapes)
+    into `options.cache_dir` as the plan of `onnx_path`, whose inputs are named `inputs`, after checking that this
+    TensorRT on this GPU loads it, that its inputs are the graph's and that its profiles hold `options.profiles`.
+    Returns the cache file."""
     if options.cache_dir is None:
-        raise ValueError("importing a plan needs EngineOptions.cache_dir (--engine-cache)")
-    cuda = CudaRuntime(load_cudart())
-    if visible_gpus() <= options.device_id:
-        raise EngineUnavailable("importing a plan needs the GPU it will run on: no NVIDIA GPU visible")
-    cuda.set_device(options.device_id)
+        raise ValueError(IMPORT_NEEDS_CACHE)
     plan = Path(plan_file).read_bytes()
+    trt, _, gpu_name = _open_gpu(options)
     engine = trt.Runtime(_logger(trt)).deserialize_cuda_engine(plan)
     if engine is None:
         raise ValueError(
             f"{plan_file} does not load: built by another TensorRT version or for another GPU "
-            f"(this is TensorRT {trt.__version__} on {cuda.device_name(options.device_id)})"
+            f"(this is TensorRT {trt.__version__} on {gpu_name})"
         )
-    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-    wanted = set((options.profiles or [{}])[0])
-    if not wanted <= names:
-        raise ValueError(f"{plan_file} has tensors {sorted(names)}, not the inputs {sorted(wanted)} of {onnx_path}")
-    path = _cache_path(trt, onnx_path, options, cuda.device_name(options.device_id))
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    held = sorted(name for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT)
+    if held != sorted(inputs):
+        raise ValueError(f"{plan_file} has the inputs {held}, not {sorted(inputs)} of {onnx_path}")
+    uncovered = _uncovered(_engine_profiles(engine, held), options.profiles or ())
+    if uncovered:
+        raise ValueError(
+            f"{plan_file}: no profile of the plan holds {uncovered[0]} (min, opt, max), which the server feeds "
+            f"{onnx_path}; build it with the shapes of `inserve build-engines` (README, GPUs)"
+        )
+    path = _cache_path(trt, onnx_path, options, gpu_name)
     write_plan(path, plan)
     return path
+
+
+def _uncovered(held: Sequence[Profile], wanted: Sequence[Profile]) -> list[Profile]:
+    """The `wanted` profiles that no profile of `held` holds from their min to their max shapes."""
+    return [
+        profile
+        for profile in wanted
+        if not any(
+            covering_profile([built], {name: shapes[0] for name, shapes in profile.items()}) == 0
+            and covering_profile([built], {name: shapes[2] for name, shapes in profile.items()}) == 0
+            for built in held
+        )
+    ]
 
 
 def _dims(shape: Any) -> tuple[int | None, ...]:

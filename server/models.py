@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -63,8 +64,10 @@ def graph_options(options: EngineOptions, entry: GraphEntry, plan: ShapePlan | N
 
 
 class ModelBundle:
-    """Backbone, CAM head and DASR back-propagation engines; the latter two open on first use. With `shapes`,
-    each graph that may run on TensorRT gets the optimisation profiles of what the server feeds it."""
+    """Backbone, CAM head and DASR back-propagation engines; the latter two open on first use, the backbone at
+    once (a server that cannot run it fails at start) unless `open_backbone` is false (build-engines, which imports
+    plans first). With `shapes`, each graph that may run on TensorRT gets the optimisation profiles of what the
+    server feeds it."""
 
     def __init__(
         self,
@@ -72,6 +75,7 @@ class ModelBundle:
         options: EngineOptions = EngineOptions(),
         verify: bool = True,
         shapes: ServingShapes | None = None,
+        open_backbone: bool = True,
     ) -> None:
         self.directory = manifest_path.parent
         self.manifest = Manifest.load(manifest_path)
@@ -80,13 +84,24 @@ class ModelBundle:
         self.shapes = shapes
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
-        self.backbone = self._engine(self.manifest.graphs["backbone"])
+        if open_backbone:
+            self._engine(self.manifest.graphs["backbone"])
 
     @classmethod
     def open(
-        cls, models: Path, backbone: str, options: EngineOptions = EngineOptions(), shapes: ServingShapes | None = None
+        cls,
+        models: Path,
+        backbone: str,
+        options: EngineOptions = EngineOptions(),
+        shapes: ServingShapes | None = None,
+        open_backbone: bool = True,
     ) -> ModelBundle:
-        return cls(locate_manifest(models, backbone), options, shapes=shapes)
+        return cls(locate_manifest(models, backbone), options, shapes=shapes, open_backbone=open_backbone)
+
+    @functools.cached_property
+    def backbone(self) -> Engine:
+        """The backbone's engine; an attribute once opened, so that runs take no lock."""
+        return self._engine(self.manifest.graphs["backbone"])
 
     @property
     def name(self) -> str:
@@ -146,7 +161,7 @@ class ModelBundle:
         entry = next((e for e in self.entries() if e.file == graph), None)
         if entry is None:
             raise ModelsError(f"no graph {graph!r} in {self.directory}; have {[e.file for e in self.entries()]}")
-        return import_plan(self.directory / graph, plan, self.graph_options(entry))
+        return import_plan(self.directory / graph, plan, self.graph_options(entry), entry.inputs)
 
     def shape_plan(self) -> ShapePlan:
         shapes = self.shapes

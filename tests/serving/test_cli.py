@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,10 @@ from photos import encode, photo
 from PIL import Image
 from servers import running_server
 
+from inserve.engines.cuda_runtime import MISSING_GPU_PACKAGES
+from inserve.engines.devices import visible_gpus
 from inserve.engines.onnxruntime_engine import INSTALL_ONNXRUNTIME
+from inserve.engines.tensorrt_engine import NO_GPU
 
 NAMES = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -115,6 +119,42 @@ def test_build_engines_says_what_it_needs_in_one_line(models_dir: Path, tmp_path
         done = inserve("build-engines", "--device", "tensorrt-native", *cache)
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert "needs the tensorrt and cuda-python packages" in done.stderr
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def junk_plan_refusal() -> str:
+    """What refuses a file that is not a plan on this machine: the missing packages, the missing GPU, or the
+    TensorRT that cannot load it."""
+    if not installed("tensorrt") or not (installed("cuda.bindings") or installed("cuda.cudart")):
+        return MISSING_GPU_PACKAGES
+    return NO_GPU if visible_gpus() == 0 else "built by another TensorRT version or for another GPU"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("backbone.onnx", "--import-plan takes GRAPH.onnx=PLAN, got 'backbone.onnx'"),
+        ("nosuch.onnx={junk}", "no graph 'nosuch.onnx' in "),
+        ("backbone.onnx={missing}", "No such file or directory"),
+        ("backbone.onnx={junk}", None),
+    ],
+    ids=["no-plan", "unknown-graph", "missing-file", "not-a-plan"],
+)
+def test_import_plan_refusals_are_one_line(models_dir: Path, tmp_path: Path, spec: str, message: str | None) -> None:
+    junk, missing = tmp_path / "junk.plan", tmp_path / "missing.plan"
+    junk.write_bytes(os.urandom(4096))
+    cache = tmp_path / "engines"
+    flags = ("--device", "tensorrt-native", "--engine-cache", str(cache), "--models", str(models_dir))
+    done = inserve("build-engines", *flags, "--import-plan", spec.format(junk=junk, missing=missing))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert (message or junk_plan_refusal()) in done.stderr
+    assert not list(cache.glob("*.plan"))  # nothing imported, nothing built
 
 
 def test_serving_without_onnxruntime_is_one_line_saying_what_to_install(models_dir: Path, tmp_path: Path) -> None:
