@@ -173,7 +173,7 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
             box_temperature=args.box_temperature,
         ),
     )
-    if args.command == "serve":
+    if args.command in ("serve", "build-engines"):  # the same batcher: TensorRT profiles follow its shapes
         batcher = {
             "max_batch": args.max_batch,
             "max_delay_ms": args.max_delay_ms,

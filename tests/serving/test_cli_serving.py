@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from inserve.clients.cli import build_parser
 from inserve.clients.cli_flags import server_config
 from inserve.clients.remote_commands import hit_line
 from inserve.clients.render import timecode
-from inserve.server.config import BatcherConfig, ServerConfig, VideoConfig
+from inserve.engines import EngineOptions
+from inserve.server.config import BatcherConfig, DasrConfig, ServerConfig, VideoConfig
+from inserve.server.instance_search import serving_shapes
+from inserve.server.models import ServingShapes
 from inserve.v1 import inserve_pb2 as pb
 
 
@@ -32,6 +37,30 @@ def test_serve_takes_its_defaults_from_the_config_and_flags_override_them() -> N
     assert (config.batcher.max_batch, config.batcher.queue_depth, config.batcher.buckets) == (1, 4, ("1:1",))
     assert config.batcher.max_delay_ms == BatcherConfig().max_delay_ms
     assert config.video.media_root == Path("/srv/v") and config.video.max_concurrent == VideoConfig().max_concurrent
+
+
+def config_of(*argv: str) -> ServerConfig:
+    return server_config(build_parser().parse_args(list(argv)), ("gem",), Path("data"))
+
+
+TENSORRT_FLAGS = ("--device", "tensorrt-native", "--engine-cache", "/var/cache/inserve", "--workspace-mb", "512")
+
+
+@pytest.mark.parametrize("command", [("serve",), ("build-engines",), ("eval", "dataset")], ids=lambda c: c[0])
+def test_the_tensorrt_flags_reach_the_engine_options(command: tuple[str, ...]) -> None:
+    engine = config_of(*command, *TENSORRT_FLAGS, "--precision", "fp16", "--dla-core", "0").engine
+    expected = {"cache_dir": Path("/var/cache/inserve"), "workspace_bytes": 512 << 20, "precision": "fp16"}
+    assert engine == EngineOptions(device="tensorrt-native", dla_core=0, **expected)
+    left_out = config_of(*command).engine
+    assert (left_out.cache_dir, left_out.workspace_bytes) == (None, EngineOptions().workspace_bytes)
+
+
+def test_build_engines_builds_for_the_shapes_serve_feeds() -> None:
+    """Plans are keyed by their profiles, which follow the batcher: serve with the same flags builds nothing."""
+    flags = (*TENSORRT_FLAGS, "--max-batch", "2", "--queue-depth", "4", "--buckets", "1:1", "--long-side", "128")
+    serve, build = config_of("serve", *flags), config_of("build-engines", *flags)
+    assert serving_shapes(build) == serving_shapes(serve) == ServingShapes(("1:1",), 128, 2, DasrConfig().seeds_per_run)
+    assert build.engine == serve.engine
 
 
 def test_time_codes() -> None:
