@@ -1,5 +1,6 @@
 """The Python client's options against a real server: gRPC retries a read-only call refused because the server
-is full, a client without retries gets the refusal, default deadlines, and the retry policy itself."""
+is full, a client without retries gets the refusal, default deadlines, the retry policy itself and the keepalive
+of its channels."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import pytest
 from photos import encode, photo
 from servers import metrics_port, running_server, scrape
 
-from inserve.clients.channels import RETRIED_METHODS, SERVICE, service_config
+from inserve.clients.channels import RETRIED_METHODS, SERVICE, ChannelSecurity, channel_options, service_config
 from inserve.clients.client import DEFAULT_TIMEOUT_S, InstanceSearchClient
+from inserve.server.config import ServerConfig
+from inserve.server.grpc.app import server_options
 from inserve.v1 import inserve_pb2 as pb
 from inserve.v1 import inserve_pb2_grpc as pb_grpc
 
@@ -75,3 +78,26 @@ def test_the_retry_policy_covers_read_only_calls_only() -> None:
 def test_calls_that_answer_at_once_have_a_deadline_by_default_and_streams_none() -> None:
     with InstanceSearchClient("127.0.0.1:1") as client:
         assert (client.timeout, client.stream_timeout) == (DEFAULT_TIMEOUT_S, None)
+
+
+def test_the_client_channel_carries_the_keepalive_the_readme_documents(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pings after 30 s of silence on a connection with calls in flight, dropped after 10 s without an answer; the
+    server accepts pings every 10 s (more often: GOAWAY too_many_pings) and pings a silent client after 60 s."""
+    opened: list[dict] = []
+    insecure = grpc.insecure_channel
+    monkeypatch.setattr(
+        grpc,
+        "insecure_channel",
+        lambda address, options: opened.append(dict(options)) or insecure(address, options=options),
+    )
+    with InstanceSearchClient("127.0.0.1:1"):
+        pass
+    tls = dict(channel_options(ChannelSecurity(tls=True, server_name="inserve.example"), 4 << 20))
+    for options in (*opened, tls):
+        assert (options["grpc.keepalive_time_ms"], options["grpc.keepalive_timeout_ms"]) == (30_000, 10_000)
+        assert options["grpc.http2.max_pings_without_data"] == 0  # a stream silent for hours keeps pinging
+        assert "grpc.keepalive_permit_without_calls" not in options  # an idle connection does not
+    assert len(opened) == 1
+    server = dict(server_options(ServerConfig()))
+    assert server["grpc.http2.min_recv_ping_interval_without_data_ms"] == 10_000 <= opened[0]["grpc.keepalive_time_ms"]
+    assert server["grpc.keepalive_time_ms"] == 60_000
