@@ -98,7 +98,11 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
             print(f"{graph}: imported into {bundle.import_plan(graph, plan)}")
         except ValueError as exc:  # a plan that this TensorRT, this GPU or this graph cannot take
             raise ConfigError(f"--import-plan {graph}: {exc}") from exc
-    for name in tqdm(bundle.open_all(), total=len(bundle.entries()), desc="engines", unit="graph", file=sys.stderr):
+    # the bar shows after a second: a machine that cannot build at all says so in one line, without a bar
+    progress = tqdm(
+        bundle.open_all(), total=len(bundle.entries()), desc="engines", unit="graph", file=sys.stderr, delay=1
+    )
+    for name in progress:
         print(f"{name}: ready")
     return 0
 

@@ -117,7 +117,7 @@ def test_build_engines_says_what_it_needs_in_one_line(models_dir: Path, tmp_path
     assert "build-engines needs --device tensorrt or tensorrt-native and --engine-cache DIR" in done.stderr
     if importlib.util.find_spec("tensorrt") is None:  # where it is installed, the build is tested on the GPU
         done = inserve("build-engines", "--device", "tensorrt-native", *cache)
-        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
         assert "needs the tensorrt and cuda-python packages" in done.stderr
 
 
