@@ -9,6 +9,11 @@ Then, for every query and database image, the component similarities:
   IndexConfig.whiten_shrinkage), or raw;
 - `region`: the best cosine between the query's crop (its box, or the whole image) and the image's regions;
 - `regions`: the best cosine between any of the query's own regions (and its whole crop) and the image's regions,
+- `own mean`: the mean over the query's own regions of each one's best match among the image's regions,
+- `region views S`: `region` with the crop also seen at long side S (crops.low_resolution_view), the better of
+  the two views for each region (whole_and_regions: RegionRecipeConfig.query_low_side);
+- `whole`: cosine of whole_and_regions' photo vectors (R-MAC of the whole photo), PCA-whitened to WHOLE_DIMS on
+  the database,
 and prints the mAP of the fusion rules over a sweep of their weight, one table per rule, every dev set side by
 side. A rule and a weight are chosen on these dev sets; the recipe then states them.
 """
@@ -24,19 +29,22 @@ import numpy as np
 from PIL import Image
 
 from inserve.clients.render import HIT_COLOUR, QUERY_COLOUR, Tile, render_results
-from inserve.server.config import IndexConfig, ServerConfig
+from inserve.server.config import IndexConfig, RegionRecipeConfig, ServerConfig
 from inserve.server.evaluation import Dataset, average_precision
 from inserve.server.index.codec import decode_vectors, encode_vector
 from inserve.server.models import ModelBundle
 from inserve.server.pipeline import DescribeJob, Pipeline
 from inserve.server.recipes import build_recipes
-from inserve.server.recipes.crops import crop_batch
+from inserve.server.recipes.base import FeatureBatch
+from inserve.server.recipes.crops import crop_batch, embed_images, low_resolution_view
+from inserve.server.recipes.whole_and_regions import WHOLE_DIMS, whole_photo
 from inserve.server.stages.matching import soft_box
 from inserve.server.stages.nms import box_iou
 from inserve.server.stages.pooling import l2_normalize
 from inserve.server.stages.whitening import Whitening, pca_reduce, pca_whiten
 
 DATASETS = ("holidays-dev", "composite-dev", "ukbench-dev")
+LOW_SIDES = (64, 80, 96, 112, 128)  # the crop views measured (RegionRecipeConfig.query_low_side)
 WEIGHTS = tuple(round(w, 2) for w in np.linspace(0, 1, 11))
 log = logging.getLogger("fusion")
 
@@ -45,7 +53,11 @@ def embed(pipeline: Pipeline, dataset: Dataset, cache: Path) -> dict[str, np.nda
     """Database and query vectors of one dataset (cached in `cache`, an .npz per dataset)."""
     if cache.is_file():
         stored = np.load(cache, allow_pickle=True)
-        return {key: stored[key] for key in stored.files}
+        out = {key: stored[key] for key in stored.files}
+        if "q_low_96" not in out:  # a cache from before whole_and_regions' photos and crop views: add them
+            out.update(photos(pipeline, dataset))
+            np.savez(cache, **out)
+        return out
     crops = pipeline.recipes["dasr_star_crops"]
     db_global, db_regions, db_boxes = [], [], []
     for n, name in enumerate(dataset.images):
@@ -73,26 +85,61 @@ def embed(pipeline: Pipeline, dataset: Dataset, cache: Path) -> dict[str, np.nda
         "q_global": np.stack(q_global),
         "q_crop": l2_normalize(np.stack(q_crop)),
         "q_regions": np.array(q_regions, dtype=object),
+        **photos(pipeline, dataset),
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **out)
     return out
 
 
-def similarities(vectors: dict) -> dict[str, np.ndarray]:
+def no_box(dataset: Dataset) -> np.ndarray:
+    """Which queries come without a box: whole photos, which whole_and_regions scores by the photo rule."""
+    return np.array([q.box is None for q in dataset.queries])
+
+
+def photos(pipeline: Pipeline, dataset: Dataset) -> dict[str, np.ndarray]:
+    """whole_and_regions' photo vectors (R-MAC of the whole photo) of the database and of the queries, and each
+    query's crop seen at each of LOW_SIDES (crops.low_resolution_view), re-embedded."""
+
+    def load(name: str) -> FeatureBatch:
+        return pipeline.features([pipeline.load(dataset.path(name).read_bytes())])
+
+    def low(batch: FeatureBatch, box: np.ndarray | None, side: int) -> np.ndarray:
+        pixels = batch.inputs[0].pixels
+        box = np.array([0, 0, pixels.shape[2], pixels.shape[1]], np.float32) if box is None else box
+        view = low_resolution_view(pixels, box, side, RegionRecipeConfig.crop_long_side, batch.models.size_multiple)
+        return l2_normalize(embed_images(batch.models, [view])[0])
+
+    out = {"db_whole": np.stack([whole_photo(load(name).maps["feat"][0]) for name in dataset.images])}
+    q_whole, q_low = [], {side: [] for side in LOW_SIDES}
+    for q in dataset.queries:
+        batch = load(q.image)
+        q_whole.append(whole_photo(batch.maps["feat"][0]))
+        box = pipeline.query_job(batch.inputs[0], q.box, "gem").box
+        for side in LOW_SIDES:
+            q_low[side].append(low(batch, box, side))
+    return {**out, "q_whole": np.stack(q_whole), **{f"q_low_{side}": np.stack(v) for side, v in q_low.items()}}
+
+
+def similarities(vectors: dict, no_box: np.ndarray) -> dict[str, np.ndarray]:
     """(Q, N) component similarities and the index of each image's best region for the query's crop."""
     whitening = pca_whiten(vectors["db_global"], shrinkage=IndexConfig.whiten_shrinkage)
     raw = l2_normalize(vectors["q_global"]) @ l2_normalize(vectors["db_global"]).T
     white = whitening.apply(vectors["q_global"]) @ whitening.apply(vectors["db_global"]).T
+    photo_whitening = pca_whiten(vectors["db_whole"], WHOLE_DIMS, shrinkage=IndexConfig.whiten_shrinkage)
+    whole = photo_whitening.apply(vectors["q_whole"]) @ photo_whitening.apply(vectors["db_whole"]).T
     queries, images = raw.shape
     region = np.zeros((queries, images), np.float32)
     regions = np.zeros((queries, images), np.float32)
     regions_mean = np.zeros((queries, images), np.float32)
     own_mean = np.zeros((queries, images), np.float32)
     best = np.zeros((queries, images), np.int64)
+    views = np.zeros((len(LOW_SIDES), queries, images), np.float32)
     for j, r in enumerate(vectors["db_regions"]):
         crop = vectors["q_crop"] @ r.T  # (Q, n_j)
         region[:, j], best[:, j] = crop.max(1), crop.argmax(1)
+        for k, side in enumerate(LOW_SIDES):  # the crop's best view (as given, or as seen at `side`)
+            views[k][:, j] = np.maximum(crop, vectors[f"q_low_{side}"] @ r.T).max(1)
         for i, own in enumerate(vectors["q_regions"]):
             # best match of each of the query's own regions (the last is its whole image: the crop stands for it)
             each = np.concatenate([(own[:-1] @ r.T).max(1), crop[i].max(keepdims=True)])
@@ -102,9 +149,12 @@ def similarities(vectors: dict) -> dict[str, np.ndarray]:
         "global": white,
         "global raw": raw,
         "region": region,
+        **{f"region views {side}": views[k] for k, side in enumerate(LOW_SIDES)},
         "regions": regions,
         "regions mean": regions_mean,
         "own mean": own_mean,
+        "whole": whole,
+        "no box": no_box,
         "best": best,
     }
 
@@ -220,6 +270,7 @@ def compacted(vectors: dict, reduction: Whitening | None) -> dict:
     out = dict(vectors)
     out["db_regions"] = np.array([stored(r) for r in vectors["db_regions"]], dtype=object)
     out["q_crop"] = reduce(vectors["q_crop"])
+    out.update({f"q_low_{side}": reduce(vectors[f"q_low_{side}"]) for side in LOW_SIDES})
     out["q_regions"] = np.array([reduce(r) for r in vectors["q_regions"]], dtype=object)
     return out
 
@@ -261,7 +312,8 @@ def compaction(found: dict, weight: float, hnsw_m: int) -> None:
             regions = np.concatenate(list(source[1]["db_regions"]))
             if learned_on == "half":
                 regions = regions[: len(regions) // 2]
-            sims = similarities(compacted(vectors, None if dims is None else pca_reduce(regions, dims)))
+            reduction = None if dims is None else pca_reduce(regions, dims)
+            sims = similarities(compacted(vectors, reduction), no_box(dataset))
             maps.append(scores_map(dataset, RULES[SERVED](sims, weight)))
         d = dims or vectors["db_regions"][0].shape[1]
         raw = 4 * d if dims is None else len(encode_vector(np.zeros(vectors["db_regions"][0].shape[1]), int8=True))
@@ -295,8 +347,28 @@ def box_sweep(dataset: Dataset, vectors: dict) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
-SERVED = "w own mean + (1-w) region"  # whole_and_regions (server/stages/matching.region_set_score)
+SERVED = "served: without a box v whole + (1-v) own mean, with one w own mean + (1-w) region views"
+
+
+def served(s: dict, w: float) -> np.ndarray:
+    """whole_and_regions (server/search.py region_set_search): a query without a box scores whole_photo_score
+    at the configured whole_weight, one with a box region_set_score at weight w."""
+    v = RegionRecipeConfig.whole_weight
+    views = s[f"region views {RegionRecipeConfig.query_low_side}"]
+    return np.where(s["no box"][:, None], v * s["whole"] + (1 - v) * s["own mean"], w * s["own mean"] + (1 - w) * views)
+
+
+BOX_RULE = "w own mean + (1-w) region"  # region_set_score, the crop as given only
 RULES = {
+    SERVED: served,
+    **{
+        f"w own mean + (1-w) region views {side}": lambda s, w, side=side: (
+            w * s["own mean"] + (1 - w) * s[f"region views {side}"]
+        )
+        for side in LOW_SIDES
+    },
+    "w whole + (1-w) own mean (every query)": lambda s, w: w * s["whole"] + (1 - w) * s["own mean"],
+    "w whole + (1-w) served box rule (every query)": lambda s, w: w * s["whole"] + (1 - w) * RULES[BOX_RULE](s, 0.4),
     "w z(global) + (1-w) z(region)": z_sum,
     "w z(global) + (1-w) z(regions)": lambda s, w: z_sum(s, w, "regions"),
     "w z(global) + (1-w) z(regions mean)": lambda s, w: z_sum(s, w, "regions mean"),
@@ -319,6 +391,9 @@ RULES = {
 }
 
 
+COMPONENTS = ("global", "global raw", "region", "regions", "regions mean", "own mean", "whole")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=Path("bench/out/models"))
@@ -336,11 +411,17 @@ def main() -> None:
     for name in args.datasets:
         dataset = Dataset.load(args.data / name)
         vectors = embed(pipeline, dataset, args.work / f"{name}.npz")
-        found[name] = (dataset, vectors, similarities(vectors))
-    print("| dataset | " + " | ".join(("global", "global raw", "region", "regions", "regions mean")) + " | loc@0.5 |")
-    print("|---|---|---|---|---|---|---|")
+        found[name] = (dataset, vectors, similarities(vectors, no_box(dataset)))
+    print(
+        "| dataset | "
+        + " | ".join(("global", "global raw", "region", "regions", "regions mean", "whole"))
+        + " | loc@0.5 |"
+    )
+    print("|---|" + "---|" * (len(COMPONENTS) + 1))
     for name, (dataset, vectors, sims) in found.items():
-        maps = [scores_map(dataset, sims[k]) for k in ("global", "global raw", "region", "regions", "regions mean")]
+        maps = [
+            scores_map(dataset, sims[k]) for k in ("global", "global raw", "region", "regions", "regions mean", "whole")
+        ]
         loc = localisation(dataset, vectors, sims["best"])
         print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in maps) + f" | {'' if loc is None else f'{loc:.3f}'} |")
     for rule, fuse in RULES.items():

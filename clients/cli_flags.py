@@ -75,6 +75,18 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         help="whole_and_regions: weight of the mean of the query regions' best matches (0..1)",
     )
     p.add_argument(
+        "--whole-weight",
+        type=float,
+        default=RegionRecipeConfig.whole_weight,
+        help="whole_and_regions, queries without a box: weight of the whole photos' similarity (0..1)",
+    )
+    p.add_argument(
+        "--query-low-side",
+        type=int,
+        default=RegionRecipeConfig.query_low_side,
+        help="whole_and_regions, queries with a box: also match the crop as seen at this long side; 0 = off",
+    )
+    p.add_argument(
         "--box-temperature",
         type=float,
         default=RegionRecipeConfig.box_temperature,
@@ -171,6 +183,8 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
             deep_region_fusion=args.deep_region_fusion,
             region_set_weight=args.region_set_weight,
             box_temperature=args.box_temperature,
+            whole_weight=args.whole_weight,
+            query_low_side=args.query_low_side,
         ),
     )
     if args.command in ("serve", "build-engines"):  # the same batcher: TensorRT profiles follow its shapes

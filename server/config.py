@@ -111,13 +111,23 @@ class RegionRecipeConfig:
     # whole_and_regions: weight of the mean of the query's own regions' best matches (the rest: its crop's best
     # match); chosen on the dev sets (bench/fusion.py)
     region_set_weight: float = 0.4
+    # whole_and_regions, queries without a box (a whole photo): weight of the photos' whitened R-MAC similarity,
+    # the rest on the mean of the query's own regions' best matches; chosen on the dev sets (bench/fusion.py)
+    whole_weight: float = 0.4
+    # whole_and_regions, queries with a box: the crop is also matched as seen at this long side (about a small
+    # instance's resolution in a 512-px photo, upscaled as the index's crops of one are), its best view counting;
+    # composite-dev 0.828 -> 0.867 (bench/fusion.py); 0 = the crop as given only
+    query_low_side: int = 96
     # whole_and_regions: the hit's box is the mean of the image's region boxes weighted by softmax(similarity to
     # the query's crop / this); 0 = the best region's box (composite-dev localisation: 0.515 at 0, 0.755 at 0.05)
     box_temperature: float = 0.05
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.region_set_weight <= 1.0:
-            raise ConfigError(f"region_set_weight must be between 0 and 1, got {self.region_set_weight}")
+        for name in ("region_set_weight", "whole_weight"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.query_low_side < 0:
+            raise ConfigError(f"query_low_side must be >= 0 (0 = off), got {self.query_low_side}")
         if self.box_temperature < 0:
             raise ConfigError(f"box_temperature must be >= 0, got {self.box_temperature}")
 

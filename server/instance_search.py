@@ -241,7 +241,9 @@ class InstanceSearch:
             if chosen.region_set_weight is not None:
                 weight, depth = chosen.region_set_weight, max(k, REGION_SET_DEPTH)
                 source, temperature = chosen.region_source, chosen.box_temperature
-                return region_set_search(self.index, recipe, query, k, weight, depth, source, temperature)
+                return region_set_search(
+                    self.index, recipe, query, k, weight, depth, source, temperature, chosen.whole_weight
+                )
             return search(self.index, recipe, query, k, options, chosen.rerank_kind, chosen.region_source)
 
         with self.index.reading():  # a write (a re-indexed video) lands before or after, never in the middle

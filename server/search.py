@@ -10,7 +10,14 @@ import numpy as np
 from inserve.server.index import ImageRow, Index, VectorRow
 from inserve.server.recipes import QueryVector
 from inserve.server.recipes.cam import online_aggregates
-from inserve.server.stages.matching import best_region, expand_query, region_set_score, rerank_order, soft_box
+from inserve.server.stages.matching import (
+    best_region,
+    expand_query,
+    region_set_score,
+    rerank_order,
+    soft_box,
+    whole_photo_score,
+)
 
 # region-set recipes score in full the top this many images of each query vector's kNN (or top_k, if more)
 REGION_SET_DEPTH = 100
@@ -197,24 +204,32 @@ def region_set_search(
     depth: int,
     region_source: str = "",
     box_temperature: float = 0.0,
+    whole_weight: float = 0.0,
 ) -> list[Hit]:
     """Hits of a region-set recipe: each image scores `region_set_score` of its regions against the query's crop
-    and own regions (`query.regions`, the crop first); the hit's box is `soft_box` of its regions' boxes by their
-    similarity to the crop (its region and region score: the best match's). Candidates: the top `depth` images
-    of each query vector's kNN, every one then scored on all of them (an image that only one kNN found still
-    gets every term)."""
+    and own regions (`query.regions`: the crop's views first, of which the best match counts, then its own
+    regions), or, for a query without a box that carries its photo's
+    vector (`query.whole`), `whole_photo_score` of that vector's similarity in the recipe's "global" space and
+    those regions; the hit's box is `soft_box` of its regions' boxes by their similarity to the crop (its region
+    and region score: the best match's). Candidates: the top `depth` images of each query vector's kNN, every
+    one then scored on all of them (an image that only one kNN found still gets every term)."""
     space = index.space(recipe, "region")
     if space is None:
         return []
     queries = space.transform(np.stack(query.regions))  # one read of the space for all of them (a shared store)
-    size = len(space)
     candidates = {
-        row.image_id for hits in best_per_image_each(index, recipe, "region", queries, depth, size) for row, _ in hits
+        row.image_id
+        for hits in best_per_image_each(index, recipe, "region", queries, depth, len(space))
+        for row, _ in hits
     }
+    whole = _whole_similarities(index, recipe, query.whole, depth, candidates)
     scored = []
     for image_id, (rows, vectors) in index.image_vectors(recipe, "region", sorted(candidates)).items():
         sims = queries @ vectors.T
+        sims = np.vstack([sims[: query.crop_views].max(axis=0, keepdims=True), sims[query.crop_views :]])
         score, best = region_set_score(sims, set_weight)
+        if image_id in whole:
+            score = whole_photo_score(whole[image_id], sims, whole_weight)
         box = soft_box(np.array([row.box for row in rows], dtype=np.float64), sims[0], box_temperature)
         scored.append((score, image_id, rows[best], tuple(float(x) for x in box)))
     scored.sort(key=lambda item: (-item[0], item[1]))
@@ -224,3 +239,18 @@ def region_set_search(
         for score, image_id, row, box in scored[:top_k]
         if image_id in images
     ]
+
+
+def _whole_similarities(
+    index: Index, recipe: str, whole: np.ndarray | None, depth: int, candidates: set[int]
+) -> dict[int, float]:
+    """Per candidate image, its photo's similarity to a whole-photo query's (`whole`, None: a query with a box,
+    {}); the top `depth` images of that space's kNN join the candidates. Images without a vector there (indexed
+    before the recipe had the space) are left out and score as for a query with a box."""
+    space = index.space(recipe, "global")
+    if whole is None or space is None or len(space) == 0:
+        return {}
+    vector = space.transform(whole[None])
+    candidates.update(row.image_id for row, _ in best_per_image(index, recipe, "global", vector[0], depth))
+    stored = index.image_vectors(recipe, "global", sorted(candidates))
+    return {image_id: float((vectors @ vector[0])[0]) for image_id, (_, vectors) in stored.items()}

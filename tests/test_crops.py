@@ -8,7 +8,14 @@ from photos import photo
 
 from inserve.engines import EngineOptions
 from inserve.server.models import ModelBundle
-from inserve.server.recipes.crops import covers, crop_image, embed_crops, embed_images, expand_boxes
+from inserve.server.recipes.crops import (
+    covers,
+    crop_image,
+    embed_crops,
+    embed_images,
+    expand_boxes,
+    low_resolution_view,
+)
 from inserve.server.stages.pooling import gem
 
 
@@ -28,6 +35,20 @@ def test_crop_image_keeps_the_aspect_on_the_network_grid() -> None:
     assert crop.shape == (3, 32, 64)  # 80 x 40 -> long side 64, short side 32
     np.testing.assert_allclose(crop[0], 255, atol=1)
     np.testing.assert_allclose(crop[1:], 0, atol=1)
+
+
+def test_the_low_resolution_view_has_the_crops_shape_and_loses_the_fine_detail() -> None:
+    """A 1-pixel checkerboard seen at a long side of 16: the crop's shape, grey (its detail gone), where the
+    crop as given keeps most of its contrast; a flat image stays flat."""
+    board = (np.indices((120, 160)).sum(axis=0) % 2 * 255).astype(np.float32)
+    pixels = np.stack([board] * 3)
+    box = np.array([0, 0, 160, 120], np.float32)
+    sharp = crop_image(pixels, box, 128, 32)
+    low = low_resolution_view(pixels, box, 16, 128, 32)
+    assert low.shape == sharp.shape == (3, 96, 128)
+    assert low.std() < 0.1 * sharp.std() and abs(low.mean() - 127.5) < 10
+    flat = np.full((3, 120, 160), 77.0, np.float32)
+    np.testing.assert_allclose(low_resolution_view(flat, box, 16, 128, 32), 77.0, atol=0.5)
 
 
 def test_covers() -> None:

@@ -1,5 +1,5 @@
-"""Compact spaces (SpaceSpec.compact): a PCA reduction learned on the space's own vectors, re-learned as it
-doubles, int8 raw vectors in SQLite; everything else behaves as in any space."""
+"""Compact spaces (SpaceSpec.compact): a PCA reduction (or, with `whiten`, PCA-whitening) learned on the space's
+own vectors, re-learned as it doubles, int8 raw vectors in SQLite; everything else behaves as in any space."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from inserve.server.config import ConfigError, IndexConfig
 from inserve.server.index import InstanceIndex, NewVectors, SpaceSpec
 from inserve.server.index.transforms import due, learn_transforms, learns
+from inserve.server.stages.whitening import pca_reduce, pca_whiten
 
 DIM, RECIPE = 8, "whole_and_regions"
 SPECS = {(RECIPE, "region"): SpaceSpec(whiten=False, compact=True)}
@@ -124,3 +125,22 @@ def test_writes_while_the_graph_is_rebuilt_are_caught_up(index: InstanceIndex, m
     assert index.stats()[0].dim == 4 and len(index.space(RECIPE, "region")) == 16  # 4 x 4 - p0's 4 + late's 4
     assert top_hit(index, written[0][1])[0] == "late"
     assert all(top_hit(index, raw)[0] != "p0" for raw in raws["p0"])
+
+
+def test_a_compact_space_that_whitens_learns_whitening_to_its_dims(tmp_path: Path) -> None:
+    """whole_and_regions' photos: int8 raw, learned as the space grows, PCA-whitening (not the reduction) to
+    the space's whiten_dims."""
+    specs = {(RECIPE, "region"): SpaceSpec(compact=True, whiten_dims=3)}
+    index = InstanceIndex(tmp_path / "data", CONFIG, specs)
+    for i in range(4):
+        add(index, f"p{i}", i)
+    assert learn_when_due(index)
+    raw = index.raw_vectors(RECIPE, "region")
+    probe = raw[:5]
+    expected = pca_whiten(raw, 3, shrinkage=CONFIG.whiten_shrinkage).apply(probe)
+    got = np.stack([index.transform(RECIPE, "region", v) for v in probe])
+    assert got.shape == (5, 3) and index.stats()[0].dim == 3
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert not np.allclose(np.abs(got), np.abs(pca_reduce(raw, 3).apply(probe)), atol=1e-2)
+    assert index.store.space_bytes(RECIPE) == 16 * 13  # int8
+    index.close()

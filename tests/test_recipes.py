@@ -21,6 +21,7 @@ from inserve.server.codebook import learn_codebook, save_codebook, vectors_from_
 from inserve.server.config import DetectorConfig, ImageConfig, RegionRecipeConfig, ServerConfig
 from inserve.server.instance_search import InstanceSearch, UnavailableError
 from inserve.server.recipes import RECIPES
+from inserve.server.recipes.whole_and_regions import whole_photo
 from inserve.server.search import SearchOptions
 
 DISTRACTORS = ("astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "camera", "coins")
@@ -178,3 +179,33 @@ def test_vlad_finds_a_scene_at_image_level(service: tuple[InstanceSearch, tuple]
     scene = scene.resize((scene.width * 3 // 4, scene.height * 3 // 4), Image.BICUBIC)  # another size, re-encoded
     hits = core.search(encode(scene), None, 3, "dasr_star_vlad", SearchOptions(query_expansion=0, rerank_top=0))
     assert hits[0].image.external_id == "rocket"
+
+
+def test_whole_and_regions_finds_a_photo_by_its_whole_and_an_instance_by_its_box(
+    service: tuple[InstanceSearch, tuple],
+) -> None:
+    """Without a box the query is a photo (its whole counts): the rescaled rocket finds its own photo; with a
+    box (here the whole cat photo) it is an instance, scored by its crop's views as before."""
+    core, truth = service
+
+    def query(data: bytes, box: tuple | None):
+        return core.pipeline.queries(core.load(data), box, ["whole_and_regions"])["whole_and_regions"]
+
+    scene = Image.fromarray(photo("rocket"))
+    scene = scene.resize((scene.width * 3 // 4, scene.height * 3 // 4), Image.BICUBIC)
+    assert query(encode(scene), None).whole is not None
+    assert core.search(encode(scene), None, 3, "whole_and_regions")[0].image.external_id == "rocket"
+    cat = photo("chelsea")
+    box = (0.0, 0.0, float(cat.shape[1]), float(cat.shape[0]))
+    boxed = query(jpeg("chelsea"), box)
+    assert boxed.whole is None and boxed.crop_views == 2  # the crop as given and at query_low_side
+    assert len(boxed.regions) > 2 and float(boxed.regions[0] @ boxed.regions[1]) < 0.99
+    hits = core.search(jpeg("chelsea"), box, 3, "whole_and_regions")
+    assert hits[0].image.external_id == "planted" and box_iou(hits[0].box, truth) >= 0.3
+
+
+def test_whole_photo_of_a_flat_map_is_its_channels() -> None:
+    """Every R-MAC region of a map constant per channel has that channel's value: the photo vector is them, l2."""
+    channels = np.array([3.0, 4.0, 0.0], np.float32)
+    feat = np.broadcast_to(channels[:, None, None], (3, 6, 8)).copy()
+    np.testing.assert_allclose(whole_photo(feat), channels / 5.0, rtol=1e-6)

@@ -1,6 +1,6 @@
 """Region-set search (whole_and_regions) over hand-made vectors: every candidate scores w x the mean of the
-query regions' best matches + (1 - w) x the crop's best match, computed here by hand; the box is the region
-that best matches the crop."""
+query regions' best matches + (1 - w) x the crop's best match, or, for a whole-photo query, v x its photo's
+similarity + (1 - v) x that mean, computed here by hand; the box is the region that best matches the crop."""
 
 from pathlib import Path
 
@@ -11,10 +11,10 @@ from inserve.server.config import IndexConfig
 from inserve.server.index import InstanceIndex, NewVectors, SpaceSpec
 from inserve.server.recipes import QueryVector
 from inserve.server.search import region_set_search
-from inserve.server.stages.matching import region_set_score, soft_box
+from inserve.server.stages.matching import region_set_score, soft_box, whole_photo_score
 from inserve.server.stages.pooling import l2_normalize
 
-SPECS = {("s", "region"): SpaceSpec(whiten=False)}
+SPECS = {("s", "region"): SpaceSpec(whiten=False), ("s", "global"): SpaceSpec(whiten=False)}
 BOXES = np.array([[0, 0, 4, 4], [5, 5, 9, 9], [0, 0, 10, 10]], dtype=np.float32)
 # three regions per image, at BOXES: two parts and the whole image
 IMAGES = {
@@ -25,6 +25,9 @@ IMAGES = {
 # the query: its crop first (the object), then its own regions (parts of its photo)
 QUERY_REGIONS = l2_normalize(np.array([[0, 0, 0.2, 1], [1, 0, 0, 0], [0, 0, 1, 0]], np.float32))
 QUERY = QueryVector("region", QUERY_REGIONS[0], rerank=QUERY_REGIONS[0], regions=QUERY_REGIONS)
+# each image's whole photo: `neither`'s is the query photo's own, the others' are unlike it
+PHOTOS = {"instance": [0, 1, 0], "same scene": [0, 0.6, 0.8], "neither": [1, 0, 0]}
+WHOLE_QUERY = QueryVector("region", QUERY_REGIONS[0], regions=QUERY_REGIONS, whole=np.array([1, 0, 0], np.float32))
 
 
 @pytest.fixture
@@ -32,7 +35,8 @@ def index(tmp_path: Path):
     index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0), SPECS)
     for name, regions in IMAGES.items():
         vectors = NewVectors("s", "region", np.array(regions, np.float32), BOXES, np.array([0.5, 0.25, 0], np.float32))
-        index.add_image(name, [vectors], width=10, height=10)
+        photo = NewVectors("s", "global", np.array([PHOTOS[name]], np.float32))
+        index.add_image(name, [vectors, photo], width=10, height=10)
     yield index
     index.close()
 
@@ -96,3 +100,68 @@ def test_soft_box_by_hand() -> None:
     np.testing.assert_array_equal(soft_box(boxes, np.array([0.4, 0.5]), 0.0), [10, 10, 20, 20])
     # a gap of t ln 3 weighs the boxes 3 : 1
     np.testing.assert_allclose(soft_box(boxes, np.array([0.5 + 0.05 * np.log(3), 0.5]), 0.05), [2.5, 2.5, 12.5, 12.5])
+
+
+@pytest.mark.parametrize("whole_weight", [0.0, 0.4, 1.0])
+def test_a_whole_photo_query_scores_its_photo_and_its_regions(index: InstanceIndex, whole_weight: float) -> None:
+    """v x the photos' cosine + (1 - v) x the mean of the query regions' best matches; the crop's best match
+    (the instance term) counts for nothing, and the set weight is not used."""
+    hits = region_set_search(index, "s", WHOLE_QUERY, 3, 0.4, depth=3, whole_weight=whole_weight)
+    expected = {}
+    for name, regions in IMAGES.items():
+        sims = QUERY_REGIONS @ l2_normalize(np.array(regions, np.float32)).T
+        photo = float(l2_normalize(np.array(PHOTOS[name], np.float32)) @ WHOLE_QUERY.whole)
+        expected[name] = whole_weight * photo + (1 - whole_weight) * float(sims[1:].max(axis=1).mean())
+    assert [h.image.external_id for h in hits] == sorted(expected, key=lambda n: -expected[n])
+    for hit in hits:
+        assert hit.score == pytest.approx(expected[hit.image.external_id], abs=1e-5)
+
+
+def test_the_photos_knn_adds_candidates(index: InstanceIndex) -> None:
+    """depth 1: the region kNNs find `instance` and `same scene`; the photos' kNN finds `neither` (the same
+    photo), which then ranks first on its photo alone."""
+    hits = region_set_search(index, "s", WHOLE_QUERY, 3, 0.4, depth=1, whole_weight=1.0)
+    assert hits[0].image.external_id == "neither"
+    assert {h.image.external_id for h in hits} == {"instance", "same scene", "neither"}
+
+
+def test_images_without_a_photo_vector_score_as_for_a_box(tmp_path: Path) -> None:
+    """An image indexed before the recipe stored photos scores by the box rule; the others by the photo rule."""
+    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0), SPECS)
+    try:
+        for name, regions in IMAGES.items():
+            vectors = [NewVectors("s", "region", np.array(regions, np.float32), BOXES)]
+            if name != "instance":
+                vectors.append(NewVectors("s", "global", np.array([PHOTOS[name]], np.float32)))
+            index.add_image(name, vectors, width=10, height=10)
+        hits = {
+            h.image.external_id: h.score
+            for h in region_set_search(index, "s", WHOLE_QUERY, 3, 0.4, 3, whole_weight=0.5)
+        }
+    finally:
+        index.close()
+    assert hits["instance"] == pytest.approx(by_hand(0.4)["instance"][0], abs=1e-5)
+    sims = QUERY_REGIONS @ l2_normalize(np.array(IMAGES["neither"], np.float32)).T
+    assert hits["neither"] == pytest.approx(0.5 * 1.0 + 0.5 * float(sims[1:].max(axis=1).mean()), abs=1e-5)
+
+
+def test_whole_photo_score_by_hand() -> None:
+    sims = np.array([[0.9, 0.1], [0.2, 0.6], [0.4, 0.0]])  # crop, then two own regions
+    assert whole_photo_score(0.5, sims, 0.4) == pytest.approx(0.4 * 0.5 + 0.6 * (0.6 + 0.4) / 2)
+    assert whole_photo_score(0.5, sims[:1], 0.4) == pytest.approx(0.4 * 0.5 + 0.6 * 0.9)  # no regions: the crop
+
+
+def test_the_crops_best_view_counts(index: InstanceIndex) -> None:
+    """Two views of the crop (as given, and as a small instance looks): each region's crop similarity is the
+    better of the two, in the score and in the box; its own regions follow the views."""
+    view = l2_normalize(np.array([1, 0, 0, 0.3], np.float32))  # like `same scene`'s first region
+    regions = np.concatenate([QUERY_REGIONS[:1], view[None], QUERY_REGIONS[1:]])
+    query = QueryVector("region", QUERY_REGIONS[0], regions=regions, crop_views=2)
+    hits = region_set_search(index, "s", query, 3, 0.4, depth=3)
+    for hit in hits:
+        stored = l2_normalize(np.array(IMAGES[hit.image.external_id], np.float32))
+        crop = np.maximum(stored @ QUERY_REGIONS[0], stored @ view)
+        own = (QUERY_REGIONS[1:] @ stored.T).max(axis=1).mean()
+        assert hit.score == pytest.approx(0.4 * own + 0.6 * crop.max(), abs=1e-5)
+        np.testing.assert_array_equal(hit.box, BOXES[int(crop.argmax())])
+    assert hits[0].image.external_id == "same scene"  # its region matches the second view exactly

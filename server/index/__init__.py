@@ -320,7 +320,7 @@ class InstanceIndex(SpaceRules):
         return self.store.space_vectors(recipe, kind)[2]
 
     def learn_whitening(self, recipe: str, kind: str, dims: int | None = None) -> int:
-        """Learn PCA-whitening (a compact space: its PCA reduction) from the space's raw vectors, rebuild its
+        """Learn the space's transform (transforms.learn_transform) from its raw vectors, rebuild its
         graph; returns the new version. Aggregates of the space are rebuilt on the new whitening (and their own
         whitening re-learned).
 

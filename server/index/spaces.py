@@ -30,8 +30,9 @@ class SpaceSpec:
     whiten_per_image: int | None = None  # learn whitening from at most the first N vectors of each image
     whiten_dims: int | None = None  # overrides IndexConfig.whiten_dims
     whiten_shrinkage: float | None = None  # overrides IndexConfig.whiten_shrinkage
-    # learn a PCA reduction (not whitening) for it on its own vectors and keep its raw vectors in int8
-    # (IndexConfig.compact_dims, compact_after); for region spaces whose vectors outnumber the images ten to one
+    # keep its raw vectors in int8 and its graph in fewer dims, learned on its own vectors as it grows
+    # (IndexConfig.compact_dims, compact_after): a PCA reduction, or with `whiten` PCA-whitening to whiten_dims
+    # (at most compact_dims); for spaces that would otherwise take most of an image's bytes
     compact: bool = False
     aggregate: Aggregate | None = None
 

@@ -24,14 +24,16 @@ COMPACT_RELEARN_LIMIT = 64  # a compact space stops re-learning once learned fro
 
 
 def compact(spec: SpaceSpec, config: IndexConfig) -> bool:
-    """A compact space: its graph holds a PCA reduction, SQLite its raw vectors in int8."""
+    """A compact space: its graph holds fewer dims (a PCA reduction, or whitening to fewer dims), SQLite its raw
+    vectors in int8, and the service learns its transform as it grows (`ready`, `due`)."""
     return spec.compact and config.compact_dims > 0
 
 
 def learns(spec: SpaceSpec, config: IndexConfig) -> bool:
     """True when the space learns a transform from its vectors: PCA-whitening, or a compact space's PCA
     reduction. Whitening lifts global descriptors and lowered every region recipe (bench/quality.md), which is
-    why region spaces set `whiten=False` and reduce only when compact."""
+    why region spaces set `whiten=False` and reduce only when compact, and whole_and_regions whitens its whole
+    photos' space only."""
     return spec.whiten or compact(spec, config)
 
 
@@ -46,14 +48,16 @@ def training_vectors(spec: SpaceSpec, image_ids: np.ndarray, raw: np.ndarray) ->
 
 
 def learn_transform(spec: SpaceSpec, config: IndexConfig, training: np.ndarray, dims: int | None) -> Whitening:
-    """The transform a space learns from its training vectors: a compact space's PCA reduction, or
-    PCA-whitening (with the space's own dims and shrinkage where it sets them)."""
+    """The transform a space learns from its training vectors: PCA-whitening (with the space's own dims and
+    shrinkage where it sets them; a compact space's to at most IndexConfig.compact_dims), or, for a compact
+    space that does not whiten, a PCA reduction to compact_dims."""
     if len(training) < 2:
         raise ValueError(f"the space holds {len(training)} vectors; whitening needs more")
-    if compact(spec, config):
+    if compact(spec, config) and not spec.whiten:
         return pca_reduce(training, dims or config.compact_dims)
+    default_dims = config.compact_dims if compact(spec, config) else config.whiten_dims
     shrinkage = config.whiten_shrinkage if spec.whiten_shrinkage is None else spec.whiten_shrinkage
-    return pca_whiten(training, dims or spec.whiten_dims or config.whiten_dims, shrinkage=shrinkage)
+    return pca_whiten(training, dims or spec.whiten_dims or default_dims, shrinkage=shrinkage)
 
 
 def any_vectors(index: Index, recipe: str, kind: str) -> bool:

@@ -105,6 +105,8 @@ class QueryVector:
     rerank: np.ndarray | None = None
     tags: np.ndarray | None = None
     regions: np.ndarray | None = None  # (m, D) raw region vectors, the query's crop first (region-set recipes)
+    whole: np.ndarray | None = None  # a query without a box: the photo's vector in the recipe's "global" space
+    crop_views: int = 1  # region-set queries: the first rows of `regions` are views of the crop (the best counts)
 
 
 class Recipe(ABC):
@@ -119,6 +121,7 @@ class Recipe(ABC):
     # region-set recipes: an image scores by all the query's regions (search.region_set_search) with this weight
     region_set_weight: float | None = None
     box_temperature: float = 0.0  # region-set recipes: how hits' boxes average their regions (stages.matching)
+    whole_weight: float = 0.0  # region-set recipes: weight of the photos' similarity for queries without a box
 
     @abstractmethod
     def describe(self, batch: FeatureBatch) -> list[ImageVectors]:

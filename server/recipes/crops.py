@@ -43,6 +43,13 @@ def crop_image(pixels: np.ndarray, box: np.ndarray, long_side: int, multiple: in
     return np.asarray(picture.resize(size, Image.BICUBIC), dtype=np.float32).transpose(2, 0, 1).copy()
 
 
+def low_resolution_view(pixels: np.ndarray, box: np.ndarray, side: int, long_side: int, multiple: int) -> np.ndarray:
+    """The box of a (3, H, W) image as `crop_image` gives it, after the box is first reduced to a long side of
+    `side` pixels: how a small instance of it looks among the index's crops (few pixels, upscaled)."""
+    small = crop_image(pixels, box, side, 1)
+    return crop_image(small, np.array([0, 0, small.shape[2], small.shape[1]], np.float32), long_side, multiple)
+
+
 def embed_images(models: ModelBundle, images: list[np.ndarray], p: float = 3.0) -> np.ndarray:
     """GeM (p) of the `feat` map of each (3, h, w) image -> (N, C); images of one shape share a run."""
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)

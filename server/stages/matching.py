@@ -29,6 +29,17 @@ def region_set_score(sims: np.ndarray, set_weight: float) -> tuple[float, int]:
     return float(set_weight * best[1:].mean() + (1.0 - set_weight) * best[0]), crop
 
 
+def whole_photo_score(whole: float, sims: np.ndarray, whole_weight: float) -> float:
+    """An image's score for a query without a box (a whole photo): `whole_weight` x the photos' similarity +
+    the rest x the mean of the query's own regions' best matches (`sims` as in `region_set_score`; its crop's
+    best match when it has no regions of its own). The crop's single best match, which finds small instances,
+    is left out: for a whole photo it ranks scenes that merely contain one of its objects (bench/README.md, "One
+    default recipe")."""
+    best = sims.max(axis=1)
+    parts = best[1:].mean() if len(best) > 1 else best[0]
+    return float(whole_weight * whole + (1.0 - whole_weight) * parts)
+
+
 def soft_box(boxes: np.ndarray, sims: np.ndarray, temperature: float) -> np.ndarray:
     """The mean of an image's region boxes (n, 4) weighted by softmax(sims / temperature): the regions that match
     the query almost as well as the best pull its box toward where they agree (the best region alone is

@@ -91,6 +91,8 @@ def test_a_missing_dataset_is_one_line(tmp_path: Path) -> None:
 BAD_SETTINGS = [
     (("--recipe", "gem,nope"), "unknown recipe(s) nope; choose from mac, spoc, gem, rmac"),
     (("--region-set-weight", "1.5"), "region_set_weight must be between 0 and 1, got 1.5"),
+    (("--whole-weight", "-0.1"), "whole_weight must be between 0 and 1, got -0.1"),
+    (("--query-low-side", "-5"), "query_low_side must be >= 0 (0 = off), got -5"),
     (("--sigmas", "0"), "sigmas must be positive"),
     (("--queue-depth", "4"), "queue_depth 4 is below max_batch 8: need max_batch <= queue_depth"),
     (("--precision", "int8"), "precision int8 needs a calibration folder of images"),
