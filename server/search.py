@@ -208,11 +208,12 @@ def region_set_search(
 ) -> list[Hit]:
     """Hits of a region-set recipe: each image scores `region_set_score` of its regions against the query's crop
     and own regions (`query.regions`: the crop's views first, of which the best match counts, then its own
-    regions), or, for a query without a box that carries its photo's
-    vector (`query.whole`), `whole_photo_score` of that vector's similarity in the recipe's "global" space and
-    those regions; the hit's box is `soft_box` of its regions' boxes by their similarity to the crop (its region
-    and region score: the best match's). Candidates: the top `depth` images of each query vector's kNN, every
-    one then scored on all of them (an image that only one kNN found still gets every term)."""
+    regions), or, for a query without a box that carries its photo's vector (`query.whole`), `whole_photo_score`
+    of that vector's similarity in the recipe's "global" space (read per candidate, not searched) and those
+    regions; the hit's box is `soft_box` of its regions' boxes by their similarity to the crop (its region and
+    region score: the best match's). Candidates: the top `depth` images of each query vector's kNN in the region
+    space (the crop's finds the photos alike as a whole, by their whole-image regions), every one then scored
+    on all of them (an image that only one kNN found still gets every term)."""
     space = index.space(recipe, "region")
     if space is None:
         return []
@@ -222,7 +223,7 @@ def region_set_search(
         for hits in best_per_image_each(index, recipe, "region", queries, depth, len(space))
         for row, _ in hits
     }
-    whole = _whole_similarities(index, recipe, query.whole, depth, candidates)
+    whole = _whole_similarities(index, recipe, query.whole, candidates)
     scored = []
     for image_id, (rows, vectors) in index.image_vectors(recipe, "region", sorted(candidates)).items():
         sims = queries @ vectors.T
@@ -241,16 +242,13 @@ def region_set_search(
     ]
 
 
-def _whole_similarities(
-    index: Index, recipe: str, whole: np.ndarray | None, depth: int, candidates: set[int]
-) -> dict[int, float]:
-    """Per candidate image, its photo's similarity to a whole-photo query's (`whole`, None: a query with a box,
-    {}); the top `depth` images of that space's kNN join the candidates. Images without a vector there (indexed
-    before the recipe had the space) are left out and score as for a query with a box."""
+def _whole_similarities(index: Index, recipe: str, whole: np.ndarray | None, candidates: set[int]) -> dict[int, float]:
+    """Per candidate image, its photo's similarity to a whole-photo query's (`whole`; None, a query with a box:
+    {}). Images without a photo vector (indexed before the recipe had the space) are left out and score as for
+    a query with a box."""
     space = index.space(recipe, "global")
-    if whole is None or space is None or len(space) == 0:
+    if whole is None or space is None:
         return {}
-    vector = space.transform(whole[None])
-    candidates.update(row.image_id for row, _ in best_per_image(index, recipe, "global", vector[0], depth))
+    vector = space.transform(whole[None])[0]
     stored = index.image_vectors(recipe, "global", sorted(candidates))
-    return {image_id: float((vectors @ vector[0])[0]) for image_id, (_, vectors) in stored.items()}
+    return {image_id: float((vectors @ vector)[0]) for image_id, (_, vectors) in stored.items()}

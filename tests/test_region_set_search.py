@@ -14,7 +14,7 @@ from inserve.server.search import region_set_search
 from inserve.server.stages.matching import region_set_score, soft_box, whole_photo_score
 from inserve.server.stages.pooling import l2_normalize
 
-SPECS = {("s", "region"): SpaceSpec(whiten=False), ("s", "global"): SpaceSpec(whiten=False)}
+SPECS = {("s", "region"): SpaceSpec(whiten=False), ("s", "global"): SpaceSpec(whiten=False, searchable=False)}
 BOXES = np.array([[0, 0, 4, 4], [5, 5, 9, 9], [0, 0, 10, 10]], dtype=np.float32)
 # three regions per image, at BOXES: two parts and the whole image
 IMAGES = {
@@ -117,12 +117,11 @@ def test_a_whole_photo_query_scores_its_photo_and_its_regions(index: InstanceInd
         assert hit.score == pytest.approx(expected[hit.image.external_id], abs=1e-5)
 
 
-def test_the_photos_knn_adds_candidates(index: InstanceIndex) -> None:
-    """depth 1: the region kNNs find `instance` and `same scene`; the photos' kNN finds `neither` (the same
-    photo), which then ranks first on its photo alone."""
+def test_the_photos_score_only_the_region_knns_candidates(index: InstanceIndex) -> None:
+    """depth 1: the region kNNs find `instance` and `same scene`; `neither`, whose photo is the query's own, is
+    not searched for by its photo and is not returned."""
     hits = region_set_search(index, "s", WHOLE_QUERY, 3, 0.4, depth=1, whole_weight=1.0)
-    assert hits[0].image.external_id == "neither"
-    assert {h.image.external_id for h in hits} == {"instance", "same scene", "neither"}
+    assert {h.image.external_id for h in hits} == {"instance", "same scene"}
 
 
 def test_images_without_a_photo_vector_score_as_for_a_box(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ class WholeAndRegionsRecipe(DasrCropsRecipe):
     def spaces(self) -> dict[str, SpaceSpec]:
         return {
             "region": SpaceSpec(whiten=False, compact=True),
-            "global": SpaceSpec(compact=True, whiten_dims=WHOLE_DIMS),
+            "global": SpaceSpec(searchable=False, compact=True, whiten_dims=WHOLE_DIMS),
         }
 
     def describe(self, batch: FeatureBatch) -> list[ImageVectors]:
@@ -88,8 +88,8 @@ class WholeAndRegionsRecipe(DasrCropsRecipe):
         return l2_normalize(embed_images(models, [view])[0])
 
 
-# the whole photos' space is whitened to this many dims: holidays-dev 0.890 as at full dims (bench/fusion.py),
-# and 2.4 KiB per image with its int8 raw vector
+# the whole photos' space is whitened to this many dims: holidays-dev 0.890 as at full dims (bench/fusion.py); it
+# keeps no graph (its vectors score the region kNNs' candidates), so it costs an image its int8 raw, 1.3 KiB
 WHOLE_DIMS = 256
 
 
