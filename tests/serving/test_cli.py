@@ -104,7 +104,17 @@ BAD_SETTINGS = [
 @pytest.mark.parametrize(
     ("flags", "message"),
     BAD_SETTINGS,
-    ids=["recipe", "region-set-weight", "sigmas", "queue-depth", "int8-without-images", "dla-core", "store"],
+    ids=[
+        "recipe",
+        "region-set-weight",
+        "whole-weight",
+        "query-low-side",
+        "sigmas",
+        "queue-depth",
+        "int8-without-images",
+        "dla-core",
+        "store",
+    ],
 )
 def test_bad_settings_are_one_line_saying_what_is_valid_before_any_model_loads(tmp_path: Path, flags, message) -> None:
     done = inserve("serve", *flags, "--models", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path / "data"))

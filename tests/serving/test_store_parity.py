@@ -54,7 +54,9 @@ def test_both_stores_give_the_same_hits_and_boxes(models_dir: Path, tmp_path: Pa
         assert ours.keys() == theirs.keys()
         for key in ours:
             assert [(i, box) for i, _, box in ours[key]] == [(i, box) for i, _, box in theirs[key]], key
-            assert [s for _, s, _ in ours[key]] == pytest.approx([s for _, s, _ in theirs[key]], abs=1e-4), key
+            # whole_and_regions' photo vectors, which keep no graph, are read from their int8 raw in the directory
+            # and float32 from Milvus: int8's cosine error (codec.py, ~1.5e-4) x the photo weight, at most
+            assert [s for _, s, _ in ours[key]] == pytest.approx([s for _, s, _ in theirs[key]], abs=5e-4), key
     assert milvus[2] == directory[2]
     before, after, (images, _) = directory
     assert images == 5
