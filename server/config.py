@@ -119,7 +119,7 @@ class RegionRecipeConfig:
     # composite-dev 0.828 -> 0.867 (bench/fusion.py); 0 = the crop as given only
     query_low_side: int = 96
     # whole_and_regions: the hit's box is the mean of the image's region boxes weighted by softmax(similarity to
-    # the query's crop / this); 0 = the best region's box (composite-dev localisation: 0.515 at 0, 0.755 at 0.05)
+    # the query's crop / this); 0 = the best region's box (composite-dev localisation: 0.515 at 0, 0.784 at 0.05)
     box_temperature: float = 0.05
 
     def __post_init__(self) -> None:

@@ -32,7 +32,7 @@ class SpaceSpec:
     whiten_shrinkage: float | None = None  # overrides IndexConfig.whiten_shrinkage
     # keep its raw vectors in int8 and its graph in fewer dims, learned on its own vectors as it grows
     # (IndexConfig.compact_dims, compact_after): a PCA reduction, or with `whiten` PCA-whitening to whiten_dims
-    # (at most compact_dims); for spaces that would otherwise take most of an image's bytes
+    # (else compact_dims); for spaces that would otherwise take most of an image's bytes
     compact: bool = False
     aggregate: Aggregate | None = None
 

@@ -49,8 +49,8 @@ def training_vectors(spec: SpaceSpec, image_ids: np.ndarray, raw: np.ndarray) ->
 
 def learn_transform(spec: SpaceSpec, config: IndexConfig, training: np.ndarray, dims: int | None) -> Whitening:
     """The transform a space learns from its training vectors: PCA-whitening (with the space's own dims and
-    shrinkage where it sets them; a compact space's to at most IndexConfig.compact_dims), or, for a compact
-    space that does not whiten, a PCA reduction to compact_dims."""
+    shrinkage where it sets them; a compact space's to IndexConfig.compact_dims unless it sets its own), or, for
+    a compact space that does not whiten, a PCA reduction to compact_dims."""
     if len(training) < 2:
         raise ValueError(f"the space holds {len(training)} vectors; whitening needs more")
     if compact(spec, config) and not spec.whiten:

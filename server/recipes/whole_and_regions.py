@@ -24,12 +24,14 @@ class WholeAndRegionsRecipe(DasrCropsRecipe):
     regions, and, without a box, its photo's vector too:
     - with a box (an instance, however small; the whole image's box when the photo shows just the object), an
       image scores `region_set_weight` x the mean of the query regions' best matches among the image's regions
-      + the rest x the crop's best match (stages/matching.py region_set_score);
+      + the rest x the crop's best match (stages/matching.py region_set_score), the crop matched as given and
+      as seen at `query_low_side` (crops.low_resolution_view: how a small instance looks among the index's
+      upscaled crops), each region's better view counting (composite-dev 0.828 -> 0.867);
     - without one (a whole photo), `whole_weight` x the photos' whitened similarity + the rest x that mean of
       the query regions' best matches (whole_photo_score): the crop's single best match is left out, as it
       ranks any scene holding one of the photo's objects.
     The hit's box is the mean of the image's region boxes weighted by softmax(similarity to the crop /
-    `box_temperature`): composite-dev localisation 0.755, the best region's box alone 0.515 (it is the right
+    `box_temperature`): composite-dev localisation 0.784, the best region's box alone 0.515 (it is the right
     size but off-centre; the near-best regions are off the other ways).
 
     Why (bench/fusion.py, dev sets, mAP holidays / composite / ukbench): the crop's best match finds small
@@ -43,8 +45,9 @@ class WholeAndRegionsRecipe(DasrCropsRecipe):
     Whitening where it helps: the photos' space is whitened (to WHOLE_DIMS), the regions' is not (whitening
     lowered the crops' mAP, see DasrCropsRecipe). Both spaces are compact (SpaceSpec.compact): int8 raw vectors
     in SQLite, their transform learned by the service on their own vectors at IndexConfig.compact_after and as
-    they double, and by `inserve whiten`; the regions' graph holds a PCA reduction. About 32 KiB per image
-    instead of 102 (bench/README.md, "Compact storage").
+    they double, and by `inserve whiten`; the regions' graph holds a PCA reduction, the photos' space no graph
+    (it scores the region kNNs' candidates). 30.5 KiB per image instead of 102 (bench/README.md, "Compact
+    storage").
     """
 
     name = "whole_and_regions"
