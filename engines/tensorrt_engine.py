@@ -71,7 +71,8 @@ def _open_gpu(options: EngineOptions) -> tuple[ModuleType, CudaRuntime, str]:
 
 def int8_refusal(trt: ModuleType) -> str | None:
     """Why this TensorRT cannot build int8 by calibration (None: it can). Asked before any calibrator is made:
-    making one subclasses trt.IInt8EntropyCalibrator2, which releases without implicit quantization lack."""
+    making one subclasses trt.IInt8EntropyCalibrator2, which TensorRT releases without implicit quantization do
+    not have."""
     lacking = [
         name
         for name, present in (
