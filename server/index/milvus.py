@@ -71,15 +71,9 @@ TEXT = 65535  # VARCHAR bytes, Milvus' largest
 BLOB_CHUNK = 48 << 10  # base64 characters per meta row
 THUMBNAIL_CHUNKS = 4  # a thumbnail's base64 in at most this many VARCHARs
 PLACEHOLDER = [0.0, 0.0]  # the vector of collections that search none (Milvus collections need one)
-NO_TAG = -1
-ROW_FIELDS = (
-    "label",
-    "image_id",
-    "box",
-    "score",
-    "tag",
-    "raw",
-)  # a space row but its vector in the space's coordinates  # tags are class indices, >= 0
+NO_TAG = -1  # tags are class indices, >= 0
+# a space row but its vector in the space's coordinates
+ROW_FIELDS = ("label", "image_id", "box", "score", "tag", "raw")
 PAGE = 4096
 LEASE_S = 3600.0  # a replica's lease on learning for a recipe, if it dies holding it
 LEASE_SETTLE_S = 0.5  # how long a replica waits after writing its lease before it reads whose it is

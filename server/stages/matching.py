@@ -26,7 +26,13 @@ def region_set_score(sims: np.ndarray, set_weight: float) -> tuple[float, int]:
     crop = int(np.argmax(sims[0]))
     if len(best) == 1:
         return float(best[0]), crop
-    return float(set_weight * best[1:].mean() + (1.0 - set_weight) * best[0]), crop
+    return float(set_weight * _own_regions(best) + (1.0 - set_weight) * best[0]), crop
+
+
+def _own_regions(best: np.ndarray) -> float:
+    """The mean of the query's own regions' best matches (`best`: the crop's first), or, when it has none, the
+    crop's."""
+    return float(best[1:].mean() if len(best) > 1 else best[0])
 
 
 def whole_photo_score(whole: float, sims: np.ndarray, whole_weight: float) -> float:
@@ -35,9 +41,7 @@ def whole_photo_score(whole: float, sims: np.ndarray, whole_weight: float) -> fl
     best match when it has no regions of its own). The crop's single best match, which finds small instances,
     is left out: for a whole photo it ranks scenes that merely contain one of its objects (bench/README.md, "One
     default recipe")."""
-    best = sims.max(axis=1)
-    parts = best[1:].mean() if len(best) > 1 else best[0]
-    return float(whole_weight * whole + (1.0 - whole_weight) * parts)
+    return float(whole_weight * whole + (1.0 - whole_weight) * _own_regions(sims.max(axis=1)))
 
 
 def soft_box(boxes: np.ndarray, sims: np.ndarray, temperature: float) -> np.ndarray:
