@@ -5,14 +5,14 @@ server feeds every graph the same few shapes: images padded into its shape bucke
 batches of 1 to max_batch, DASR seeds 1 to seeds_per_run. So each graph gets one profile per bucket, derived
 from the symbolic dims its ONNX inputs carry (recorded in the bundle's manifest at export): "batch",
 "32*rows" (pixels: the grid multiple times the bucket's rows), "4*rows" (a map at stride 8), "feat_rows" (the
-feature map), "seeds", and named fixed dims such as "k" (the moments graph's functionals).
+feature map) and "seeds".
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from inserve.engines.base import Shape, ShapeRange
 
@@ -30,7 +30,6 @@ class ShapePlan:
     feat_stride: int
     max_batch: int
     max_seeds: int
-    fixed: Mapping[str, int] = field(default_factory=dict)  # named dims with one value, e.g. {"k": 5}
 
     def __post_init__(self) -> None:
         if not self.buckets:
@@ -50,8 +49,6 @@ def _dim_range(dim: int | str, bucket: tuple[int, int], plan: ShapePlan, where: 
         return 1, plan.max_batch, plan.max_batch
     if dim == "seeds":
         return 1, plan.max_seeds, plan.max_seeds
-    if dim in plan.fixed:
-        return (plan.fixed[dim],) * 3
     height, width = bucket
     if dim in ("feat_rows", "feat_cols"):
         cells = (height if dim == "feat_rows" else width) // plan.feat_stride

@@ -181,8 +181,8 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, op: Conv | Pool, groups: int) -
 
 
 def _per_seed(p: torch.Tensor, per_image: torch.Tensor) -> torch.Tensor:
-    """p (B*S, C or 1, ...) times per_image (B, C, ...), broadcast over each image's S seeds (or functionals, and
-    over channels where p has one) without copying."""
+    """p (B*S, C or 1, ...) times per_image (B, C, ...), broadcast over each image's S seeds (and over channels
+    where p has one) without copying."""
     batch = per_image.shape[0]
     return (p.reshape(batch, -1, *p.shape[1:]) * per_image.unsqueeze(1)).flatten(0, 1)
 
@@ -329,11 +329,19 @@ class DasrMoments(_TopDown):
       g_feat * f+ / sum f+ (0 where the cell has no positive activation, as the seed then has no mass).
     Layers without such a rule (squeeze-excitation, other activations) are refused at construction.
     Cost: K forward-direction passes over the layers above the stop, whatever the number of seeds.
+
+    Layout: each functional is a tensor of its own (B, C, h, w), not a row of a (B*K, ...) batch, so that every
+    product with a per-image factor is of two tensors of one shape. ONNX Runtime's CPU layout transformer keeps
+    only such products in its blocked (NCHWc) layout; broadcasting the factor over the K rows of a batch sent
+    every functional out of that layout and back at every layer, about a fifth of the graph's time. For the
+    same reason the functionals enter as channel-broadcast copies made by a convolution, and every per-image
+    factor passes through `_blocked`. The exported graph therefore fixes K (len(MOMENTS)).
     """
 
     def __init__(self, loaded: LoadedBackbone, program: Program, stop_stride: int) -> None:
         super().__init__(loaded, program, stop_stride, adjoint_weights=False)
         self.head = ClassifierHead(loaded)
+        self.register_buffer("to_stop_channels", torch.ones(program.channels(self.stop), 1, 1, 1))
         for i in self.steps:  # signed inputs of ungrouped convs: both terms as one convolution of twice the channels
             if hasattr(self, f"neg{i}") and self.body.program.ops[i].groups == 1:
                 self.register_buffer(f"both{i}", torch.cat([getattr(self, f"pos{i}"), getattr(self, f"neg{i}")], 1))
@@ -341,43 +349,52 @@ class DasrMoments(_TopDown):
     def forward(
         self, image: torch.Tensor, functionals: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each tensor's g is kept as (per-functional rows, per-image factor not yet applied): the 1 / Z of a
-        layer is folded into the next per-image product (its consumer's A, a residual share, the seed spread),
+        """Each tensor's g is kept as (one tensor per functional, per-image factor not yet applied): the 1 / Z of
+        a layer is folded into the next per-image product (its consumer's A, a residual share, the seed spread),
         so a functional pays one multiplication per layer, not two."""
         program = self.body.program
         acts = self._activations(image, frozenset({program.desc}))
-        batch, k = functionals.shape[0], functionals.shape[1]
-        g: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {self.stop: (functionals.flatten(0, 1)[:, None], None)}
+        stop = [F.conv2d(f.unsqueeze(1), self.to_stop_channels) for f in functionals.unbind(1)]
+        g: dict[str, tuple[list[torch.Tensor], torch.Tensor | None]] = {self.stop: (stop, None)}
         for i in self.steps:
             op = program.ops[i]
             if isinstance(op, Conv | Pool):
                 rows, pending = g[op.src]
                 groups, terms, z = self._terms(i, op, acts[op.src])
-                parts = [_per_seed(rows, _scaled(x, pending)) for x, _ in terms]
+                factors = [_blocked(_scaled(x, pending)) for x, _ in terms]
                 if hasattr(self, f"both{i}"):
-                    pulled = _conv(torch.cat(parts, 1), getattr(self, f"both{i}"), op, 1)
+                    both = getattr(self, f"both{i}")
+                    pulled = [_conv(torch.cat([r * f for f in factors], 1), both, op, 1) for r in rows]
                 else:
-                    pulled = sum(
-                        _conv(x, getattr(self, f"{sign}{i}"), op, groups) for x, (_, sign) in zip(parts, terms)
-                    )
+                    weights = [getattr(self, f"{sign}{i}") for _, sign in terms]
+                    pulled = [sum(_conv(r * f, w, op, groups) for f, w in zip(factors, weights)) for r in rows]
                 # where Z = 0 every product A * F+ of the window is 0, so `pulled` is exactly 0 there: no mask needed
                 g[op.dst] = (pulled, 1.0 / z.clamp(min=_TINY))
             elif isinstance(op, Add):
                 shares = _positive_shares(acts[op.src], acts[op.other])
-                g[op.dst] = (
-                    sum(_per_seed(g[n][0], _scaled(share, g[n][1])) for n, share in zip((op.src, op.other), shares)),
-                    None,
-                )
+                (a_rows, a_pending), (b_rows, b_pending) = g[op.src], g[op.other]
+                fa, fb = _blocked(_scaled(shares[0], a_pending)), _blocked(_scaled(shares[1], b_pending))
+                g[op.dst] = ([a * fa + b * fb for a, b in zip(a_rows, b_rows)], None)
             else:
                 g[op.dst] = g[op.src]
         positive = acts[program.feat].clamp(min=0)
         total = positive.sum(1, keepdim=True)
         spread = positive * torch.where(total > 0, 1.0 / total.clamp(min=1e-30), torch.zeros_like(total))
         rows, pending = g[program.feat]
-        moments = _per_seed(rows, _scaled(spread, pending)).sum(1)
+        factor = _blocked(_scaled(spread, pending))
+        moments = torch.stack([(r * factor).sum(1) for r in rows], 1)
         feat = acts[program.feat]
-        moments = moments.reshape(batch, k, moments.shape[1], moments.shape[2])
         return feat, acts[program.desc], self.head.logits(feat), moments
+
+
+def _blocked(per_image: torch.Tensor) -> torch.Tensor:
+    """`per_image` through an identity depthwise 1x1 convolution: exact (x * 1), and in ONNX Runtime's blocked
+    layout, which its layout transformer gives only to convolution outputs and a few ops (not Reciprocal, Where,
+    Min, Max). A per-image factor is K times smaller than the functionals it multiplies, so converting it costs
+    little next to converting them (DasrMoments, Layout)."""
+    channels = per_image.shape[1]
+    ones = torch.ones(channels, 1, 1, 1, dtype=per_image.dtype, device=per_image.device)
+    return F.conv2d(per_image, ones, groups=channels)
 
 
 # Z below this is taken as this: 1 / Z then stays far from float32's range even times large activations, and no

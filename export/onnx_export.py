@@ -25,6 +25,7 @@ from inserve.server.manifest import (
     Normalization,
     StridedGraphs,
 )
+from inserve.server.stages.shapes import MOMENTS
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,10 @@ def export_backbone(
                 dims = {"image": image_dims, "seed_yx": seed_dims, "seed_value": seed_dims}
             else:
                 module, inputs, outputs = DasrMoments(loaded, program, stride).eval(), moment_inputs, moment_outputs
-                args = (sample, torch.rand(2, 5, sample.shape[2] // stride, sample.shape[3] // stride))
+                functionals = torch.rand(2, len(MOMENTS), sample.shape[2] // stride, sample.shape[3] // stride)
+                args = (sample, functionals)  # K is fixed: DasrMoments keeps one tensor per functional
                 cells = {2: (m // stride) * rows, 3: (m // stride) * cols}
-                dims = {"image": image_dims, "functionals": {0: batch, 1: torch.export.Dim("k", min=1), **cells}}
+                dims = {"image": image_dims, "functionals": {0: batch, **cells}}
             file = f"{graph}.onnx" if stride == options.default_stop_stride else f"{graph}_s{stride}.onnx"
             path = target / file
             _export(module, args, path, inputs, outputs, dims)

@@ -21,7 +21,6 @@ from inserve.server.errors import ModelsError
 from inserve.server.imaging import decode_image, prepare
 from inserve.server.manifest import GraphEntry, Layer, Manifest, StridedGraphs
 from inserve.server.stages.buckets import bucket_shapes
-from inserve.server.stages.shapes import MOMENTS
 
 
 def locate_manifest(models: Path, backbone: str) -> Path:
@@ -173,7 +172,6 @@ class ModelBundle:
             self.manifest.feat.stride,
             shapes.max_batch,
             shapes.max_seeds,
-            {"k": len(MOMENTS)},
         )
 
     def graph_options(self, entry: GraphEntry) -> EngineOptions:

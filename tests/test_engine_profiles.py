@@ -36,7 +36,7 @@ def test_the_export_records_each_inputs_dims(bundle: ModelBundle) -> None:
         "logits": ("batch", 1000),
     }
     moments = graph(bundle, "dasr_moments.onnx")  # stop stride 8: the functionals are stride-8 maps
-    assert moments.input_dims["functionals"] == ("batch", "k", "4*rows", "4*cols")
+    assert moments.input_dims["functionals"] == ("batch", 5, "4*rows", "4*cols")  # one tensor per moment inside
     assert graph(bundle, "dasr_backprop.onnx").input_dims["seed_yx"] == ("batch", "seeds", 2)
 
 
