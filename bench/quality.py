@@ -429,8 +429,8 @@ def chart(rows: list[dict], datasets: tuple[str, ...], path: Path) -> None:
     ax.set_xlabel("mAP")
     ax.set_xlim(0, 1)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title("inserve recipes, efficientnet_lite0 (bench/quality.py)")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(datasets), frameon=False)  # off the bars
+    ax.set_title("inserve recipes, efficientnet_lite0 (bench/quality.py)", pad=22)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
