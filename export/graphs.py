@@ -245,6 +245,15 @@ class _TopDown(nn.Module):
         terms = [(a.clamp(min=0), "pos"), (a.clamp(max=0), "neg")] if signed else [(a, "pos")]
         return groups, terms, sum(_conv(x, getattr(self, f"{sign}{i}"), op, groups) for x, sign in terms)
 
+    def _excite(self, i: int, op: Conv | Pool, a: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
+        """P(input) = A * conv_transpose(P(output) / Z, F); `a` is per image, `p_out` per seed (or one per image)."""
+        groups, terms, z = self._terms(i, op, a)
+        s = _per_seed(p_out, torch.where(z > 0, 1.0 / z.clamp(min=1e-30), torch.zeros_like(z)))
+        return sum(
+            _per_seed(_adjoint(s, getattr(self, f"{sign}{i}"), getattr(self, f"{sign}{i}_adjoint"), op, groups), x)
+            for x, sign in terms
+        )
+
 
 class DasrBackprop(_TopDown):
     """Excitation back-propagation (seed 004, Eqs. 1-3) of a batch of peak seeds to `stop_stride`.
@@ -296,15 +305,6 @@ class DasrBackprop(_TopDown):
         maps = probs[self.stop].sum(1)
         return maps.reshape(seed_value.shape[0], seed_value.shape[1], maps.shape[1], maps.shape[2])
 
-    def _excite(self, i: int, op: Conv | Pool, a: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
-        """P(input) = A * conv_transpose(P(output) / Z, F); `a` is per image, `p_out` per seed."""
-        groups, terms, z = self._terms(i, op, a)
-        s = _per_seed(p_out, torch.where(z > 0, 1.0 / z.clamp(min=1e-30), torch.zeros_like(z)))
-        return sum(
-            _per_seed(_adjoint(s, getattr(self, f"{sign}{i}"), getattr(self, f"{sign}{i}_adjoint"), op, groups), x)
-            for x, sign in terms
-        )
-
 
 class DasrMoments(_TopDown):
     """The adjoint of DasrBackprop: linear functionals of the map of *every* `feat` cell as a seed, at once.
@@ -330,6 +330,13 @@ class DasrMoments(_TopDown):
     Layers without such a rule (squeeze-excitation, other activations) are refused at construction.
     Cost: K forward-direction passes over the layers above the stop, whatever the number of seeds.
 
+    Seed side: where the top of the network acts on each cell alone (`seed_side`: 1x1 stride-1 convolutions,
+    activations, residual sums, e.g. lite0's last projection and head), the seed is pushed down instead, once
+    per image for every cell at once: the map of a seed at a cell stays at that cell there, so one tensor holds
+    them all. The functionals stop at the `frontier` tensors where the two sides meet, and a moment is the
+    channel sum of g * P over the frontier (g^T M_low M_top seed = (M_low^T g)^T (M_top seed)): exact, and one
+    pass in place of K through those layers.
+
     Layout: each functional is a tensor of its own (B, C, h, w), not a row of a (B*K, ...) batch, so that every
     product with a per-image factor is of two tensors of one shape. ONNX Runtime's CPU layout transformer keeps
     only such products in its blocked (NCHWc) layout; broadcasting the factor over the K rows of a batch sent
@@ -342,8 +349,14 @@ class DasrMoments(_TopDown):
         super().__init__(loaded, program, stop_stride, adjoint_weights=False)
         self.head = ClassifierHead(loaded)
         self.register_buffer("to_stop_channels", torch.ones(program.channels(self.stop), 1, 1, 1))
-        for i in self.steps:  # signed inputs of ungrouped convs: both terms as one convolution of twice the channels
-            if hasattr(self, f"neg{i}") and self.body.program.ops[i].groups == 1:
+        self.seed_side, self.frontier = seed_side(program, self.steps)
+        for i in self.steps:
+            signs = [sign for sign in ("pos", "neg") if hasattr(self, f"{sign}{i}")]
+            if i in self.seed_side:  # the seed is pushed down these: the transposed weights
+                for sign in signs:
+                    weight = getattr(self, f"{sign}{i}")
+                    self.register_buffer(f"{sign}{i}_adjoint", adjoint_weight(weight, program.ops[i].groups))
+            elif len(signs) == 2 and program.ops[i].groups == 1:  # both signed terms as one convolution
                 self.register_buffer(f"both{i}", torch.cat([getattr(self, f"pos{i}"), getattr(self, f"neg{i}")], 1))
 
     def forward(
@@ -358,6 +371,8 @@ class DasrMoments(_TopDown):
         g: dict[str, tuple[list[torch.Tensor], torch.Tensor | None]] = {self.stop: (stop, None)}
         for i in self.steps:
             op = program.ops[i]
+            if i in self.seed_side:
+                continue
             if isinstance(op, Conv | Pool):
                 rows, pending = g[op.src]
                 groups, terms, z = self._terms(i, op, acts[op.src])
@@ -377,14 +392,62 @@ class DasrMoments(_TopDown):
                 g[op.dst] = ([a * fa + b * fb for a, b in zip(a_rows, b_rows)], None)
             else:
                 g[op.dst] = g[op.src]
+        mass = self._seed_mass(acts)
+        moments = []
+        for name in self.frontier:
+            rows, pending = g[name]
+            factor = _blocked(_scaled(mass[name], pending))
+            moments.append(torch.stack([(r * factor).sum(1) for r in rows], 1))
+        feat = acts[program.feat]
+        return feat, acts[program.desc], self.head.logits(feat), sum(moments)
+
+    def _seed_mass(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per frontier tensor, (B, C, h, w): the mass a unit seed at each cell of `feat` leaves there, down the
+        seed side (DasrBackprop's rules, with every cell's seed in one tensor: they do not meet)."""
+        program = self.body.program
         positive = acts[program.feat].clamp(min=0)
         total = positive.sum(1, keepdim=True)
-        spread = positive * torch.where(total > 0, 1.0 / total.clamp(min=1e-30), torch.zeros_like(total))
-        rows, pending = g[program.feat]
-        factor = _blocked(_scaled(spread, pending))
-        moments = torch.stack([(r * factor).sum(1) for r in rows], 1)
-        feat = acts[program.feat]
-        return feat, acts[program.desc], self.head.logits(feat), moments
+        mass = {program.feat: positive * torch.where(total > 0, 1.0 / total.clamp(min=1e-30), torch.zeros_like(total))}
+        for i in reversed(self.seed_side):
+            op = program.ops[i]
+            p_out = mass.pop(op.dst)
+            if isinstance(op, Conv):
+                _accumulate(mass, op.src, self._excite(i, op, acts[op.src], p_out))
+            elif isinstance(op, Add):
+                for name, share in zip((op.src, op.other), _positive_shares(acts[op.src], acts[op.other])):
+                    _accumulate(mass, name, share * p_out)
+            else:
+                _accumulate(mass, op.src, p_out)
+        return mass
+
+
+def seed_side(program: Program, steps: list[int]) -> tuple[list[int], list[str]]:
+    """The ops (ascending) through which a seed's map stays at its own cell, from `feat` down: 1x1 stride-1
+    unpadded convolutions, activations and residual sums whose outputs flow only into such ops (or are
+    `feat`); and the frontier, the other tensors they read (DasrMoments, Seed side)."""
+    ops = program.ops
+    consumers: dict[str, list[int]] = {}
+    for i in steps:
+        for name in _inputs(ops[i]):
+            consumers.setdefault(name, []).append(i)
+    side: set[int] = set()
+    for i in reversed(steps):
+        op = ops[i]
+        flows = op.dst == program.feat or all(c in side for c in consumers.get(op.dst, [None]))
+        pointwise = isinstance(op, Add | Act) or (
+            isinstance(op, Conv) and op.weight.shape[2:] == (1, 1) and op.stride == 1 and not any(op.pads)
+        )
+        if flows and pointwise:
+            side.add(i)
+    if not side:
+        return [], [program.feat]
+    seed_tensors = {ops[i].dst for i in side}
+    frontier = [n for i in sorted(side) for n in _inputs(ops[i]) if n not in seed_tensors]
+    return sorted(side), list(dict.fromkeys(frontier))
+
+
+def _inputs(op: Op) -> tuple[str, ...]:
+    return (op.src, op.other) if isinstance(op, Add) else (op.src,)
 
 
 def _blocked(per_image: torch.Tensor) -> torch.Tensor:

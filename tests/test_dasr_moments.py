@@ -41,7 +41,7 @@ from test_dasr_backprop import (
 )
 
 from inserve.engines import EngineOptions, open_engine
-from inserve.export.graphs import DasrBackprop, DasrMoments
+from inserve.export.graphs import DasrBackprop, DasrMoments, seed_side
 from inserve.export.programs import Act
 from inserve.server.stages.buckets import valid_cells
 from inserve.server.stages.dasr import backpropagate_seeds, seed_moments
@@ -127,6 +127,26 @@ def test_random_net_with_groups_pooling_and_residual(bias: bool) -> None:
     image = torch.rand(2, 3, 12, 16, generator=torch.Generator().manual_seed(3)) * 4 - 2
     for stride in (1, 2):
         check_random_functionals(loaded, program, image, stride)
+
+
+def test_the_seed_side_is_the_top_that_keeps_each_cell_apart() -> None:
+    """DasrMoments pushes the seed down through the top's 1x1 convolutions, activations and residual sums (the
+    exactness tests above cover the moments); here, which ops those are and where the functionals stop."""
+
+    def sides(loaded, program, stride: int) -> tuple[list[str], list[str]]:
+        side, frontier = seed_side(program, DasrMoments(loaded, program, stride).steps)
+        return [program.ops[i].dst for i in side], frontier
+
+    lite0 = backbone_case("efficientnet_lite0")
+    side, frontier = sides(lite0["loaded"], lite0["program"], 8)
+    assert side == ["blocks.15.depthwise", "blocks.15", "head.linear", "head"]
+    assert frontier == ["blocks.15.depthwise.linear"]  # the last 3x3 depthwise convolution's output
+    resnet = backbone_case("resnet50")
+    side, frontier = sides(resnet["loaded"], resnet["program"], 8)
+    assert side == ["layer4.2.relu2", "layer4.2.conv3", "layer4.2.sum", "layer4.2"]
+    assert frontier == ["layer4.2.conv2", "layer4.1"]  # the 3x3 branch and the identity, which conv1 also reads
+    # one branch is pointwise down to the stop tensor (the image), where the functionals meet the seed unmoved
+    assert sides(*residual_net(), 1)[1] == ["image", "b"]
 
 
 def test_a_layer_without_an_excitation_rule_is_refused_by_name() -> None:
