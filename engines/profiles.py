@@ -55,7 +55,10 @@ def _dim_range(dim: int | str, bucket: tuple[int, int], plan: ShapePlan, where: 
         return cells, cells, cells
     grid = _GRID.match(dim)
     if grid is None:
-        raise ValueError(f"{where}: no rule derives a TensorRT profile for the dim {dim!r}")
+        raise ValueError(
+            f"{where}: no rule derives a TensorRT profile for the dim {dim!r}; a bundle exported by another inserve "
+            "version (e.g. a moments graph with a symbolic 'k') needs `inserve export` again"
+        )
     multiple = int(grid.group(1) or 1)
     cells = (height if grid.group(2) == "rows" else width) // plan.size_multiple
     return (multiple * cells,) * 3

@@ -73,6 +73,8 @@ def test_a_dim_no_rule_covers_and_off_grid_buckets_are_refused() -> None:
     plan = ShapePlan(BUCKETS, 32, 32, max_batch=4, max_seeds=8)
     with pytest.raises(ValueError, match=r"g input 'x': no rule derives a TensorRT profile for the dim 'height'"):
         graph_profiles({"x": ["batch", "height"]}, plan, "g")
+    with pytest.raises(ValueError, match=r"dim 'k'; a bundle exported by another inserve version .* export"):
+        graph_profiles({"functionals": ["batch", "k", "4*rows", "4*cols"]}, plan, "dasr_moments")
     with pytest.raises(ValueError, match=r"bucket 100x256 is not on the 32-pixel grid"):
         ShapePlan(((100, 256),), 32, 32, 4, 8)
 
