@@ -254,6 +254,24 @@ class _TopDown(nn.Module):
             for x, sign in terms
         )
 
+    def _push_down(
+        self, probs: dict[str, torch.Tensor], acts: dict[str, torch.Tensor], steps: list[int]
+    ) -> dict[str, torch.Tensor]:
+        """`probs` (per seed, or one per image) back-propagated down `steps`, from the last: what reaches the
+        tensors those ops read from below them."""
+        program = self.body.program
+        for i in reversed(steps):
+            op = program.ops[i]
+            p_out = probs.pop(op.dst)
+            if isinstance(op, Conv | Pool):
+                _accumulate(probs, op.src, self._excite(i, op, acts[op.src], p_out))
+            elif isinstance(op, Add):
+                for name, share in zip((op.src, op.other), _positive_shares(acts[op.src], acts[op.other])):
+                    _accumulate(probs, name, _per_seed(p_out, share))
+            else:
+                _accumulate(probs, op.src, p_out)
+        return probs
+
 
 class DasrBackprop(_TopDown):
     """Excitation back-propagation (seed 004, Eqs. 1-3) of a batch of peak seeds to `stop_stride`.
@@ -291,18 +309,8 @@ class DasrBackprop(_TopDown):
     def forward(self, image: torch.Tensor, seed_yx: torch.Tensor, seed_value: torch.Tensor) -> torch.Tensor:
         program = self.body.program
         acts = self._activations(image)
-        probs = {program.feat: self._seed_mass(acts[program.feat], seed_yx, seed_value)}
-        for i in reversed(self.steps):
-            op = program.ops[i]
-            p_out = probs.pop(op.dst)
-            if isinstance(op, Conv | Pool):
-                _accumulate(probs, op.src, self._excite(i, op, acts[op.src], p_out))
-            elif isinstance(op, Add):
-                for name, share in zip((op.src, op.other), _positive_shares(acts[op.src], acts[op.other])):
-                    _accumulate(probs, name, _per_seed(p_out, share))
-            else:
-                _accumulate(probs, op.src, p_out)
-        maps = probs[self.stop].sum(1)
+        seeds = {program.feat: self._seed_mass(acts[program.feat], seed_yx, seed_value)}
+        maps = self._push_down(seeds, acts, self.steps)[self.stop].sum(1)
         return maps.reshape(seed_value.shape[0], seed_value.shape[1], maps.shape[1], maps.shape[2])
 
 
@@ -392,7 +400,7 @@ class DasrMoments(_TopDown):
                 g[op.dst] = ([a * fa + b * fb for a, b in zip(a_rows, b_rows)], None)
             else:
                 g[op.dst] = g[op.src]
-        mass = self._seed_mass(acts)
+        mass = self._frontier_mass(acts)
         moments = []
         for name in self.frontier:
             rows, pending = g[name]
@@ -401,24 +409,14 @@ class DasrMoments(_TopDown):
         feat = acts[program.feat]
         return feat, acts[program.desc], self.head.logits(feat), sum(moments)
 
-    def _seed_mass(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _frontier_mass(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per frontier tensor, (B, C, h, w): the mass a unit seed at each cell of `feat` leaves there, down the
         seed side (DasrBackprop's rules, with every cell's seed in one tensor: they do not meet)."""
-        program = self.body.program
-        positive = acts[program.feat].clamp(min=0)
+        feat = self.body.program.feat
+        positive = acts[feat].clamp(min=0)
         total = positive.sum(1, keepdim=True)
-        mass = {program.feat: positive * torch.where(total > 0, 1.0 / total.clamp(min=1e-30), torch.zeros_like(total))}
-        for i in reversed(self.seed_side):
-            op = program.ops[i]
-            p_out = mass.pop(op.dst)
-            if isinstance(op, Conv):
-                _accumulate(mass, op.src, self._excite(i, op, acts[op.src], p_out))
-            elif isinstance(op, Add):
-                for name, share in zip((op.src, op.other), _positive_shares(acts[op.src], acts[op.other])):
-                    _accumulate(mass, name, share * p_out)
-            else:
-                _accumulate(mass, op.src, p_out)
-        return mass
+        spread = positive * torch.where(total > 0, 1.0 / total.clamp(min=1e-30), torch.zeros_like(total))
+        return self._push_down({feat: spread}, acts, self.seed_side)
 
 
 def seed_side(program: Program, steps: list[int]) -> tuple[list[int], list[str]]:
@@ -433,7 +431,8 @@ def seed_side(program: Program, steps: list[int]) -> tuple[list[int], list[str]]
     side: set[int] = set()
     for i in reversed(steps):
         op = ops[i]
-        flows = op.dst == program.feat or all(c in side for c in consumers.get(op.dst, [None]))
+        users = consumers.get(op.dst, [])
+        flows = op.dst == program.feat or (bool(users) and all(c in side for c in users))
         pointwise = isinstance(op, Add | Act) or (
             isinstance(op, Conv) and op.weight.shape[2:] == (1, 1) and op.stride == 1 and not any(op.pads)
         )
