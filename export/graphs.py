@@ -6,6 +6,8 @@ multiples of the program's `size_multiple`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -314,6 +316,24 @@ class DasrBackprop(_TopDown):
         return maps.reshape(seed_value.shape[0], seed_value.shape[1], maps.shape[1], maps.shape[2])
 
 
+@dataclass
+class _Pulled:
+    """The functionals pulled up to one tensor: g_k = rows[k] * factor. `factor` (B, C, h, w) is per image and not
+    yet applied (None: 1). `spatial`: g is the same in every channel, rows[k] is (B, 1, h, w)."""
+
+    rows: list[torch.Tensor]
+    factor: torch.Tensor | None
+    spatial: bool = False
+
+    def channel_rows(self, channels: int) -> list[torch.Tensor]:
+        """rows (B, channels, h, w): a spatial row enters as a convolution's channel broadcast, which ONNX Runtime
+        keeps in its blocked layout (DasrMoments, Layout)."""
+        if not self.spatial:
+            return self.rows
+        ones = torch.ones(channels, 1, 1, 1, dtype=self.rows[0].dtype, device=self.rows[0].device)
+        return [F.conv2d(r, ones) for r in self.rows]
+
+
 class DasrMoments(_TopDown):
     """The adjoint of DasrBackprop: linear functionals of the map of *every* `feat` cell as a seed, at once.
 
@@ -345,6 +365,11 @@ class DasrMoments(_TopDown):
     channel sum of g * P over the frontier (g^T M_low M_top seed = (M_low^T g)^T (M_top seed)): exact, and one
     pass in place of K through those layers.
 
+    Channel-constant start: at the stop g is one map broadcast over the channels, and a 1x1 convolution keeps it
+    so (conv(A * phi * m, F) = phi * conv(A * m, F) when phi does not depend on the channel), so up to the first
+    wider kernel only a per-image factor is pulled up (`_pull_through`), not K functionals: e.g. lite0's first
+    expansion above the stop, resnet50's first 1x1 convolution and downsampling.
+
     Layout: each functional is a tensor of its own (B, C, h, w), not a row of a (B*K, ...) batch, so that every
     product with a per-image factor is of two tensors of one shape. ONNX Runtime's CPU layout transformer keeps
     only such products in its blocked (NCHWc) layout; broadcasting the factor over the K rows of a batch sent
@@ -356,7 +381,6 @@ class DasrMoments(_TopDown):
     def __init__(self, loaded: LoadedBackbone, program: Program, stop_stride: int) -> None:
         super().__init__(loaded, program, stop_stride, adjoint_weights=False)
         self.head = ClassifierHead(loaded)
-        self.register_buffer("to_stop_channels", torch.ones(program.channels(self.stop), 1, 1, 1))
         self.seed_side, self.frontier = seed_side(program, self.steps)
         for i in self.steps:
             signs = [sign for sign in ("pos", "neg") if hasattr(self, f"{sign}{i}")]
@@ -370,44 +394,68 @@ class DasrMoments(_TopDown):
     def forward(
         self, image: torch.Tensor, functionals: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each tensor's g is kept as (one tensor per functional, per-image factor not yet applied): the 1 / Z of
-        a layer is folded into the next per-image product (its consumer's A, a residual share, the seed spread),
-        so a functional pays one multiplication per layer, not two."""
+        """Each tensor's g is a `_Pulled`: the 1 / Z of a layer is folded into the next per-image product (its
+        consumer's A, a residual share, the seed spread), so a functional pays one multiplication per layer, not
+        two; and while g is the same in every channel, only its per-image factor is pulled up."""
         program = self.body.program
         acts = self._activations(image, frozenset({program.desc}))
-        stop = [F.conv2d(f.unsqueeze(1), self.to_stop_channels) for f in functionals.unbind(1)]
-        g: dict[str, tuple[list[torch.Tensor], torch.Tensor | None]] = {self.stop: (stop, None)}
+        g = {self.stop: _Pulled([f.unsqueeze(1) for f in functionals.unbind(1)], None, spatial=True)}
         for i in self.steps:
             op = program.ops[i]
             if i in self.seed_side:
                 continue
             if isinstance(op, Conv | Pool):
-                rows, pending = g[op.src]
-                groups, terms, z = self._terms(i, op, acts[op.src])
-                factors = [_blocked(_scaled(x, pending)) for x, _ in terms]
-                if hasattr(self, f"both{i}"):
-                    both = getattr(self, f"both{i}")
-                    pulled = [_conv(torch.cat([r * f for f in factors], 1), both, op, 1) for r in rows]
-                else:
-                    weights = [getattr(self, f"{sign}{i}") for _, sign in terms]
-                    pulled = [sum(_conv(r * f, w, op, groups) for f, w in zip(factors, weights)) for r in rows]
-                # where Z = 0 every product A * F+ of the window is 0, so `pulled` is exactly 0 there: no mask needed
-                g[op.dst] = (pulled, 1.0 / z.clamp(min=_TINY))
+                g[op.dst] = self._pull_through(i, op, acts[op.src], g[op.src], program.channels(op.src))
             elif isinstance(op, Add):
                 shares = _positive_shares(acts[op.src], acts[op.other])
-                (a_rows, a_pending), (b_rows, b_pending) = g[op.src], g[op.other]
-                fa, fb = _blocked(_scaled(shares[0], a_pending)), _blocked(_scaled(shares[1], b_pending))
-                g[op.dst] = ([a * fa + b * fb for a, b in zip(a_rows, b_rows)], None)
+                a, b = g[op.src], g[op.other]
+                if a.spatial and b.spatial and a.rows is b.rows:
+                    g[op.dst] = _Pulled(a.rows, _scaled(shares[0], a.factor) + _scaled(shares[1], b.factor), True)
+                    continue
+                channels = program.channels(op.dst)
+                a_rows, b_rows = a.channel_rows(channels), b.channel_rows(channels)
+                fa, fb = _blocked(_scaled(shares[0], a.factor)), _blocked(_scaled(shares[1], b.factor))
+                g[op.dst] = _Pulled([ra * fa + rb * fb for ra, rb in zip(a_rows, b_rows)], None)
             else:
                 g[op.dst] = g[op.src]
         mass = self._frontier_mass(acts)
         moments = []
         for name in self.frontier:
-            rows, pending = g[name]
-            factor = _blocked(_scaled(mass[name], pending))
-            moments.append(torch.stack([(r * factor).sum(1) for r in rows], 1))
+            pulled = g[name]
+            factor = _scaled(mass[name], pulled.factor)
+            if pulled.spatial:
+                moments.append(torch.cat(pulled.rows, 1) * factor.sum(1, keepdim=True))
+            else:
+                factor = _blocked(factor)
+                moments.append(torch.stack([(r * factor).sum(1) for r in pulled.rows], 1))
         feat = acts[program.feat]
         return feat, acts[program.desc], self.head.logits(feat), sum(moments)
+
+    def _pull_through(self, i: int, op: Conv | Pool, a: torch.Tensor, pulled: _Pulled, channels: int) -> _Pulled:
+        """g at a convolution's (or pooling's) output: conv(A * g, F) / Z, the 1 / Z left pending.
+
+        Where g is the same in every channel and the kernel is 1x1, conv(A * g, F) = g * conv(A * factor, F) (g
+        read at the strided cells): one convolution per image, not one per functional; with no factor yet (at the
+        stop) that convolution is Z itself, so g * Z / Z is g where Z > 0."""
+        groups, terms, z = self._terms(i, op, a)
+        inverse = 1.0 / z.clamp(min=_TINY)
+        if pulled.spatial and _one_by_one(op):
+            rows = [r[:, :, :: op.stride, :: op.stride] for r in pulled.rows] if op.stride > 1 else pulled.rows
+            if pulled.factor is None:
+                return _Pulled(rows, (z > 0).to(z.dtype), spatial=True)
+            weights = [getattr(self, f"{sign}{i}") for _, sign in terms]
+            through = sum(_conv(x * pulled.factor, w, op, groups) for (x, _), w in zip(terms, weights))
+            return _Pulled(rows, through * inverse, spatial=True)
+        factors = [_blocked(_scaled(x, pulled.factor)) for x, _ in terms]
+        rows = pulled.channel_rows(channels)
+        if hasattr(self, f"both{i}"):
+            both = getattr(self, f"both{i}")
+            out = [_conv(torch.cat([r * f for f in factors], 1), both, op, 1) for r in rows]
+        else:
+            weights = [getattr(self, f"{sign}{i}") for _, sign in terms]
+            out = [sum(_conv(r * f, w, op, groups) for f, w in zip(factors, weights)) for r in rows]
+        # where Z = 0 every product A * F+ of the window is 0, so `out` is exactly 0 there: no mask needed
+        return _Pulled(out, inverse)
 
     def _frontier_mass(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per frontier tensor, (B, C, h, w): the mass a unit seed at each cell of `feat` leaves there, down the
@@ -433,9 +481,7 @@ def seed_side(program: Program, steps: list[int]) -> tuple[list[int], list[str]]
         op = ops[i]
         users = consumers.get(op.dst, [])
         flows = op.dst == program.feat or (bool(users) and all(c in side for c in users))
-        pointwise = isinstance(op, Add | Act) or (
-            isinstance(op, Conv) and op.weight.shape[2:] == (1, 1) and op.stride == 1 and not any(op.pads)
-        )
+        pointwise = isinstance(op, Add | Act) or (_one_by_one(op) and op.stride == 1)
         if flows and pointwise:
             side.add(i)
     if not side:
@@ -443,6 +489,11 @@ def seed_side(program: Program, steps: list[int]) -> tuple[list[int], list[str]]
     seed_tensors = {ops[i].dst for i in side}
     frontier = [n for i in sorted(side) for n in _inputs(ops[i]) if n not in seed_tensors]
     return sorted(side), list(dict.fromkeys(frontier))
+
+
+def _one_by_one(op: Op) -> bool:
+    """A convolution whose every output reads one input cell."""
+    return isinstance(op, Conv) and op.weight.shape[2:] == (1, 1) and not any(op.pads)
 
 
 def _inputs(op: Op) -> tuple[str, ...]:

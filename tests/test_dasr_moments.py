@@ -42,7 +42,7 @@ from test_dasr_backprop import (
 
 from inserve.engines import EngineOptions, open_engine
 from inserve.export.graphs import DasrBackprop, DasrMoments, seed_side
-from inserve.export.programs import Act
+from inserve.export.programs import Act, Add, Conv
 from inserve.server.stages.buckets import valid_cells
 from inserve.server.stages.dasr import backpropagate_seeds, seed_moments
 from inserve.server.stages.shapes import MOMENTS, map_moments, moment_functionals
@@ -125,6 +125,35 @@ def test_stride_2_conv_with_asymmetric_same_padding() -> None:
 def test_random_net_with_groups_pooling_and_residual(bias: bool) -> None:
     loaded, program = random_net(bias)
     image = torch.rand(2, 3, 12, 16, generator=torch.Generator().manual_seed(3)) * 4 - 2
+    for stride in (1, 2):
+        check_random_functionals(loaded, program, image, stride)
+
+
+def pointwise_start_net() -> tuple:
+    """Above the image: 1x1 conv (signed input), a strided 1x1 conv, a 1x1 conv summed with its own input, then
+    a 3x3 conv: the functionals stay one map per image through the 1x1 part (DasrMoments, Channel-constant start)."""
+    g = torch.Generator().manual_seed(5)
+
+    def w(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    ops = [
+        Conv("image", "a", w(4, 3, 1, 1), w(4) * 0.5, 1, NO_PADS),
+        Act("a", "ar", "relu"),
+        Conv("ar", "b", w(4, 4, 1, 1), w(4) * 0.5, 2, NO_PADS),
+        Act("b", "br", "relu"),
+        Conv("br", "c", w(4, 4, 1, 1), w(4) * 0.5, 1, NO_PADS),
+        Add("c", "br", "s"),
+        Act("s", "sr", "relu"),
+        Conv("sr", "d", w(4, 4, 3, 3), w(4) * 0.5, 1, (1, 1, 1, 1)),
+        Act("d", "feat", "relu"),
+    ]
+    return tiny(ops, "feat", {1: "image", 2: "br"})
+
+
+def test_pointwise_layers_above_the_stop() -> None:
+    loaded, program = pointwise_start_net()
+    image = torch.rand(2, 3, 8, 10, generator=torch.Generator().manual_seed(4)) * 4 - 2
     for stride in (1, 2):
         check_random_functionals(loaded, program, image, stride)
 
