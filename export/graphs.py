@@ -245,6 +245,8 @@ class _TopDown(nn.Module):
         groups = op.groups if isinstance(op, Conv) else a.shape[1]
         signed = hasattr(self, f"neg{i}")
         terms = [(a.clamp(min=0), "pos"), (a.clamp(max=0), "neg")] if signed else [(a, "pos")]
+        if hasattr(self, f"both{i}"):
+            return groups, terms, _conv(torch.cat([x for x, _ in terms], 1), getattr(self, f"both{i}"), op, 1)
         return groups, terms, sum(_conv(x, getattr(self, f"{sign}{i}"), op, groups) for x, sign in terms)
 
     def _excite(self, i: int, op: Conv | Pool, a: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
