@@ -370,7 +370,7 @@ class DasrMoments(_TopDown):
     Channel-constant start: at the stop g is one map broadcast over the channels, and a 1x1 convolution keeps it
     so (conv(A * phi * m, F) = phi * conv(A * m, F) when phi does not depend on the channel), so up to the first
     wider kernel only a per-image factor is pulled up (`_pull_through`), not K functionals: e.g. lite0's first
-    expansion above the stop, resnet50's first 1x1 convolution and downsampling.
+    expansion above the stop, resnet50's first 1x1 convolution (and its downsampling, at stride 4).
 
     Layout: each functional is a tensor of its own (B, C, h, w), not a row of a (B*K, ...) batch, so that every
     product with a per-image factor is of two tensors of one shape. ONNX Runtime's CPU layout transformer keeps
