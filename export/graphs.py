@@ -245,9 +245,15 @@ class _TopDown(nn.Module):
         groups = op.groups if isinstance(op, Conv) else a.shape[1]
         signed = hasattr(self, f"neg{i}")
         terms = [(a.clamp(min=0), "pos"), (a.clamp(max=0), "neg")] if signed else [(a, "pos")]
+        return groups, terms, self._through(i, op, [x for x, _ in terms], groups)
+
+    def _through(self, i: int, op: Conv | Pool, parts: list[torch.Tensor], groups: int) -> torch.Tensor:
+        """sum_t conv(parts[t], F_t) over the layer's weight terms (positive, then negative): one convolution over
+        the parts concatenated where DasrMoments registered both terms as one weight."""
         if hasattr(self, f"both{i}"):
-            return groups, terms, _conv(torch.cat([x for x, _ in terms], 1), getattr(self, f"both{i}"), op, 1)
-        return groups, terms, sum(_conv(x, getattr(self, f"{sign}{i}"), op, groups) for x, sign in terms)
+            return _conv(torch.cat(parts, 1), getattr(self, f"both{i}"), op, 1)
+        signs = ("pos", "neg")[: len(parts)]
+        return sum(_conv(x, getattr(self, f"{sign}{i}"), op, groups) for x, sign in zip(parts, signs))
 
     def _excite(self, i: int, op: Conv | Pool, a: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
         """P(input) = A * conv_transpose(P(output) / Z, F); `a` is per image, `p_out` per seed (or one per image)."""
@@ -412,7 +418,9 @@ class DasrMoments(_TopDown):
                 shares = _positive_shares(acts[op.src], acts[op.other])
                 a, b = g[op.src], g[op.other]
                 if a.spatial and b.spatial and a.rows is b.rows:
-                    g[op.dst] = _Pulled(a.rows, _scaled(shares[0], a.factor) + _scaled(shares[1], b.factor), True)
+                    g[op.dst] = _Pulled(
+                        a.rows, _scaled(shares[0], a.factor) + _scaled(shares[1], b.factor), spatial=True
+                    )
                     continue
                 channels = program.channels(op.dst)
                 a_rows, b_rows = a.channel_rows(channels), b.channel_rows(channels)
@@ -440,24 +448,16 @@ class DasrMoments(_TopDown):
         read at the strided cells): one convolution per image, not one per functional; with no factor yet (at the
         stop) that convolution is Z itself, so g * Z / Z is g where Z > 0."""
         groups, terms, z = self._terms(i, op, a)
-        inverse = 1.0 / z.clamp(min=_TINY)
         if pulled.spatial and _one_by_one(op):
             rows = [r[:, :, :: op.stride, :: op.stride] for r in pulled.rows] if op.stride > 1 else pulled.rows
             if pulled.factor is None:
                 return _Pulled(rows, (z > 0).to(z.dtype), spatial=True)
-            weights = [getattr(self, f"{sign}{i}") for _, sign in terms]
-            through = sum(_conv(x * pulled.factor, w, op, groups) for (x, _), w in zip(terms, weights))
-            return _Pulled(rows, through * inverse, spatial=True)
+            through = self._through(i, op, [x * pulled.factor for x, _ in terms], groups)
+            return _Pulled(rows, through * (1.0 / z.clamp(min=_TINY)), spatial=True)
         factors = [_blocked(_scaled(x, pulled.factor)) for x, _ in terms]
-        rows = pulled.channel_rows(channels)
-        if hasattr(self, f"both{i}"):
-            both = getattr(self, f"both{i}")
-            out = [_conv(torch.cat([r * f for f in factors], 1), both, op, 1) for r in rows]
-        else:
-            weights = [getattr(self, f"{sign}{i}") for _, sign in terms]
-            out = [sum(_conv(r * f, w, op, groups) for f, w in zip(factors, weights)) for r in rows]
+        out = [self._through(i, op, [r * f for f in factors], groups) for r in pulled.channel_rows(channels)]
         # where Z = 0 every product A * F+ of the window is 0, so `out` is exactly 0 there: no mask needed
-        return _Pulled(out, inverse)
+        return _Pulled(out, 1.0 / z.clamp(min=_TINY))
 
     def _frontier_mass(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per frontier tensor, (B, C, h, w): the mass a unit seed at each cell of `feat` leaves there, down the
