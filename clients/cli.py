@@ -37,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:  # refused calls the command does not explain itself (auth, limits...)
         print(f"inserve {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except (ModelsError, EngineUnavailable, FileNotFoundError) as exc:  # no export, no such dataset, no device
+    except (ModelsError, EngineUnavailable) as exc:  # no export, no device
         print(f"inserve {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path that is missing, a directory, or unreadable
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"inserve {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

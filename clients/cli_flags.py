@@ -14,6 +14,7 @@ from inserve.engines.base import DEVICES, PRECISIONS, EngineOptions
 from inserve.server.config import (
     REGION_MODES,
     STAR_SEED_RULES,
+    STORE_FORMS,
     CamConfig,
     ConfigError,
     DasrConfig,
@@ -100,14 +101,16 @@ def add_store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--store",
         default=None,
-        help="DIR (as --data-dir), milvus://HOST:PORT (a Milvus shared by replicas) or FILE.db (milvus-lite)",
+        help=f"{STORE_FORMS}; a directory is as --data-dir, a name ending .db is a milvus-lite file",
     )
 
 
 def store_of(args: argparse.Namespace, data_dir: Path) -> tuple[Path, str]:
     """(data directory, Milvus store) the store flags name: `--store DIR` is `--data-dir DIR`."""
-    store = getattr(args, "store", None) or ""
-    if store and milvus_uri(store) is None:
+    store = getattr(args, "store", None)
+    if store is None:
+        return data_dir, ""
+    if milvus_uri(store) is None:
         return Path(store), ""
     return data_dir, store
 
@@ -206,6 +209,10 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
             video=replace(config.video, **given(**video)),
         )
         config = apply_server_flags(config, args)
+    if not store and args.command != "build-engines":  # a data directory that cannot hold an index: one line now
+        from inserve.server.index.data_dir import usable_data_dir
+
+        usable_data_dir(data_dir)
     return config
 
 

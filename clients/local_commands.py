@@ -119,8 +119,10 @@ def cmd_bulk_index(args: argparse.Namespace) -> int:
     from inserve.server.video.decode import VIDEO_SUFFIXES
 
     config = server_config(args, tuple(args.recipe.split(",")), args.data_dir)
-    files = [(args.id_prefix + name, path) for name, path in image_files(args.paths, IMAGE_SUFFIXES + VIDEO_SUFFIXES)]
-    with tqdm(total=len(files), unit="img", disable=args.quiet, file=sys.stderr) as bar:
+    found = image_files(args.paths, IMAGE_SUFFIXES + VIDEO_SUFFIXES, dangling=True)
+    files = [(args.id_prefix + name, path) for name, path in found]
+    # the bar shows after a second: a refusal before anything is indexed is one line, without a bar
+    with tqdm(total=len(files), unit="img", disable=args.quiet, file=sys.stderr, delay=1) as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -136,6 +138,7 @@ def cmd_bulk_index(args: argparse.Namespace) -> int:
 def stored_recipe_index(args: argparse.Namespace):
     """The index the store flags name, with the space settings of the recipes it holds (default configuration)."""
     from inserve.server.index import MetadataStore, open_index
+    from inserve.server.index.data_dir import INDEX_FILE, DataDirLock
     from inserve.server.recipes import RECIPES, build_recipes, recipe_specs
 
     data_dir, store = store_of(args, args.data_dir)
@@ -144,10 +147,12 @@ def stored_recipe_index(args: argparse.Namespace):
         index = open_index(data_dir, store, config, {})
         held = {s.recipe for s in index.stats()}
         index.close()
-    else:
-        metadata = MetadataStore(Path(data_dir) / "index.sqlite")
+    else:  # refused here, before reading, when another process has the directory open
+        lock = DataDirLock(data_dir)
+        metadata = MetadataStore(Path(data_dir) / INDEX_FILE)
         held = {recipe for recipe, *_ in metadata.spaces()}
         metadata.close()
+        lock.release()
     specs = recipe_specs(build_recipes(sorted(held & set(RECIPES)), ServerConfig()))
     return open_index(data_dir, store, config, specs)
 
@@ -170,8 +175,9 @@ def codebook_vectors(args: argparse.Namespace, source: Path):
     """Region vectors to learn the VLAD codebook from: another data directory's index, a gnd.json dataset's
     images, or a folder of images (described with dasr_star_vlad's regions in-process)."""
     from inserve.server.codebook import RECIPE, vectors_from_images, vectors_from_index
+    from inserve.server.index.data_dir import INDEX_FILE
 
-    if (source / "index.sqlite").is_file():
+    if (source / INDEX_FILE).is_file():
         return vectors_from_index(source)
     if (source / "gnd.json").is_file():
         from inserve.server.evaluation import Dataset

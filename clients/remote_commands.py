@@ -26,6 +26,13 @@ def _box(text: str) -> tuple[float, float, float, float]:
     return tuple(values)
 
 
+def _top_k(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--top-k takes a count of hits, at least 1, got {value}")
+    return value
+
+
 def connect(args: argparse.Namespace) -> InstanceSearchClient:
     """The client a client command's flags (--server, --timeout, TLS and token) describe."""
     from inserve.clients.client import InstanceSearchClient
@@ -34,13 +41,16 @@ def connect(args: argparse.Namespace) -> InstanceSearchClient:
     return InstanceSearchClient(args.server, security=channel_security(args), **deadlines)
 
 
-def image_files(paths: list[Path], suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> Iterator[tuple[str, Path]]:
+def image_files(
+    paths: list[Path], suffixes: tuple[str, ...] = IMAGE_SUFFIXES, dangling: bool = False
+) -> Iterator[tuple[str, Path]]:
     """(id, path) of every image (every file with one of `suffixes`) among files and folders (recursively); a
-    folder's files are named by their path inside it."""
+    folder's files are named by their path inside it. With `dangling`, symlinks to nothing are named too, so
+    that a caller can list them as not indexed."""
     for path in paths:
         if path.is_dir():
             for file in sorted(path.rglob("*")):
-                if file.suffix.lower() in suffixes and file.is_file():
+                if file.suffix.lower() in suffixes and (file.is_file() or (dangling and file.is_symlink())):
                     yield str(file.relative_to(path)), file
         elif path.is_file():
             yield path.name, path
@@ -281,7 +291,7 @@ def add_remote_commands(sub: argparse._SubParsersAction) -> None:
         elif name == "search":
             p.add_argument("image", type=Path)
             p.add_argument("--box", type=_box, default=None, help="x1,y1,x2,y2 in the query's pixels")
-            p.add_argument("--top-k", type=int, default=10)
+            p.add_argument("--top-k", type=_top_k, default=10, help="hits to return, at least 1")
             p.add_argument("--recipe", default="")
             p.add_argument(
                 "--qe", type=int, default=None, help="query expansion with the top M hits (default: recipe's)"

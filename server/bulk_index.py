@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from inserve.server.config import ServerConfig
-from inserve.server.errors import REQUEST_ERRORS, VideoError
+from inserve.server.errors import REQUEST_ERRORS, IdError, VideoError
+from inserve.server.ids import check_id
 from inserve.server.index import open_index, transforms
 from inserve.server.instance_search import add_described, describing_pipeline
 from inserve.server.models import ModelBundle
@@ -94,6 +95,18 @@ class VideoDescriber(Describer):
         return {"id": list(batch["id"]), "record": records, "error": errors}
 
 
+def refusal(external_id: str, path: Path) -> str:
+    """Why a file is not indexed before anything is read ("" when it may be): an id IndexImages would refuse
+    (it could never be replaced through the API), or nothing to read (a dangling symlink)."""
+    try:
+        check_id(external_id, f"id {external_id!r} (from the file name)")
+    except IdError as exc:
+        return str(exc)
+    if not path.is_file():
+        return f"{path} is not a file (a dangling symlink?)"
+    return ""
+
+
 def bulk_index(
     config: ServerConfig,
     files: Iterable[tuple[str, Path]],
@@ -112,6 +125,10 @@ def bulk_index(
         images: dict[str, dict[str, str]] = {}  # one entry per id, the first path given for it
         videos: dict[str, dict[str, str]] = {}
         for external_id, path in files:
+            refused = refusal(external_id, Path(path))
+            if refused:
+                result.failed[external_id] = refused
+                continue
             video = Path(path).suffix.lower() in VIDEO_SUFFIXES
             stored = index.id_holder(external_id) == "video" if video else index.contains(external_id)
             if stored or external_id in images or external_id in videos:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from inserve.server.index import Index, InstanceIndex
+from inserve.server.index.data_dir import INDEX_FILE
 from inserve.server.recipes.dasr import CODEBOOK
 from inserve.server.stages.pooling import l2_normalize
 from inserve.server.stages.vlad import kmeans
@@ -20,8 +21,8 @@ SOURCE_RECIPES = (RECIPE, "dasr_star")  # both store the same DASR* region descr
 
 def vectors_from_index(data_dir: Path) -> np.ndarray:
     """Region vectors of another data directory (dasr_star_vlad's, else dasr_star's); raw, (N, D)."""
-    if not (Path(data_dir) / "index.sqlite").is_file():
-        raise FileNotFoundError(f"{data_dir} holds no index (index.sqlite)")
+    if not (Path(data_dir) / INDEX_FILE).is_file():
+        raise FileNotFoundError(f"{data_dir} holds no index ({INDEX_FILE})")
     index = InstanceIndex(data_dir)
     try:
         for recipe in SOURCE_RECIPES:

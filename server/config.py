@@ -9,17 +9,32 @@ from inserve.engines import EngineOptions
 from inserve.server.errors import ConfigError
 
 MILVUS_SCHEME = "milvus://"
+MAX_PORT = 65535
+
+
+MILVUS_LITE_SUFFIX = ".db"
+STORE_FORMS = "milvus://HOST:PORT (a shared Milvus), FILE.db (a milvus-lite file) or a directory (hnswlib + SQLite)"
 
 
 def milvus_uri(store: str) -> str | None:
     """The pymilvus URI of a `--store` value: milvus://HOST:PORT -> http://HOST:PORT, a file *.db -> that
-    milvus-lite file; None for a data directory (the embedded hnswlib + SQLite)."""
+    milvus-lite file; None for a data directory (the embedded hnswlib + SQLite). ConfigError for a value that is
+    none of these: another URL scheme, an empty value, or a file that is neither a directory nor *.db."""
+    if not store:
+        raise ConfigError(f"--store is empty: give {STORE_FORMS}")
     if store.startswith(MILVUS_SCHEME):
         address = store[len(MILVUS_SCHEME) :].rstrip("/")
         if ":" not in address:
             raise ConfigError(f"--store {store}: give milvus://HOST:PORT")
         return "http://" + address
-    return store if store.endswith(".db") else None
+    if "://" in store:
+        raise ConfigError(f"--store {store}: the only URL scheme is {MILVUS_SCHEME}; give {STORE_FORMS}")
+    if store.endswith(MILVUS_LITE_SUFFIX):
+        return store
+    path = Path(store)
+    if path.is_file() or (not path.is_dir() and path.suffix):
+        raise ConfigError(f"--store {store} names a file that is not a milvus-lite *.db; give {STORE_FORMS}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -323,6 +338,8 @@ class ServerConfig:
     regions: RegionRecipeConfig = field(default_factory=RegionRecipeConfig)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.port <= MAX_PORT:
+            raise ConfigError(f"port {self.port} is outside 0-{MAX_PORT} (0 picks a free one)")
         if self.store and milvus_uri(self.store) is None:
             raise ConfigError(f"store {self.store!r}: give milvus://HOST:PORT or a milvus-lite file *.db")
 

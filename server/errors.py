@@ -60,9 +60,12 @@ class DuplicateId(InserveError, KeyError):
 
 class LiveStreamBusy(InserveError):
     """Another connection is writing to this live stream (the one before a reconnection may not have ended
-    yet): retry shortly."""
+    yet, or one on another replica of a shared store): retry shortly."""
 
     status = "ABORTED"
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"another connection is indexing live stream {stream_id!r}; retry shortly")
 
 
 class MediaAccessDenied(InserveError, PermissionError):

@@ -311,13 +311,15 @@ class InstanceSearch:
 
     @contextmanager
     def claim_live(self, stream_id: str) -> Iterator[None]:
-        """One live connection per stream id at a time; a video may not replace a stream being written."""
+        """One live connection per stream id at a time, here and on every replica of a shared store (the
+        index's claim); a video may not replace a stream being written."""
         with self._live_lock:
             if stream_id in self._live:
-                raise LiveStreamBusy(f"another connection is indexing live stream {stream_id!r}; retry shortly")
+                raise LiveStreamBusy(stream_id)
             self._live.add(stream_id)
         try:
-            yield
+            with self.index.claim_live(stream_id):
+                yield
         finally:
             with self._live_lock:
                 self._live.discard(stream_id)

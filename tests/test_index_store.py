@@ -123,8 +123,10 @@ def test_reopen_gives_the_same_results(tmp_path: Path) -> None:
 
 
 def crash(index: InstanceIndex) -> None:
-    """Stop without the closing snapshot: only SQLite and the last snapshot survive."""
+    """Stop without the closing snapshot: only SQLite and the last snapshot survive (and the lock goes, as it
+    goes with a process that dies)."""
     index.store.close()
+    index._dir_lock.release()
 
 
 def test_vectors_added_after_the_snapshot_are_caught_up_from_sqlite(tmp_path: Path) -> None:

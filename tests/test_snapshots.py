@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_index_store import crash
 
 from inserve.server.config import IndexConfig
-from inserve.server.index import InstanceIndex, NewVectors
+from inserve.server.index import InstanceIndex, MetadataStore, NewVectors
 
 DIM = 8
 CONFIG = IndexConfig(auto_whiten_per_dim=0)
@@ -92,7 +93,7 @@ def test_a_graph_newer_than_its_sidecar_is_not_loaded(tmp_path: Path, caplog: py
     later = add(index, "b", 2)
     index.delete(["a"])
     index.snapshot()
-    index.store.close()
+    crash(index)
     (tmp_path / "graphs" / "r.region.json").write_text(old_sidecar)
     reopened, log = opened(tmp_path, caplog)
     try:
@@ -149,3 +150,27 @@ def test_snapshots_are_written_every_n_vectors(tmp_path: Path) -> None:
         assert json.loads((tmp_path / "graphs" / "r.region.json").read_text()) == sidecar
     finally:
         index.close()
+
+
+def test_a_snapshot_lacking_what_another_writer_stored_is_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two processes on one directory (before the lock, or a copy put back): the graph snapshot holds only
+    what its own process added, below a max_label that covers the other's writes. It passes its size and CRC
+    checks but disagrees with SQLite: caught at start-up and rebuilt, not trusted."""
+    index = InstanceIndex(tmp_path, CONFIG)
+    add(index, "a", 1)
+    other = MetadataStore(tmp_path / "index.sqlite")  # the other writer: its rows reach SQLite, not this graph
+    theirs = vectors("r", "region", 7)
+    other.add_image("b", "", 64, 64, {}, [vectors("r", "global", 6, 1), theirs])
+    other.close()
+    add(index, "c", 3)  # labels above the other writer's
+    index.close()
+    reopened, log = opened(tmp_path, caplog)
+    try:
+        assert "r/region: the snapshot lacks 3 vectors that SQLite holds" in log
+        assert "r/global: the snapshot lacks 1 vectors that SQLite holds" in log
+        assert nearest_id(reopened, "region", theirs.raw[0])[0] == "b"
+        assert_matches_sqlite(reopened)
+    finally:
+        reopened.close()

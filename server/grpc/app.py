@@ -4,16 +4,18 @@ graceful stop on SIGTERM / SIGINT (stop taking calls, drain those in flight, sna
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from inserve.server.config import ServerConfig
+from inserve.server.config import ConfigError, ServerConfig
 from inserve.server.grpc.call_slots import CallSlotsInterceptor
 from inserve.server.grpc.interceptors import MalformedRequestInterceptor
 from inserve.server.grpc.metrics import MetricsEndpoint
@@ -38,6 +40,9 @@ SERVER_KEEPALIVE_TIMEOUT_MS = 20_000
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
+        # gRPC sets SO_REUSEPORT by default, which lets a second server bind a port in use and take half of its
+        # new connections; without it a port in use is an error at start-up
+        ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_concurrent_streams", config.limits.max_streams_per_connection),
@@ -57,6 +62,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError when the address cannot be bound: in use by another server, or not this machine's. Asked
+    before the models load and the data directory is opened, and in one line (gRPC's own bind error comes
+    with a log line of its own); `grpc.so_reuseport` 0 refuses a port taken between this check and the bind."""
+    if port == 0:
+        return
+    try:
+        found = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT does not count
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                why = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                raise ConfigError(f"cannot listen on {host}:{port}: {why}") from exc
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT; then stop taking calls, finish those in flight, snapshot, return."""
     stopping = asyncio.Event()
@@ -64,6 +89,7 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     credentials = server_credentials(config.security)  # bad security settings fail before the models load
+    check_port_free(config.host, config.port)
     tokens = load_tokens(config.security.token_file) if config.security.token_file is not None else None
 
     core = InstanceSearch(config)
@@ -80,7 +106,15 @@ async def serve(config: ServerConfig) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:  # gRPC's "Failed to bind": in use, or an address this machine does not have
+        executor.shutdown()
+        metrics.close()
+        core.close()  # gives the data directory back
+        raise ConfigError(
+            f"cannot listen on {address}: the port is in use, or the address is not this machine's"
+        ) from (exc)
     if not (credentials or tokens or is_loopback(config.host)):
         log.warning(
             "listening on %s in plaintext without tokens: whoever reaches port %d can index, search and delete; "

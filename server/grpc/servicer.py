@@ -270,7 +270,8 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
                 if not self._live_streams.acquire(blocking=False):
                     raise Overloaded(f"{config.max_live_streams} live streams are being indexed; retry later")
                 held.callback(self._live_streams.release)
-                held.enter_context(self.core.claim_live(header.stream_id))
+                # off the event loop: a shared store's claim takes round trips to it
+                await self._run(held.enter_context, self.core.claim_live(header.stream_id))
                 stream = await self._run(
                     LiveStream,
                     self.core,
@@ -304,11 +305,17 @@ class InstanceSearchServicer(pb_grpc.InstanceSearchServicer):
                 check_deletable_id(external_id)
         except IdError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"delete: {exc}")
-        deleted, missing = await self._run(self.core.delete, list(request.ids))
+        try:
+            deleted, missing = await self._run(self.core.delete, list(request.ids))
+        except REQUEST_ERRORS as exc:  # the shared store down: UNAVAILABLE, as for Search
+            await context.abort(*status_of(Failed("delete", exc)))
         return pb.DeleteResponse(deleted=deleted, missing=missing)
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
-        stats = await self._run(self.core.stats)
+        try:
+            stats = await self._run(self.core.stats)
+        except REQUEST_ERRORS as exc:
+            await context.abort(*status_of(Failed("stats", exc)))
         return pb.Stats(
             images=stats.images,
             regions=stats.regions,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from inserve.server.config import IndexConfig, milvus_uri
 from inserve.server.errors import ConfigError
+from inserve.server.index.data_dir import INDEX_FILE, DataDirLock
 from inserve.server.index.locking import ReadWriteLock
 from inserve.server.index.protocol import Index, Space
 from inserve.server.index.space_rules import SpaceRules
@@ -57,7 +58,8 @@ log = logging.getLogger(__name__)
 
 
 class InstanceIndex(SpaceRules):
-    """Durable image index: writes commit to SQLite first, then go into the in-memory graphs."""
+    """Durable image index: writes commit to SQLite first, then go into the in-memory graphs. Holds the data
+    directory's lock (DataDirInUse when another process has it) until `close`."""
 
     def __init__(
         self,
@@ -68,17 +70,22 @@ class InstanceIndex(SpaceRules):
         self.data_dir = Path(data_dir)
         self.config = config
         self.specs = dict(specs or {})
-        self.store = MetadataStore(
-            self.data_dir / "index.sqlite", [key for key, spec in self.specs.items() if compact(spec, config)]
-        )
-        self._spaces: dict[tuple[str, str], VectorSpace] = {}
-        self._lock = ReadWriteLock()  # searches read together; writes (under .writing()) land whole
-        self._added_since_snapshot = 0
-        for recipe, kind, dim, _ in self.store.spaces():
-            if self.spec(recipe, kind).aggregate is None:
-                self._spaces[(recipe, kind)] = self._open_space(recipe, kind, dim)
-        for recipe, kind in self._aggregates():
-            self._build_aggregate(recipe, kind)
+        self._dir_lock = DataDirLock(self.data_dir)
+        try:
+            self.store = MetadataStore(
+                self.data_dir / INDEX_FILE, [key for key, spec in self.specs.items() if compact(spec, config)]
+            )
+            self._spaces: dict[tuple[str, str], VectorSpace] = {}
+            self._lock = ReadWriteLock()  # searches read together; writes (under .writing()) land whole
+            self._added_since_snapshot = 0
+            for recipe, kind, dim, _ in self.store.spaces():
+                if self.spec(recipe, kind).aggregate is None:
+                    self._spaces[(recipe, kind)] = self._open_space(recipe, kind, dim)
+            for recipe, kind in self._aggregates():
+                self._build_aggregate(recipe, kind)
+        except BaseException:
+            self._dir_lock.release()
+            raise
 
     def reading(self) -> AbstractContextManager[None]:
         """Held by a search that reads the index in several steps (graphs, then SQLite rows, then more for
@@ -100,7 +107,19 @@ class InstanceIndex(SpaceRules):
         loaded = space.load(self._snapshot_path(recipe, kind))
         labels, raw = self.store.vectors(recipe, kind, after_label=space.max_label if loaded else 0)
         space.add(labels, raw)
-        space.reconcile(self.store.labels(recipe, kind))
+        live = self.store.labels(recipe, kind)
+        if loaded and (lacking := space.missing(live)):
+            log.warning(
+                "%s/%s: the snapshot lacks %d vectors that SQLite holds (another process wrote this directory); "
+                "rebuilding from SQLite",
+                recipe,
+                kind,
+                lacking,
+            )
+            space, loaded = self._new_space(recipe, kind, dim, whitening, version), False
+            labels, raw = self.store.vectors(recipe, kind, after_label=0)
+            space.add(labels, raw)
+        space.reconcile(live)
         log.info(
             "%s/%s: %d vectors (%s, %d caught up from SQLite)",
             recipe,
@@ -301,6 +320,10 @@ class InstanceIndex(SpaceRules):
     def live_resume(self, stream_id: str) -> LiveResume | None:
         return self.store.live_resume(stream_id)
 
+    def claim_live(self, stream_id: str) -> AbstractContextManager[None]:
+        """Nothing to claim beyond this process: the data directory's lock keeps every other one out."""
+        return nullcontext()
+
     def count_videos(self) -> tuple[int, int]:
         """Videos and keyframes indexed."""
         return self.store.count_videos()
@@ -379,8 +402,11 @@ class InstanceIndex(SpaceRules):
             self._added_since_snapshot = 0
 
     def close(self) -> None:
-        self.snapshot()
-        self.store.close()
+        try:
+            self.snapshot()
+            self.store.close()
+        finally:
+            self._dir_lock.release()
 
 
 def open_index(data_dir: Path, store: str, config: IndexConfig, specs: Mapping[tuple[str, str], SpaceSpec]) -> Index:
@@ -388,7 +414,7 @@ def open_index(data_dir: Path, store: str, config: IndexConfig, specs: Mapping[t
     (`store`: milvus://HOST:PORT or a milvus-lite file *.db; ServerConfig.store). Both answer InstanceIndex's
     interface (server/index/protocol.py); the Milvus one (server/index/milvus.py) holds no state of its own, so
     replicas can share it."""
-    uri = milvus_uri(store)
+    uri = milvus_uri(store) if store else None
     if uri is None:
         return InstanceIndex(data_dir, config, specs)
     try:

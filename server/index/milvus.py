@@ -41,7 +41,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
 from inserve.server.config import IndexConfig
-from inserve.server.errors import ConfigError, DuplicateId, StoreUnavailable
+from inserve.server.errors import ConfigError, DuplicateId, LiveStreamBusy, StoreUnavailable
 from inserve.server.index.codec import decode_vectors, encode_vector
 from inserve.server.index.space_rules import SpaceRules
 from inserve.server.index.spaces import (
@@ -76,6 +76,7 @@ NO_TAG = -1  # tags are class indices, >= 0
 ROW_FIELDS = ("label", "image_id", "box", "score", "tag", "raw")
 PAGE = 4096
 LEASE_S = 3600.0  # a replica's lease on learning for a recipe, if it dies holding it
+LIVE_LEASE_S = 30.0  # a replica's claim on a live stream id, renewed while it holds it: a dead one's expires
 LEASE_SETTLE_S = 0.5  # how long a replica waits after writing its lease before it reads whose it is
 NOT_LOADED = 101  # MilvusException codes: a collection not loaded (released by a restart)
 UNREACHABLE = (2, 503)  # MilvusException codes: no connection, unavailable  # rows per query page
@@ -830,7 +831,7 @@ class MilvusIndex(SpaceRules):
                 self._rebuild_aggregate(*key)
             return version
 
-        with self._learning, self._lease(recipe) as held:
+        with self._learning, self._lease(f"lease/{recipe}", LEASE_S) as held:
             if not held:
                 raise StoreUnavailable(f"another replica is learning for {recipe}: save {name} again shortly")
             return self._call(write)
@@ -844,7 +845,7 @@ class MilvusIndex(SpaceRules):
         the space to it, copy what was written to the old one meanwhile, drop the old one. One replica at a time
         learns for a recipe (`_lease`); a replica that finds another one learning leaves it to it and returns
         the version in use."""
-        with self._learning, self._lease(recipe) as held:
+        with self._learning, self._lease(f"lease/{recipe}", LEASE_S) as held:
             if not held:
                 log.info("%s/%s: another replica is learning for %s; left to it", recipe, kind, recipe)
                 record = self._call(self._record, recipe, kind)
@@ -852,26 +853,51 @@ class MilvusIndex(SpaceRules):
             return self._call(self._learn, recipe, kind, dims)
 
     @contextmanager
-    def _lease(self, recipe: str) -> Iterator[bool]:
-        """Whether this replica may switch the recipe's collections now (yields True, held until the block
-        ends) or another one is (False). Milvus has no compare-and-set: a replica writes its token, waits
-        LEASE_SETTLE_S, and holds the lease if its token is still there, so of replicas that try at once only the
-        last writer proceeds. A lease left by a replica that died expires after LEASE_S."""
-        key = f"lease/{recipe}"
+    def claim_live(self, stream_id: str) -> Iterator[None]:
+        """One replica at a time writes a live stream (LiveStreamBusy on the others): a lease in `<p>_meta`,
+        renewed while the connection lasts, so that a replica that died frees the id after LIVE_LEASE_S."""
+        with self._lease(f"live/{stream_id}", LIVE_LEASE_S) as held:
+            if not held:
+                raise LiveStreamBusy(stream_id)
+            yield
+
+    @contextmanager
+    def _lease(self, key: str, ttl_s: float) -> Iterator[bool]:
+        """Whether this replica holds the lease `key` now (yields True, held until the block ends) or another
+        one does (False). Milvus has no compare-and-set: a replica writes its token, waits LEASE_SETTLE_S, and
+        holds the lease if its token is still there, so of replicas that try at once only the last writer
+        proceeds. The holder renews it every third of `ttl_s`; one left by a replica that died expires."""
         found = self._call(self._get_meta, key)
         if found is not None and json.loads(found)["until"] > time.time():
             yield False
             return
         token = secrets.token_hex(8)
-        self._call(self._put_meta, key, json.dumps({"token": token, "until": time.time() + LEASE_S}))
+
+        def write() -> None:
+            self._call(self._put_meta, key, json.dumps({"token": token, "until": time.time() + ttl_s}))
+
+        write()
         time.sleep(LEASE_SETTLE_S)
         found = self._call(self._get_meta, key)
         if found is None or json.loads(found)["token"] != token:
             yield False
             return
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(ttl_s / 3):
+                try:
+                    write()
+                except StoreUnavailable:  # the store is down: renewed at the next turn if it is back
+                    log.warning("%s: the lease could not be renewed; the store is unavailable", key)
+
+        renewer = threading.Thread(target=renew, name=f"lease {key}", daemon=True)
+        renewer.start()
         try:
             yield True
         finally:
+            done.set()
+            renewer.join()
             self._call(self._client.delete, f"{self._p}_meta", ids=[key])
 
     def _learn(self, recipe: str, kind: str, dims: int | None) -> int:

@@ -64,6 +64,10 @@ class VectorSpace:
         with self._lock:
             self._labels = set(int(v) for v in live_labels)
 
+    def missing(self, live_labels: np.ndarray) -> int:
+        """How many of SQLite's labels this space lacks after catching up (none: it holds only labels)."""
+        return 0
+
     def save(self, path: Path) -> None:
         """Nothing to snapshot: SQLite holds all of it."""
 
@@ -216,6 +220,12 @@ class GraphSpace(VectorSpace):
                 except RuntimeError:  # deleted before the snapshot was written
                     continue
             self._live = len(live_labels)
+
+    def missing(self, live_labels: np.ndarray) -> int:
+        """Labels SQLite holds that the graph lacks: a snapshot that disagrees with SQLite below its max_label,
+        as another process writing the same directory leaves it (catching up only reads labels above)."""
+        with self._lock:
+            return len(set(int(v) for v in live_labels) - set(int(v) for v in self._graph.get_ids_list()))
 
 
 def _beside(path: Path, suffix: str) -> Path:

@@ -31,8 +31,14 @@ from inserve.server.video.indexer import SelectedFrame, new_keyframe, region_cou
 from inserve.server.video.keyframes import KeyframeSelector, SelectionRules, chi_square, colour_histogram
 
 PIXEL_FORMATS = {"rgb24": 3, "bgr24": 3, "gray8": 1}  # raw pixel formats and their bytes per pixel
-MILLISECOND = 1e-3  # keyframe ids count milliseconds, so keyframes must be at least this far apart
 MAX_TIME_S = 1e12  # ~31,700 years: wall-clock seconds fit, and milliseconds stay within 20 digits
+
+
+def keyframe_ms(time_s: float) -> int:
+    """The millisecond a keyframe's id counts, halves rounded up: two keyframes of a stream must have different
+    ones (round() would send 0.0015 and 0.0025 s both to 2)."""
+    return math.floor(time_s * 1000 + 0.5)
+
 
 T = TypeVar("T")
 
@@ -102,11 +108,11 @@ class LiveSelection:
         self.client_keyframes = client_keyframes
         self.histogram_side = histogram_side
         self.selector = KeyframeSelector(rules)
-        self._last_keyframe_s = -math.inf
+        self._last_keyframe: tuple[int, float] | None = None  # (id millisecond, time) of the last keyframe
         self._previous: np.ndarray | None = None
         if resume is not None:
             self.selector.resume(resume.last_time_s, resume.last_shot)
-            self._last_keyframe_s = resume.last_time_s
+            self._last_keyframe = (keyframe_ms(resume.last_time_s), resume.last_time_s)
 
     @property
     def shot(self) -> int:
@@ -125,10 +131,13 @@ class LiveSelection:
             if chosen and self._previous is not None:
                 self.selector.shot += chi_square(histogram, self._previous) > self.selector.rules.scene_threshold
             self._previous = histogram if chosen else self._previous
-        if chosen and time_s - self._last_keyframe_s < MILLISECOND:
-            raise RequestError(f"keyframes must be at least 1 ms apart (ids count milliseconds), got {time_s!r}")
+        if chosen and self._last_keyframe is not None and keyframe_ms(time_s) <= self._last_keyframe[0]:
+            raise RequestError(
+                f"keyframe at {time_s!r} s falls in the millisecond of the one at {self._last_keyframe[1]!r} s "
+                "(keyframe ids count milliseconds): keyframes must be in different milliseconds"
+            )
         if chosen:
-            self._last_keyframe_s = time_s
+            self._last_keyframe = (keyframe_ms(time_s), time_s)
         return chosen
 
 
@@ -181,7 +190,7 @@ class LiveStream:
             return None
         inp = self.core.pipeline.prepare(image)
         return _Keyframe(
-            SelectedFrame(round(frame.time_s * 1000), frame.time_s, self.selection.shot, inp), frame.arrived
+            SelectedFrame(keyframe_ms(frame.time_s), frame.time_s, self.selection.shot, inp), frame.arrived
         )
 
     def commit(self, described: list[tuple[_Keyframe, dict[str, ImageVectors]]]) -> list[KeyframeCommitted]:

@@ -76,6 +76,15 @@ def test_errors_are_one_line_and_a_nonzero_exit(server, indexed, photo_dir: Path
     assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_a_query_that_is_not_a_file_or_a_negative_top_k_is_refused_without_a_traceback(server, tmp_path: Path) -> None:
+    folder = inserve("search", "--server", server.address, str(tmp_path))
+    assert folder.returncode == 2 and "Traceback" not in folder.stderr and folder.stderr.count("\n") == 1
+    assert f"{tmp_path}: Is a directory" in folder.stderr
+    negative = inserve("search", "--server", server.address, str(tmp_path), "--top-k", "-5")
+    assert negative.returncode == 2 and "Traceback" not in negative.stderr
+    assert "--top-k takes a count of hits, at least 1, got -5" in negative.stderr
+
+
 def test_missing_models_are_one_line_naming_the_export_command(tmp_path: Path) -> None:
     (tmp_path / "gnd.json").write_text('{"images": [], "queries": []}')
     done = inserve("eval", str(tmp_path), "--models", str(tmp_path / "nowhere"))
@@ -98,6 +107,10 @@ BAD_SETTINGS = [
     (("--precision", "int8"), "precision int8 needs a calibration folder of images"),
     (("--dla-core", "-1"), "dla_core must be >= 0, got -1"),
     (("--store", "milvus://nohost"), "--store milvus://nohost: give milvus://HOST:PORT"),
+    (("--store", "http://h:19530"), "the only URL scheme is milvus://; give milvus://HOST:PORT (a shared Milvus)"),
+    (("--store", ""), "--store is empty: give milvus://HOST:PORT"),
+    (("--store", "x.txt"), "--store x.txt names a file that is not a milvus-lite *.db"),
+    (("--port", "70000"), "port 70000 is outside 0-65535 (0 picks a free one)"),
 ]
 
 
@@ -114,12 +127,25 @@ BAD_SETTINGS = [
         "int8-without-images",
         "dla-core",
         "store",
+        "store-http",
+        "store-empty",
+        "store-txt",
+        "port",
     ],
 )
 def test_bad_settings_are_one_line_saying_what_is_valid_before_any_model_loads(tmp_path: Path, flags, message) -> None:
     done = inserve("serve", *flags, "--models", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path / "data"))
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
     assert message in done.stderr
+
+
+def test_a_data_directory_that_cannot_hold_an_index_is_one_line_before_any_model_loads(tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("x")
+    for data_dir, message in ((file, "is a file, not a directory"), ("/sys/x", "cannot create data directory /sys/x")):
+        done = inserve("serve", "--models", str(tmp_path / "nowhere"), "--data-dir", str(data_dir))
+        assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+        assert message in done.stderr
 
 
 def test_build_engines_says_what_it_needs_in_one_line(models_dir: Path, tmp_path: Path) -> None:

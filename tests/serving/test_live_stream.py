@@ -169,6 +169,21 @@ def test_client_keyframes_index_exactly_the_marked_frames(
     assert [a.keyframe.time_s for a in kinds(got, "keyframe")] == [f.time_s for f in marked if f.keyframe]
 
 
+def test_every_client_keyframe_gets_an_answer_even_where_milliseconds_round_alike(
+    client: InstanceSearchClient, frames: list[pb.LiveFrame]
+) -> None:
+    """0.0015 and 0.0025 s both round to 2 ms under round-half-even; the ids must differ, and a keyframe whose
+    millisecond is taken is rejected, never left without an answer."""
+    times = [0.0015, 0.0025, 0.0035, 0.0039]  # ids 2, 3, 4; the last falls in 4's millisecond
+    sent = [pb.LiveFrame(time_s=t, image=frames[0].image, keyframe=True) for t in times]
+    got = events(client, LiveStreamSpec("cam-ms", client_keyframes=True), sent)
+    acknowledged = kinds(got, "keyframe")
+    assert [a.keyframe.time_s for a in acknowledged] == times[:3]
+    assert [a.id for a in acknowledged] == ["cam-ms#2", "cam-ms#3", "cam-ms#4"]
+    (rejected,) = kinds(got, "rejected")
+    assert rejected.time_s == 0.0039 and "falls in the millisecond of the one at 0.0035 s" in rejected.error
+
+
 def test_one_connection_per_stream_and_ids_held_by_images_or_video_files_are_refused(
     client: InstanceSearchClient, frames: list[pb.LiveFrame], video: Path
 ) -> None:
