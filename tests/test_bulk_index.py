@@ -91,3 +91,25 @@ def test_a_rerun_indexes_only_what_is_missing(local_ray: None, folder: Path, mod
         assert len(global_vectors(index)) == 6  # each once
     finally:
         index.close()
+
+
+def test_files_the_api_would_refuse_or_that_point_nowhere_are_listed_not_indexed(
+    models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An id with '#' could never be replaced through IndexImages; a dangling symlink has nothing to read. Both
+    are named in the failure list (exit code 1), before any worker starts."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "odd #1.jpg").write_bytes(encode(photo("chelsea")))
+    (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    flags = ["--data-dir", str(tmp_path / "data"), "--models", str(models_dir), "--recipe", "gem", "--quiet"]
+    assert cli(["bulk-index", str(folder), *flags]) == 1
+    out, err = capsys.readouterr()
+    assert "indexed 0 images and videos, 0 stored already, 2 failed" in out
+    assert "odd #1.jpg: not indexed: id 'odd #1.jpg' (from the file name) contains '#'" in err
+    assert "gone.jpg: not indexed:" in err and "is not a file (a dangling symlink?)" in err
+    index = InstanceIndex(tmp_path / "data")
+    try:
+        assert index.count_images() == 0
+    finally:
+        index.close()

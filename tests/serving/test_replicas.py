@@ -1,21 +1,24 @@
 """Two real servers on one Milvus (a `milvus-lite server` process, which serves one store to many processes):
 what one acknowledges the other finds on the next call; one killed mid-stream loses nothing it acknowledged
-while the other keeps serving; the store going away gives callers UNAVAILABLE, and serving resumes when it
-is back."""
+while the other keeps serving; one live stream id is written through one replica at a time; the store going
+away gives callers UNAVAILABLE, and serving resumes when it is back."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import grpc
 import pytest
+from media import jpeg, the_object
 from photos import distinct_photo
 from servers import running_server
 
-from inserve.clients.client import ImageItem, InstanceSearchClient
+from inserve.clients.client import ImageItem, InstanceSearchClient, LiveStreamSpec
 from inserve.clients.local_server import free_port, milvus_lite_server
+from inserve.v1 import inserve_pb2 as pb
 
 FLAGS = ("--recipe", "gem")
 KILL_AFTER = 6  # acknowledgements before the writer is killed
@@ -38,6 +41,29 @@ def top(client: InstanceSearchClient, i: int) -> tuple[str, float]:
     return hit.id, hit.score
 
 
+def one_writer_per_live_stream(first: InstanceSearchClient, second: InstanceSearchClient) -> None:
+    """A live stream id held by a connection to one replica is ABORTED on the other, as on one server, and
+    taken by it once the first connection ends."""
+    frame = pb.LiveFrame(time_s=0.0, image=jpeg(the_object()), keyframe=True)
+    spec = LiveStreamSpec("cam-shared", client_keyframes=True)
+    release = threading.Event()
+
+    def held():
+        release.wait(60)
+        yield frame
+
+    holding = first.index_live_stream(spec, lambda opened: held())
+    assert next(holding).WhichOneof("event") == "opened"
+    with pytest.raises(grpc.RpcError) as busy:
+        list(second.index_live_stream(spec, lambda opened: [frame]))
+    assert busy.value.code() == grpc.StatusCode.ABORTED and "another connection" in busy.value.details()
+    release.set()
+    assert [e.WhichOneof("event") for e in holding] == ["keyframe"]
+    later = pb.LiveFrame(time_s=1.0, image=frame.image, keyframe=True)
+    taken = list(second.index_live_stream(spec, lambda opened: [later]))
+    assert [e.WhichOneof("event") for e in taken] == ["opened", "keyframe"]
+
+
 def test_two_replicas_share_one_milvus(models_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     store = ("--store", f"milvus://127.0.0.1:{port}")
@@ -58,6 +84,7 @@ def test_two_replicas_share_one_milvus(models_dir: Path, tmp_path: Path) -> None
         assert name(0) not in [hit.id for hit in writer.search(distinct_photo(0), top_k=50)]
 
         assert [top(balanced, 1)[0] for _ in range(4)] == [name(1)] * 4
+        one_writer_per_live_stream(writer, reader)
         acked = []
         stream = writer.index_images(ImageItem(name(i), distinct_photo(i)) for i in range(3, 60))
         with pytest.raises(grpc.RpcError) as cut:
@@ -85,6 +112,10 @@ def test_two_replicas_share_one_milvus(models_dir: Path, tmp_path: Path) -> None
             reader.search(distinct_photo(2), top_k=1)
         assert down.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "Milvus store" in down.value.details()
+        for call in (reader.stats, lambda: reader.delete([name(2)])):  # every call, not only Search
+            with pytest.raises(grpc.RpcError) as down:
+                call()
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE and "Milvus store" in down.value.details()
         with milvus_lite_server(tmp_path / "milvus", port):
             assert top(reader, 2) == (name(2), pytest.approx(1.0, abs=1e-4))
             assert b.process.poll() is None
