@@ -147,6 +147,9 @@ class RegionRecipeConfig:
             raise ConfigError(f"box_temperature must be >= 0, got {self.box_temperature}")
 
 
+SCORING_PRECISIONS = ("float16", "float32")
+
+
 @dataclass(frozen=True)
 class IndexConfig:
     hnsw_m: int = 16
@@ -170,11 +173,18 @@ class IndexConfig:
     # vectors added before the graphs are snapshot again; whatever SQLite holds beyond the last snapshot is
     # added back at start, so this trades snapshot time for start-up time, never data
     snapshot_every: int = 20_000
+    # how the index keeps each space's vectors in memory for scoring search candidates (server/index/
+    # scoring_table.py): float16 halves the memory, float32 scores exactly as the graph does
+    scoring_precision: str = "float16"
 
     def __post_init__(self) -> None:
         if self.compact_dims < 0 or self.compact_after < 2:
             raise ConfigError(
                 f"compact_dims must be >= 0 and compact_after >= 2, got {self.compact_dims} and {self.compact_after}"
+            )
+        if self.scoring_precision not in SCORING_PRECISIONS:
+            raise ConfigError(
+                f"unknown scoring precision {self.scoring_precision!r}; choose one of {', '.join(SCORING_PRECISIONS)}"
             )
 
 

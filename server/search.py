@@ -13,10 +13,11 @@ from inserve.server.recipes.cam import online_aggregates
 from inserve.server.stages.matching import (
     best_region,
     expand_query,
-    region_set_score,
+    region_set_scores,
     rerank_order,
-    soft_box,
-    whole_photo_score,
+    segment_argmax,
+    soft_boxes,
+    whole_photo_scores,
 )
 
 # region-set recipes score in full the top this many images of each query vector's kNN (or top_k, if more)
@@ -213,42 +214,73 @@ def region_set_search(
     regions; the hit's box is `soft_box` of its regions' boxes by their similarity to the crop (its region and
     region score: the best match's). Candidates: the top `depth` images of each query vector's kNN in the region
     space (the crop's finds the photos alike as a whole, by their whole-image regions), every one then scored
-    on all of them (an image that only one kNN found still gets every term)."""
+    on all of them (an image that only one kNN found still gets every term).
+
+    All candidates are scored at once: one matrix product of the query vectors with every candidate region,
+    then per-image reductions over each image's rows (the index keeps them side by side in memory)."""
     space = index.space(recipe, "region")
     if space is None:
         return []
-    queries = space.transform(np.stack(query.regions))  # one read of the space for all of them (a shared store)
-    candidates = {
-        row.image_id
-        for hits in best_per_image_each(index, recipe, "region", queries, depth, len(space))
-        for row, _ in hits
-    }
-    whole = _whole_similarities(index, recipe, query.whole, candidates)
-    scored = []
-    for image_id, (rows, vectors) in index.image_vectors(recipe, "region", sorted(candidates)).items():
-        sims = queries @ vectors.T
-        sims = np.vstack([sims[: query.crop_views].max(axis=0, keepdims=True), sims[query.crop_views :]])
-        score, best = region_set_score(sims, set_weight)
-        if image_id in whole:
-            score = whole_photo_score(whole[image_id], sims, whole_weight)
-        box = soft_box(np.array([row.box for row in rows], dtype=np.float64), sims[0], box_temperature)
-        scored.append((score, image_id, rows[best], tuple(float(x) for x in box)))
-    scored.sort(key=lambda item: (-item[0], item[1]))
-    images = index.images([image_id for _, image_id, _, _ in scored[:top_k]])
+    queries = space.transform(np.stack(query.regions))
+    candidates = index.candidates(recipe, "region", np.sort(top_images(index, recipe, queries, depth, len(space))))
+    if not len(candidates):
+        return []
+    sims = queries @ candidates.vectors.T
+    sims = np.vstack([sims[: query.crop_views].max(axis=0, keepdims=True), sims[query.crop_views :]])
+    best = np.maximum.reduceat(sims, candidates.segments, axis=1)  # (query vectors, images)
+    scores = region_set_scores(best, set_weight)
+    whole = _whole_similarities(index, recipe, query.whole, candidates.image_ids)
+    if whole is not None:
+        has = ~np.isnan(whole)
+        scores[has] = whole_photo_scores(whole[has], best[:, has], whole_weight)
+    crop_rows = segment_argmax(sims[0], candidates.offsets)
+    boxes = soft_boxes(candidates.boxes.astype(np.float64), sims[0], candidates.offsets, box_temperature)
+    order = np.lexsort((candidates.image_ids, -scores))[:top_k]
+    images = index.images([int(i) for i in candidates.image_ids[order]])
     return [
-        Hit(images[image_id], score, box, row.score, row.label, region_source)
-        for score, image_id, row, box in scored[:top_k]
-        if image_id in images
+        Hit(
+            images[int(candidates.image_ids[i])],
+            float(scores[i]),
+            tuple(float(x) for x in boxes[i]),
+            float(candidates.scores[crop_rows[i]]),
+            int(candidates.labels[crop_rows[i]]),
+            region_source,
+        )
+        for i in order
+        if int(candidates.image_ids[i]) in images
     ]
 
 
-def _whole_similarities(index: Index, recipe: str, whole: np.ndarray | None, candidates: set[int]) -> dict[int, float]:
+def top_images(index: Index, recipe: str, queries: np.ndarray, depth: int, size: int) -> np.ndarray:
+    """The images among the top `depth` of any query's kNN in the recipe's region space (an image ranks by its
+    best match), from one graph search for all queries; a query whose neighbours hold fewer images asks again."""
+    k = min(size, max(4 * depth, 64))
+    image_ids, _ = index.nearest_images(recipe, "region", queries, k)
+    found = []
+    for query, ids in zip(queries, image_ids):
+        ask = k
+        while True:
+            ids = ids[ids >= 0]
+            firsts = np.sort(np.unique(ids, return_index=True)[1])  # each image at its best match, best first
+            if len(firsts) >= depth or ask >= size:
+                break
+            ask = min(size, 4 * ask)
+            ids = index.nearest_images(recipe, "region", query[None], ask)[0][0]
+        found.append(ids[firsts[:depth]])
+    return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+
+def _whole_similarities(
+    index: Index, recipe: str, whole: np.ndarray | None, image_ids: np.ndarray
+) -> np.ndarray | None:
     """Per candidate image, its photo's similarity to a whole-photo query's (`whole`; None, a query with a box:
-    {}). Images without a photo vector (indexed before the recipe had the space) are left out and score as for
+    None); NaN for images without a photo vector (indexed before the recipe had the space), which score as for
     a query with a box."""
     space = index.space(recipe, "global")
     if whole is None or space is None:
-        return {}
+        return None
     vector = space.transform(whole[None])[0]
-    stored = index.image_vectors(recipe, "global", sorted(candidates))
-    return {image_id: float((vectors @ vector)[0]) for image_id, (_, vectors) in stored.items()}
+    stored = index.candidates(recipe, "global", image_ids)
+    found = np.full(len(image_ids), np.nan, dtype=np.float32)
+    found[np.searchsorted(image_ids, stored.image_ids)] = stored.vectors[stored.offsets[:-1]] @ vector
+    return found

@@ -110,17 +110,17 @@ def test_bad_compact_settings_are_refused() -> None:
 
 def test_writes_while_the_graph_is_rebuilt_are_caught_up(index: InstanceIndex, monkeypatch) -> None:
     raws = {f"p{i}": add(index, f"p{i}", i) for i in range(4)}
-    read_all = index.store.space_vectors
+    read_all = index.store.vectors
     written = []
 
-    def read_then_write(recipe: str, kind: str):
-        found = read_all(recipe, kind)
+    def read_then_write(recipe: str, kind: str, after_label: int = 0):
+        found = read_all(recipe, kind, after_label)
         if not written:  # the rebuild's read: a write and a delete land after it
             written.append(add(index, "late", 77))
             index.delete(["p0"])
         return found
 
-    monkeypatch.setattr(index.store, "space_vectors", read_then_write)
+    monkeypatch.setattr(index.store, "vectors", read_then_write)
     index.learn_whitening(RECIPE, "region")
     assert index.stats()[0].dim == 4 and len(index.space(RECIPE, "region")) == 16  # 4 x 4 - p0's 4 + late's 4
     assert top_hit(index, written[0][1])[0] == "late"

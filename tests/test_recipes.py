@@ -8,6 +8,7 @@ image first; recipes that return boxes must put one on the pasted cat.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -129,11 +130,14 @@ def test_deepvision_defaults_to_rerank_and_qe_over_dasr_star(service: tuple[Inst
     assert all(h.box is not None for h in hits)
 
 
-def test_cam_online_mode_finds_it_too(service: tuple[InstanceSearch, tuple]) -> None:
+def test_cam_online_mode_finds_it_too(service: tuple[InstanceSearch, tuple], tmp_path: Path) -> None:
     core, _ = service
-    # the same data directory, read by a service that aggregates the stored class vectors over the query's
-    # top classes at search time
-    online = InstanceSearch(replace(core.config, cam=replace(core.config.cam, mode="online")), core.models)
+    # a copy of the data directory (one process at a time may hold one), read by a service that aggregates the
+    # stored class vectors over the query's top classes at search time
+    core.index.snapshot()
+    shutil.copytree(core.config.data_dir, tmp_path / "copy")
+    online_config = replace(core.config, data_dir=tmp_path / "copy", cam=replace(core.config.cam, mode="online"))
+    online = InstanceSearch(online_config, core.models)
     try:
         hits = online.search(jpeg("chelsea"), None, 5, "cam", SearchOptions(0, 0))
         assert hits[0].image.external_id == "planted"

@@ -14,6 +14,9 @@ from inserve.server.search import region_set_search
 from inserve.server.stages.matching import region_set_score, soft_box, whole_photo_score
 from inserve.server.stages.pooling import l2_normalize
 
+# the scoring maths by hand: vectors kept in memory at full precision (float16 is the storage test's)
+EXACT = IndexConfig(auto_whiten_per_dim=0, scoring_precision="float32")
+
 SPECS = {("s", "region"): SpaceSpec(whiten=False), ("s", "global"): SpaceSpec(whiten=False, searchable=False)}
 BOXES = np.array([[0, 0, 4, 4], [5, 5, 9, 9], [0, 0, 10, 10]], dtype=np.float32)
 # three regions per image, at BOXES: two parts and the whole image
@@ -32,7 +35,7 @@ WHOLE_QUERY = QueryVector("region", QUERY_REGIONS[0], regions=QUERY_REGIONS, who
 
 @pytest.fixture
 def index(tmp_path: Path):
-    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0), SPECS)
+    index = InstanceIndex(tmp_path, EXACT, SPECS)
     for name, regions in IMAGES.items():
         vectors = NewVectors("s", "region", np.array(regions, np.float32), BOXES, np.array([0.5, 0.25, 0], np.float32))
         photo = NewVectors("s", "global", np.array([PHOTOS[name]], np.float32))
@@ -126,7 +129,7 @@ def test_the_photos_score_only_the_region_knns_candidates(index: InstanceIndex) 
 
 def test_images_without_a_photo_vector_score_as_for_a_box(tmp_path: Path) -> None:
     """An image indexed before the recipe stored photos scores by the box rule; the others by the photo rule."""
-    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0), SPECS)
+    index = InstanceIndex(tmp_path, EXACT, SPECS)
     try:
         for name, regions in IMAGES.items():
             vectors = [NewVectors("s", "region", np.array(regions, np.float32), BOXES)]

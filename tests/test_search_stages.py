@@ -9,6 +9,9 @@ from inserve.server.index import InstanceIndex, NewVectors, SpaceSpec
 from inserve.server.recipes import QueryVector
 from inserve.server.search import SearchOptions, search
 
+# the scoring maths by hand: vectors kept in memory at full precision (float16 is the storage test's)
+EXACT = IndexConfig(auto_whiten_per_dim=0, scoring_precision="float32")
+
 SPECS = {("x", "global"): SpaceSpec(whiten=False), ("x", "region"): SpaceSpec(whiten=False, searchable=False)}
 
 
@@ -19,7 +22,7 @@ def _v(*values: float) -> np.ndarray:
 def _index(tmp_path: Path) -> InstanceIndex:
     """Globals: a and b close to the query direction (1, 0, 0, 0), c farther, d orthogonal to the query but
     close to a. Regions: c holds the best match for the region query (0, 0, 0, 1), at box (5, 5, 9, 9)."""
-    index = InstanceIndex(tmp_path, IndexConfig(auto_whiten_per_dim=0), SPECS)
+    index = InstanceIndex(tmp_path, EXACT, SPECS)
     images = {
         "a": (_v(1, 0.1, 0, 0), [_v(0, 1, 0, 0)]),
         "b": (_v(1, 0, 0.3, 0), [_v(0, 0, 1, 0)]),

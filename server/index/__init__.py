@@ -14,6 +14,7 @@ from inserve.server.errors import ConfigError
 from inserve.server.index.data_dir import INDEX_FILE, DataDirLock
 from inserve.server.index.locking import ReadWriteLock
 from inserve.server.index.protocol import Index, Space
+from inserve.server.index.scoring_table import NO_CANDIDATES, Candidates
 from inserve.server.index.space_rules import SpaceRules
 from inserve.server.index.spaces import (
     DEFAULT_SPEC,
@@ -30,7 +31,9 @@ from inserve.server.index.store import (
     MetadataStore,
     NewKeyframe,
     NewVectors,
+    StoredVectors,
     VectorRow,
+    Written,
 )
 from inserve.server.index.transforms import compact, learn_transform, training_vectors
 from inserve.server.index.vectors import GraphSpace, VectorSpace, vector_space
@@ -105,10 +108,10 @@ class InstanceIndex(SpaceRules):
         version, whitening = self.store.whitening(recipe, kind)
         space = self._new_space(recipe, kind, dim, whitening, version)
         loaded = space.load(self._snapshot_path(recipe, kind))
-        labels, raw = self.store.vectors(recipe, kind, after_label=space.max_label if loaded else 0)
-        space.add(labels, raw)
-        live = self.store.labels(recipe, kind)
-        if loaded and (lacking := space.missing(live)):
+        rows = self.store.vectors(recipe, kind)  # all of them: the scoring table holds every one
+        caught_up = int((rows.labels > space.max_label).sum()) if loaded else len(rows)
+        space.catch_up(rows)
+        if loaded and (lacking := space.missing(rows.labels)):
             log.warning(
                 "%s/%s: the snapshot lacks %d vectors that SQLite holds (another process wrote this directory); "
                 "rebuilding from SQLite",
@@ -116,17 +119,16 @@ class InstanceIndex(SpaceRules):
                 kind,
                 lacking,
             )
-            space, loaded = self._new_space(recipe, kind, dim, whitening, version), False
-            labels, raw = self.store.vectors(recipe, kind, after_label=0)
-            space.add(labels, raw)
-        space.reconcile(live)
+            space, loaded, caught_up = self._new_space(recipe, kind, dim, whitening, version), False, len(rows)
+            space.catch_up(rows)
+        space.reconcile(rows.labels)
         log.info(
             "%s/%s: %d vectors (%s, %d caught up from SQLite)",
             recipe,
             kind,
             len(space),
             "snapshot" if loaded else "rebuilt",
-            len(labels),
+            caught_up,
         )
         return space
 
@@ -144,13 +146,13 @@ class InstanceIndex(SpaceRules):
     ) -> int:
         """Index one image atomically; raises DuplicateId unless `replace`. Returns its row id."""
         with self._lock.writing():
-            image_id, labels, removed = self.store.add_image(
+            written, removed = self.store.add_image(
                 external_id, source, width, height, metadata or {}, vectors, replace=replace, thumbnail=thumbnail
             )
             for space in self._spaces.values():
                 space.remove(removed)
-            self._add_vectors(vectors, labels)
-        return image_id
+            self._add_vectors(vectors, written)
+        return written.image_id
 
     def replace_video(
         self, video_id: str, keyframes: list[NewKeyframe], *, source: str = "", metadata: dict[str, str] | None = None
@@ -158,11 +160,11 @@ class InstanceIndex(SpaceRules):
         """Replace all keyframes of a video atomically (one SQLite transaction; the graphs follow under the
         index lock, so no search sees a mix). Returns how many keyframes were replaced."""
         with self._lock.writing():
-            labels, removed, replaced = self.store.replace_video(video_id, source, metadata or {}, keyframes)
+            written, removed, replaced = self.store.replace_video(video_id, source, metadata or {}, keyframes)
             for space in self._spaces.values():
                 space.remove(removed)
-            for keyframe, keyframe_labels in zip(keyframes, labels):
-                self._add_vectors(keyframe.vectors, keyframe_labels)
+            for keyframe, keyframe_written in zip(keyframes, written):
+                self._add_vectors(keyframe.vectors, keyframe_written)
         return replaced
 
     def append_keyframes(
@@ -177,22 +179,22 @@ class InstanceIndex(SpaceRules):
         """Add keyframes to a video atomically, skipping any stored already. Returns those added."""
         with self._lock.writing():
             added = self.store.append_keyframes(video_id, source, metadata or {}, keyframes, live)
-            for keyframe, labels in added:
-                self._add_vectors(keyframe.vectors, labels)
+            for keyframe, written in added:
+                self._add_vectors(keyframe.vectors, written)
         return [keyframe for keyframe, _ in added]
 
-    def _add_vectors(self, vectors: list[NewVectors], labels: dict[tuple[str, str], np.ndarray]) -> None:
-        """Committed vectors into their graphs and their images' aggregates (under the index lock); snapshots
+    def _add_vectors(self, vectors: list[NewVectors], written: Written) -> None:
+        """Committed vectors into their spaces and their images' aggregates (under the index lock); snapshots
         when due."""
         for v in vectors:
             key = (v.recipe, v.kind)
             if key not in self._spaces:
                 self._spaces[key] = self._new_space(*key, v.raw.shape[1])
-            self._spaces[key].add(labels[key], v.raw)
-            self._added_since_snapshot += len(labels[key])
+            self._spaces[key].add(written.of(v))
+            self._added_since_snapshot += len(v.raw)
         for v in vectors:
             for recipe, kind in self._aggregates(v.recipe, v.kind):
-                self._aggregate_image(recipe, kind, labels[(v.recipe, v.kind)], v.raw)
+                self._aggregate_image(recipe, kind, written.of(v))
         if self._added_since_snapshot >= self.config.snapshot_every:
             self.snapshot()
 
@@ -215,21 +217,30 @@ class InstanceIndex(SpaceRules):
     def nearest(self, recipe: str, kind: str, query: np.ndarray, k: int) -> list[tuple[VectorRow, float]]:
         """The k nearest stored vectors of a space to a query in the space's own (transformed)
         coordinates, with cosine similarity."""
-        space = self._spaces.get((recipe, kind))
-        if space is None:
-            return []
-        labels, sims = self._graph(recipe, kind).knn(query, k)
-        rows = self.store.vector_rows(labels)
-        if self.spec(recipe, kind).aggregate is not None:  # labelled by the image's first part
-            rows = {label: VectorRow(label, row.image_id, None, 0.0) for label, row in rows.items()}
-        return [(rows[int(label)], float(sim)) for label, sim in zip(labels, sims) if int(label) in rows]
+        return self.nearest_each(recipe, kind, np.atleast_2d(query), k)[0]
 
     def nearest_each(self, recipe: str, kind: str, queries: np.ndarray, k: int) -> list[list[tuple[VectorRow, float]]]:
-        """`nearest` for each of several queries (N, dim)."""
-        return [self.nearest(recipe, kind, query, k) for query in queries]
+        """`nearest` for each of several queries (N, dim), in one graph search; rows from the scoring table."""
+        if (recipe, kind) not in self._spaces:
+            return [[] for _ in queries]
+        graph = self._graph(recipe, kind)
+        labels, sims = graph.knn_each(queries, k)
+        rows = graph.table.rows(labels.ravel())
+        return [
+            [(rows[label], float(sim)) for label, sim in zip(query_labels, query_sims) if label in rows]
+            for query_labels, query_sims in zip(labels.tolist(), sims.tolist())
+        ]
+
+    def nearest_images(self, recipe: str, kind: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The image and similarity of each query's k nearest vectors, (m, k') arrays best first (k' <= k)."""
+        if (recipe, kind) not in self._spaces:
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        graph = self._graph(recipe, kind)
+        labels, sims = graph.knn_each(queries, k)
+        return graph.table.image_ids(labels), sims
 
     def stored(self, recipe: str, kind: str, labels: list[int]) -> np.ndarray:
-        """Vectors of a searchable space as its graph holds them (transformed), for query expansion."""
+        """Vectors of a searchable space as it compares them (transformed), for query expansion."""
         return self._graph(recipe, kind).stored(labels)
 
     def _graph(self, recipe: str, kind: str) -> GraphSpace:
@@ -244,26 +255,23 @@ class InstanceIndex(SpaceRules):
         """Each image's rows and transformed vectors in a space (re-ranking regions, region sets); images without
         any are left out. A searchable space's come from its graph, which holds them transformed (a compact
         space's raw vectors would have to be decoded and reduced first)."""
+        found = self.candidates(recipe, kind, image_ids)
+        return {
+            int(image_id): (found.image_rows(i), found.vectors[found.offsets[i] : found.offsets[i + 1]])
+            for i, image_id in enumerate(found.image_ids)
+        }
+
+    def candidates(self, recipe: str, kind: str, image_ids: list[int] | np.ndarray) -> Candidates:
+        """The vectors of these images in a space, grouped by image, from memory (the scoring table)."""
         space = self._spaces.get((recipe, kind))
-        if space is None:
-            return {}
-        rows, raw = self.store.image_vectors(recipe, kind, image_ids, with_raw=not space.searchable)
-        if not rows:
-            return {}
-        vectors = space.stored([row.label for row in rows]) if space.searchable else space.transform(raw)
-        found: dict[int, tuple[list[VectorRow], list[int]]] = {}
-        for i, row in enumerate(rows):
-            found.setdefault(row.image_id, ([], []))
-            found[row.image_id][0].append(row)
-            found[row.image_id][1].append(i)
-        return {image_id: (group, vectors[idx]) for image_id, (group, idx) in found.items()}
+        return space.table.gather(image_ids) if space is not None else NO_CANDIDATES
 
     def _build_aggregate(self, recipe: str, kind: str) -> None:
         """(Re)build an aggregate space from all its parts, with its current whitening when one fits."""
         with self._lock.writing():
             aggregate = self.spec(recipe, kind).aggregate
             labels, image_ids, raw = self.store.space_vectors(recipe, aggregate.source)
-            _, first, vectors = self.combine_groups(recipe, aggregate, labels, image_ids, raw)
+            ids, first, vectors = self.combine_groups(recipe, aggregate, labels, image_ids, raw)
             self._spaces.pop((recipe, kind), None)
             if len(first) == 0:
                 return
@@ -271,21 +279,22 @@ class InstanceIndex(SpaceRules):
             if whitening is not None and whitening.mean.shape[0] != vectors.shape[1]:
                 version, whitening = 0, None
             space = self._new_space(recipe, kind, vectors.shape[1], whitening, version)
-            space.add(first, vectors)
+            space.add(StoredVectors(first, ids, vectors))
             self._spaces[(recipe, kind)] = space
 
-    def _aggregate_image(self, recipe: str, kind: str, labels: np.ndarray, raw: np.ndarray) -> None:
-        if len(labels) == 0:
+    def _aggregate_image(self, recipe: str, kind: str, parts: StoredVectors) -> None:
+        """An image's aggregate from its parts, labelled by its first part."""
+        if len(parts) == 0:
             return
         aggregate = self.spec(recipe, kind).aggregate
-        combined = self.combine(recipe, aggregate, raw)
+        combined = self.combine(recipe, aggregate, parts.raw)
         if combined is None:
             return
         space = self._spaces.get((recipe, kind))
         if space is None:
             space = self._new_space(recipe, kind, len(combined))
             self._spaces[(recipe, kind)] = space
-        space.add(np.asarray([labels.min()], dtype=np.int64), combined[None])
+        space.add(StoredVectors(parts.labels.min(keepdims=True), parts.image_ids[:1], combined[None]))
 
     def save_learned(self, recipe: str, name: str, data: np.ndarray, source: str) -> int:
         """Store a new version of a recipe's learned model and rebuild the aggregates that use it."""
@@ -360,15 +369,17 @@ class InstanceIndex(SpaceRules):
                 version = self.store.save_whitening(recipe, kind, whitening, len(training))
                 self._build_aggregate(recipe, kind)
         else:
-            labels, image_ids, raw = self.store.space_vectors(recipe, kind)  # one read: training and graph
-            training = training_vectors(spec, image_ids, raw)
+            rows = self.store.vectors(recipe, kind)  # one read: training and the new space
+            training = training_vectors(spec, rows.image_ids, rows.raw)
             whitening = learn_transform(spec, self.config, training, dims)
-            space = self._new_space(recipe, kind, raw.shape[1], whitening)
-            space.add(labels, raw)
+            space = self._new_space(recipe, kind, rows.raw.shape[1], whitening)
+            space.add(rows)
             with self._lock.writing():
                 version = space.version = self.store.save_whitening(recipe, kind, whitening, len(training))
-                space.add(*self.store.vectors(recipe, kind, after_label=space.max_label))
-                space.reconcile(self.store.labels(recipe, kind))
+                space.add(self.store.vectors(recipe, kind, after_label=space.max_label))
+                live = self.store.labels(recipe, kind)
+                space.remove(np.setdiff1d(rows.labels, live))  # deleted meanwhile
+                space.reconcile(live)
                 self._spaces[(recipe, kind)] = space
                 space.save(self._snapshot_path(recipe, kind))
                 for key in self._aggregates(recipe, kind):

@@ -43,6 +43,7 @@ from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 from inserve.server.config import IndexConfig
 from inserve.server.errors import ConfigError, DuplicateId, LiveStreamBusy, StoreUnavailable
 from inserve.server.index.codec import decode_vectors, encode_vector
+from inserve.server.index.scoring_table import NO_ROW, Candidates
 from inserve.server.index.space_rules import SpaceRules
 from inserve.server.index.spaces import (
     NOT_SEARCHED,
@@ -713,6 +714,22 @@ class MilvusIndex(SpaceRules):
         self, recipe: str, kind: str, image_ids: list[int]
     ) -> dict[int, tuple[list[VectorRow], np.ndarray]]:
         return self._call(self._image_vectors, recipe, kind, image_ids)
+
+    def candidates(self, recipe: str, kind: str, image_ids: list[int] | np.ndarray) -> Candidates:
+        """The images' rows, grouped, from one query of the space's collection (a replica keeps none)."""
+        ids = [int(i) for i in image_ids]
+        return Candidates.of_groups(np.asarray(ids, np.int64), self.image_vectors(recipe, kind, ids))
+
+    def nearest_images(self, recipe: str, kind: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The image and similarity of each query's k nearest vectors (m, k'), NO_ROW-padded, from one search."""
+        found = self.nearest_each(recipe, kind, queries, k)
+        width = max((len(hits) for hits in found), default=0)
+        image_ids = np.full((len(queries), width), NO_ROW, np.int64)
+        sims = np.full((len(queries), width), -np.inf, np.float32)
+        for i, hits in enumerate(found):
+            image_ids[i, : len(hits)] = [row.image_id for row, _ in hits]
+            sims[i, : len(hits)] = [sim for _, sim in hits]
+        return image_ids, sims
 
     def _image_vectors(self, recipe, kind, image_ids) -> dict[int, tuple[list[VectorRow], np.ndarray]]:
         record = self._record(recipe, kind)

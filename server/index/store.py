@@ -154,6 +154,40 @@ class VectorRow:
 
 
 @dataclass(frozen=True)
+class StoredVectors:
+    """Rows of one space as SQLite holds them, in label order: what a space in memory is built from."""
+
+    labels: np.ndarray  # (N,) int64
+    image_ids: np.ndarray  # (N,) int64
+    raw: np.ndarray  # (N, D) float32
+    boxes: np.ndarray | None = None  # (N, 4) float32, NaN where a vector has none; None: no vector has one
+    scores: np.ndarray | None = None  # (N,) float32
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def after(self, label: int) -> StoredVectors:
+        """The rows with labels above `label`."""
+        keep = self.labels > label
+        boxes = None if self.boxes is None else self.boxes[keep]
+        scores = None if self.scores is None else self.scores[keep]
+        return StoredVectors(self.labels[keep], self.image_ids[keep], self.raw[keep], boxes, scores)
+
+
+@dataclass(frozen=True)
+class Written:
+    """What one image's commit wrote: its row id and its new labels per (recipe, kind)."""
+
+    image_id: int
+    labels: dict[tuple[str, str], np.ndarray]
+
+    def of(self, v: NewVectors) -> StoredVectors:
+        """The rows `v` became, as a space in memory takes them."""
+        labels = self.labels[(v.recipe, v.kind)]
+        return StoredVectors(labels, np.full(len(labels), self.image_id, np.int64), v.raw, v.boxes, v.scores)
+
+
+@dataclass(frozen=True)
 class NewVectors:
     """Vectors of one (recipe, kind) for one image; boxes (N, 4) in original pixels or None."""
 
@@ -268,11 +302,11 @@ class MetadataStore:
         vectors: Iterable[NewVectors],
         replace: bool = False,
         thumbnail: bytes = b"",
-    ) -> tuple[int, dict[tuple[str, str], np.ndarray], list[int]]:
+    ) -> tuple[Written, list[int]]:
         """Insert an image and its vectors in one transaction.
 
-        Returns the image's row id, the new labels per (recipe, kind), and the labels the replaced image
-        had (empty unless `replace`).
+        Returns what was written (the image's row id, the new labels per (recipe, kind)) and the labels the
+        replaced image had (empty unless `replace`).
         """
         with self._transaction() as db:
             if self._is_video(db, external_id):
@@ -288,20 +322,20 @@ class MetadataStore:
                     raise DuplicateId(external_id)
                 removed = [r[0] for r in db.execute("SELECT label FROM vectors WHERE image_id = ?", (old[0],))]
                 db.execute("DELETE FROM images WHERE id = ?", (old[0],))
-            image_id, labels = self._insert_image(
+            written = self._insert_image(
                 db, external_id, source, width, height, metadata, vectors, thumbnail, (None, None, None, None)
             )
         if removed:
             self._reclaim()
-        return image_id, labels, removed
+        return written, removed
 
     def replace_video(
         self, video_id: str, source: str, metadata: dict[str, str], keyframes: list[NewKeyframe]
-    ) -> tuple[list[dict[tuple[str, str], np.ndarray]], list[int], int]:
+    ) -> tuple[list[Written], list[int], int]:
         """Replace every keyframe of a video in one transaction: until it commits, readers see the old ones.
 
-        Returns the new labels per (recipe, kind) of each keyframe, the labels of the keyframes removed and
-        how many keyframes were removed.
+        Returns what each keyframe's commit wrote, the labels of the keyframes removed and how many keyframes
+        were removed.
         Raises DuplicateId when a keyframe's external id belongs to an image of something else.
         """
         with self._transaction() as db:
@@ -329,11 +363,11 @@ class MetadataStore:
 
     def append_keyframes(
         self, video_id: str, source: str, metadata: dict[str, str], keyframes: list[NewKeyframe], live: bool
-    ) -> list[tuple[NewKeyframe, dict[tuple[str, str], np.ndarray]]]:
+    ) -> list[tuple[NewKeyframe, Written]]:
         """Add keyframes to a video in one transaction, a live stream's (`live`) or a file's being indexed for
         the first time; the first commit records its source and metadata. A keyframe whose id is stored already
         is skipped (a stream resent after a break), so appending is idempotent. Returns the keyframes added with
-        their labels per (recipe, kind). Raises DuplicateId when an image, or a video of the other kind, holds
+        what their commits wrote. Raises DuplicateId when an image, or a video of the other kind, holds
         `video_id`."""
         with self._transaction() as db:
             self._check_appendable(db, video_id, live)
@@ -368,12 +402,9 @@ class MetadataStore:
             if bool(row and row[0]) != live:
                 raise DuplicateId(video_id, FILE_TAKES_ID if live else LIVE_HOLDS_ID)
 
-    def _insert_keyframe(
-        self, db: sqlite3.Connection, video_id: str, kf: NewKeyframe
-    ) -> dict[tuple[str, str], np.ndarray]:
-        """Insert one keyframe inside the caller's transaction; its source and metadata are its video's (`videos`).
-        Returns its labels per (recipe, kind)."""
-        _, labels = self._insert_image(
+    def _insert_keyframe(self, db: sqlite3.Connection, video_id: str, kf: NewKeyframe) -> Written:
+        """Insert one keyframe inside the caller's transaction; its source and metadata are its video's (`videos`)."""
+        return self._insert_image(
             db,
             kf.external_id,
             "",
@@ -384,7 +415,6 @@ class MetadataStore:
             kf.thumbnail,
             (video_id, kf.frame, kf.time_s, kf.shot),
         )
-        return labels
 
     def _insert_image(
         self,
@@ -397,7 +427,7 @@ class MetadataStore:
         vectors: Iterable[NewVectors],
         thumbnail: bytes,
         video: tuple[str | None, int | None, float | None, int | None],
-    ) -> tuple[int, dict[tuple[str, str], np.ndarray]]:
+    ) -> Written:
         """Insert one image row and its vectors inside the caller's transaction."""
         cursor = db.execute(
             "INSERT INTO images (external_id, source, width, height, metadata, thumbnail, created,"
@@ -431,7 +461,7 @@ class MetadataStore:
                 )
                 new.append(cursor.lastrowid)
             labels[(v.recipe, v.kind)] = np.asarray(new, dtype=np.int64)
-        return image_id, labels
+        return Written(image_id, labels)
 
     def ensure_space(self, recipe: str, kind: str, dim: int) -> None:
         """Record a space that holds no vectors of its own (an aggregate), so that its whitening can be saved."""
@@ -498,21 +528,28 @@ class MetadataStore:
         """(recipe, kind, raw dim, whitening version) of every vector space."""
         return [tuple(r) for r in self._db().execute("SELECT recipe, kind, dim, whitening_version FROM spaces")]
 
-    def vectors(self, recipe: str, kind: str, after_label: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Labels (N,) and raw vectors (N, D) of a space, in label order, those with label > after_label."""
+    def vectors(self, recipe: str, kind: str, after_label: int = 0) -> StoredVectors:
+        """A space's rows with label > after_label, in label order."""
         rows = (
             self._db()
             .execute(
-                "SELECT label, raw FROM vectors WHERE recipe = ? AND kind = ? AND label > ? ORDER BY label",
+                "SELECT label, image_id, x1, y1, x2, y2, score, raw FROM vectors"
+                " WHERE recipe = ? AND kind = ? AND label > ? ORDER BY label",
                 (recipe, kind, after_label),
             )
             .fetchall()
         )
         if not rows:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-        labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        raw = decode_vectors([r[1] for r in rows])
-        return labels, raw
+            empty = np.zeros(0, dtype=np.int64)
+            return StoredVectors(empty, empty, np.zeros((0, 0), dtype=np.float32))
+        columns = np.array([r[:7] for r in rows], dtype=np.float64)  # NULL corners become NaN
+        return StoredVectors(
+            columns[:, 0].astype(np.int64),
+            columns[:, 1].astype(np.int64),
+            decode_vectors([r[7] for r in rows]),
+            columns[:, 2:6].astype(np.float32),
+            columns[:, 6].astype(np.float32),
+        )
 
     def labels(self, recipe: str, kind: str) -> np.ndarray:
         rows = self._db().execute("SELECT label FROM vectors WHERE recipe = ? AND kind = ?", (recipe, kind))

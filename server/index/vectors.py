@@ -13,15 +13,18 @@ import hnswlib
 import numpy as np
 
 from inserve.server.config import IndexConfig
+from inserve.server.index.scoring_table import ScoringTable
+from inserve.server.index.store import StoredVectors
 from inserve.server.stages.whitening import Whitening, space_transform
 
 log = logging.getLogger(__name__)
 
 
 class VectorSpace:
-    """A space's transform (l2-normalisation, or its learned whitening or reduction) and its live labels, with
-    no graph: what such a space stores is only read back per image (re-ranking regions, the parts of an
-    aggregate), never searched, so it only counts and transforms. GraphSpace adds the graph."""
+    """A space's transform (l2-normalisation, or its learned whitening or reduction) and its vectors in memory
+    in that space's coordinates (a ScoringTable, for scoring search candidates), with no graph: what such a space
+    stores is only read back per image (scoring candidates, the parts of an aggregate), never searched.
+    GraphSpace adds the graph."""
 
     searchable = False
 
@@ -31,8 +34,7 @@ class VectorSpace:
         self.version = version
         self.config = config
         self.max_label = 0
-        self._lock = threading.RLock()
-        self._labels: set[int] = set()
+        self.table = ScoringTable(self.dim, config.scoring_precision)
 
     @property
     def dim(self) -> int:
@@ -42,30 +44,35 @@ class VectorSpace:
         return space_transform(self.whitening, raw)
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self.table)
 
     @property
     def graph_elements(self) -> int:
         """Vectors the graph holds, deleted ones whose places no new vector has taken yet included."""
         return 0
 
-    def add(self, labels: np.ndarray, raw: np.ndarray) -> None:
-        if len(labels):
-            with self._lock:
-                self._labels.update(int(v) for v in labels)
-                self.max_label = max(self.max_label, int(labels.max()))
+    def add(self, rows: StoredVectors) -> None:
+        """Rows committed to SQLite (each image's at once), transformed into this space."""
+        if len(rows):
+            self.add_transformed(rows, self.transform(rows.raw))
+
+    def add_transformed(self, rows: StoredVectors, vectors: np.ndarray) -> None:
+        """Rows whose vectors are already in this space's coordinates (aggregates are built that way)."""
+        self.table.add(rows.labels, rows.image_ids, vectors, rows.boxes, rows.scores)
+        self.max_label = max(self.max_label, int(rows.labels.max()))
 
     def remove(self, labels: list[int] | np.ndarray) -> None:
-        with self._lock:
-            self._labels.difference_update(int(v) for v in labels)
+        self.table.remove(labels)
+
+    def catch_up(self, rows: StoredVectors) -> None:
+        """At start-up: every row SQLite holds, on top of what a snapshot loaded."""
+        self.add(rows)
 
     def reconcile(self, live_labels: np.ndarray) -> None:
-        """After catching up with SQLite: count what it holds."""
-        with self._lock:
-            self._labels = set(int(v) for v in live_labels)
+        """After catching up with SQLite: nothing to drop, the table is built from SQLite's rows."""
 
     def missing(self, live_labels: np.ndarray) -> int:
-        """How many of SQLite's labels this space lacks after catching up (none: it holds only labels)."""
+        """How many of SQLite's labels this space lacks after catching up (none: it is built from them)."""
         return 0
 
     def save(self, path: Path) -> None:
@@ -76,12 +83,14 @@ class VectorSpace:
 
 
 class GraphSpace(VectorSpace):
-    """Cosine kNN over the transformed vectors in one hnswlib graph, labels = SQLite labels."""
+    """Cosine kNN over the transformed vectors in one hnswlib graph, labels = SQLite labels; the table beside it
+    holds the same vectors for scoring."""
 
     searchable = True
 
     def __init__(self, dim: int, config: IndexConfig, whitening: Whitening | None, version: int) -> None:
         super().__init__(dim, config, whitening, version)
+        self._lock = threading.RLock()
         self._graph = self._new_graph(1024)
         self._live = 0
 
@@ -103,24 +112,35 @@ class GraphSpace(VectorSpace):
     def graph_elements(self) -> int:
         return self._graph.get_current_count()
 
-    def add(self, labels: np.ndarray, raw: np.ndarray) -> None:
-        if len(labels):
-            self.add_transformed(labels, self.transform(raw))
+    def add_transformed(self, rows: StoredVectors, vectors: np.ndarray) -> None:
+        """Into the graph and the table. Vectors take the places of deleted vectors first, so the graph does not
+        grow with re-indexing. The labels must be new to the graph, which SQLite's AUTOINCREMENT guarantees:
+        re-adding a label it holds would leave two elements with it in replace mode (hnswlib#487)."""
+        self._add_to_graph(rows.labels, vectors)
+        super().add_transformed(rows, vectors)
 
-    def add_transformed(self, labels: np.ndarray, vectors: np.ndarray) -> None:
-        """Add vectors already in this space's coordinates (aggregates are built that way). They take the
-        places of deleted vectors first, so the graph does not grow with re-indexing. The labels must be new
-        to the graph, which SQLite's AUTOINCREMENT guarantees: re-adding a label it holds would leave two
-        elements with it in replace mode (hnswlib#487)."""
+    def _add_to_graph(self, labels: np.ndarray, vectors: np.ndarray) -> None:
         with self._lock:
             needed = self._graph.get_current_count() + len(labels)
             if needed > self._graph.get_max_elements():
                 self._graph.resize_index(max(needed, 2 * self._graph.get_max_elements()))
             self._graph.add_items(vectors, labels.astype(np.uint64), replace_deleted=True)
             self._live += len(labels)
-            self.max_label = max(self.max_label, int(labels.max()))
+
+    def catch_up(self, rows: StoredVectors) -> None:
+        """Every row into the table; into the graph those above the loaded snapshot's max_label (all of them
+        when there was none)."""
+        if not len(rows):
+            return
+        vectors = self.transform(rows.raw)
+        newer = rows.labels > self.max_label
+        if newer.any():
+            self._add_to_graph(rows.labels[newer], vectors[newer])
+        self.table.add(rows.labels, rows.image_ids, vectors, rows.boxes, rows.scores)
+        self.max_label = max(self.max_label, int(rows.labels.max()))
 
     def remove(self, labels: list[int] | np.ndarray) -> None:
+        super().remove(labels)
         with self._lock:
             for label in labels:
                 try:
@@ -131,15 +151,21 @@ class GraphSpace(VectorSpace):
 
     def knn(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Labels and cosine similarities of the k nearest vectors to a transformed query, best first."""
-        query = np.atleast_2d(np.asarray(query, dtype=np.float32))
+        labels, sims = self.knn_each(np.atleast_2d(query), k)
+        return labels[0], sims[0]
+
+    def knn_each(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`knn` of several queries (m, dim) in one call to the graph: labels and similarities (m, k'), with
+        k' <= k the same for every query."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         with self._lock:
             k = min(k, self._live)
             ef = max(self.config.ef_search, k)
             while k > 0:
                 self._graph.set_ef(ef)
                 try:
-                    labels, distances = self._graph.knn_query(query, k=k)
-                    return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
+                    labels, distances = self._graph.knn_query(queries, k=k)
+                    return labels.astype(np.int64), (1.0 - distances).astype(np.float32)
                 except RuntimeError:
                     # fewer than k live vectors reached: deleted ones whose places no new vector has taken yet
                     # (deleted images) still route the search but are never returned. Search the whole graph,
@@ -148,13 +174,11 @@ class GraphSpace(VectorSpace):
                         ef = self._graph.get_current_count()
                     else:
                         k //= 2
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        return np.zeros((len(queries), 0), dtype=np.int64), np.zeros((len(queries), 0), dtype=np.float32)
 
     def stored(self, labels: list[int] | np.ndarray) -> np.ndarray:
-        """The vectors the graph holds for these labels, in this space's coordinates (N, dim)."""
-        with self._lock:
-            found = self._graph.get_items([int(v) for v in labels], return_type="numpy")
-        return found.astype(np.float32, copy=False).reshape(-1, self.dim)
+        """The vectors of these labels, in this space's coordinates (N, dim), as the table holds them."""
+        return self.table.vectors(labels)
 
     def save(self, path: Path) -> None:
         """Write the graph and its sidecar atomically (temp file, fsync, rename). The sidecar names the
@@ -211,7 +235,7 @@ class GraphSpace(VectorSpace):
         return True
 
     def reconcile(self, live_labels: np.ndarray) -> None:
-        """After catching up with SQLite: drop what SQLite no longer holds; count what it does."""
+        """After catching up with SQLite: drop from the graph what SQLite no longer holds; count what it does."""
         with self._lock:
             stale = set(int(v) for v in self._graph.get_ids_list()) - set(int(v) for v in live_labels)
             for label in stale:
