@@ -12,6 +12,7 @@ from pathlib import Path
 from inserve.clients.channels import ChannelSecurity
 from inserve.engines.base import DEVICES, PRECISIONS, EngineOptions
 from inserve.server.config import (
+    QUERY_REGION_SOURCES,
     REGION_MODES,
     STAR_SEED_RULES,
     STORE_FORMS,
@@ -93,6 +94,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         default=RegionRecipeConfig.box_temperature,
         help="whole_and_regions: hits' boxes average the regions by softmax(similarity / this); 0 = best region",
     )
+    p.add_argument(
+        "--query-regions",
+        choices=QUERY_REGION_SOURCES,
+        default=RegionRecipeConfig.query_regions,
+        help="whole_and_regions: where a query's own regions come from",
+    )
 
 
 def add_store_flags(p: argparse.ArgumentParser) -> None:
@@ -134,6 +141,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-delay-ms", type=float, default=None, help=f"how long an image waits for company {batching}")
     p.add_argument("--queue-depth", type=int, default=None, help=f"images waiting, beyond: busy {batching}")
     p.add_argument("--batch-runners", type=int, default=None, help=f"batches running at once {batching}")
+    p.add_argument("--urgent-runners", type=int, default=None, help=f"runners that take only searches {batching}")
     p.add_argument("--buckets", default=None, help=f"input shapes (W:H at the long side) to pad into {batching}")
     p.add_argument("--media-root", type=Path, default=None, help="IndexVideo may read server files under this folder")
     p.add_argument("--max-videos", type=int, default=None, help="videos indexing at once (default: VideoConfig)")
@@ -186,6 +194,7 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
             deep_region_fusion=args.deep_region_fusion,
             region_set_weight=args.region_set_weight,
             box_temperature=args.box_temperature,
+            query_regions=args.query_regions,
             whole_weight=args.whole_weight,
             query_low_side=args.query_low_side,
         ),
@@ -196,6 +205,7 @@ def server_config(args: argparse.Namespace, recipes: tuple[str, ...], data_dir: 
             "max_delay_ms": args.max_delay_ms,
             "queue_depth": args.queue_depth,
             "runners": args.batch_runners,
+            "urgent_runners": args.urgent_runners,
             "buckets": tuple(args.buckets.split(",")) if args.buckets else None,
         }
         video = {"media_root": args.media_root, "max_concurrent": args.max_videos}

@@ -5,6 +5,9 @@ A batch closes when it holds max_batch jobs or its oldest job has waited max_del
 bounded (back-pressure): jobs that do not fit are refused with Overloaded, never buffered. A job whose
 future is cancelled leaves the queue at once; one whose deadline passes is failed with
 DeadlineExceeded instead of being run.
+
+Urgent jobs (searches) batch only with urgent jobs and run first; `urgent_runners` threads run nothing else,
+so a search never waits for a batch of images to describe (seconds of DASR work) to finish.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ R = TypeVar("R")
 @dataclass(eq=False)
 class _Item(Generic[J, R]):
     job: J
-    key: Hashable
+    key: tuple[bool, Hashable]  # (urgent, the job's shape key)
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() seconds
@@ -45,9 +48,10 @@ class DynamicBatcher(Generic[J, R]):
         key: Callable[[J], Hashable],
         config: BatcherConfig,
         name: str = "batcher",
+        urgent: Callable[[J], bool] = lambda job: False,
     ) -> None:
         self._run = run
-        self._key = key
+        self._key = lambda job: (urgent(job), key(job))
         self.config = config
         self._delay = config.max_delay_ms / 1000.0
         self._queues: dict[Hashable, deque[_Item]] = {}
@@ -56,7 +60,12 @@ class DynamicBatcher(Generic[J, R]):
         self._closed = False
         self.batch_sizes: Counter[int] = Counter()  # how many batches of each size ran
         self._threads = [
-            threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True) for i in range(config.runners)
+            threading.Thread(target=self._loop, args=(False,), name=f"{name}-{i}", daemon=True)
+            for i in range(config.runners)
+        ]
+        self._threads += [
+            threading.Thread(target=self._loop, args=(True,), name=f"{name}-urgent-{i}", daemon=True)
+            for i in range(config.urgent_runners)
         ]
         for thread in self._threads:
             thread.start()
@@ -108,18 +117,21 @@ class DynamicBatcher(Generic[J, R]):
                     del self._queues[item.key]
                 self._cond.notify_all()
 
-    def _take(self) -> list[_Item] | None:
-        """Block until a batch is due; None once closed and drained."""
+    def _take(self, urgent_only: bool) -> list[_Item] | None:
+        """Block until a batch is due, urgent ones first (`urgent_only`: no other); None once closed and
+        drained."""
         with self._cond:
             while True:
-                if not self._queues:
-                    if self._closed:
+                urgent = [key for key in self._queues if key[0]]
+                queues = urgent or ([] if urgent_only else list(self._queues))
+                if not queues:
+                    if self._closed and (urgent_only or not self._queues):
                         return None
                     self._cond.wait()
                     continue
                 now = time.monotonic()
-                full = [key for key, queue in self._queues.items() if len(queue) >= self.config.max_batch]
-                candidates = full or list(self._queues)
+                full = [key for key in queues if len(self._queues[key]) >= self.config.max_batch]
+                candidates = full or queues
                 key = min(candidates, key=lambda k: self._queues[k][0].enqueued)
                 due = self._queues[key][0].enqueued + self._delay
                 if not full and now < due and not self._closed:
@@ -133,8 +145,8 @@ class DynamicBatcher(Generic[J, R]):
                 self._cond.notify_all()
                 return batch
 
-    def _loop(self) -> None:
-        while (batch := self._take()) is not None:
+    def _loop(self, urgent_only: bool) -> None:
+        while (batch := self._take(urgent_only)) is not None:
             now = time.monotonic()
             live = []
             for item in batch:

@@ -111,6 +111,9 @@ class DetectorConfig:
     top_k: int = 2  # detections cropped per image by deep_region (seed 002: K = 2)
 
 
+QUERY_REGION_SOURCES = ("dasr_star", "rmac_grid")
+
+
 @dataclass(frozen=True)
 class RegionRecipeConfig:
     """DeepVision (seed 000), deep region CNN (seed 002) and DASR*+VLAD (seed 004) settings."""
@@ -136,8 +139,15 @@ class RegionRecipeConfig:
     # whole_and_regions: the hit's box is the mean of the image's region boxes weighted by softmax(similarity to
     # the query's crop / this); 0 = the best region's box (composite-dev localisation: 0.515 at 0, 0.784 at 0.05)
     box_temperature: float = 0.05
+    # whole_and_regions: where a query's own regions come from (QUERY_REGION_SOURCES): DASR* on its crop, or the
+    # R-MAC grid of its crop (no DASR graph at query time)
+    query_regions: str = "rmac_grid"
 
     def __post_init__(self) -> None:
+        if self.query_regions not in QUERY_REGION_SOURCES:
+            raise ConfigError(
+                f"unknown query region source {self.query_regions!r}; choose one of {', '.join(QUERY_REGION_SOURCES)}"
+            )
         for name in ("region_set_weight", "whole_weight"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
@@ -204,14 +214,17 @@ class BatcherConfig:
     max_delay_ms: float = 5.0  # how long the first image of a batch waits for more
     queue_depth: int = 64  # images waiting to run; beyond it new work gets RESOURCE_EXHAUSTED
     runners: int = 1  # batches run at once (each engine run uses the engine's own threads)
+    # runners beside them that take only searches, so that a search never waits for a batch of images being
+    # described (0: searches go first in the runners' queue, but wait for the batch running)
+    urgent_runners: int = 1
     # network input shapes as width:height ratios at the configured long side; every image is padded into
     # the smallest that holds it, alone or batched, so its vectors do not depend on its company
     buckets: tuple[str, ...] = ("16:9", "4:3", "1:1", "3:4")  # wide (video), landscape, square, portrait
     stream_window: int = 8  # requests of one stream (IndexImages, SearchStream) in flight at once, at most
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.runners < 1 or self.stream_window < 1:
-            raise ConfigError(f"max_batch, runners and stream_window must be >= 1, got {self}")
+        if self.max_batch < 1 or self.runners < 1 or self.stream_window < 1 or self.urgent_runners < 0:
+            raise ConfigError(f"max_batch, runners and stream_window must be >= 1, urgent_runners >= 0, got {self}")
         if self.queue_depth < self.max_batch:
             raise ConfigError(
                 f"queue_depth {self.queue_depth} is below max_batch {self.max_batch}: need max_batch <= queue_depth"
@@ -331,6 +344,10 @@ class ServerConfig:
     port: int = 50051
     max_message_bytes: int = 64 << 20
     workers: int = 2  # threads decoding images and writing the index (the networks run in the batcher)
+    # numpy's BLAS threads (whitening, scoring): the networks' runtime owns the cores, and OpenBLAS's threads,
+    # which spin after each product, slowed a gem query's network 2.5x beside it (bench/README.md, "Search
+    # latency"); 0 leaves BLAS as it is
+    blas_threads: int = 1
     default_top_k: int = 20
     max_top_k: int = 1000
     engine: EngineOptions = field(default_factory=EngineOptions)

@@ -13,6 +13,8 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from threadpoolctl import threadpool_limits
+
 from inserve.server.batcher import DynamicBatcher
 from inserve.server.config import ServerConfig
 from inserve.server.errors import LiveStreamBusy, RecipeUnavailable, RequestError, UnavailableError
@@ -22,7 +24,7 @@ from inserve.server.index import DuplicateId, Index, NewKeyframe, SpaceStats, op
 from inserve.server.index.store import IMAGE_TAKES_ID, VIDEO_TAKES_ID, LiveResume
 from inserve.server.latency import LatencyHistogram
 from inserve.server.models import ModelBundle, ServingShapes
-from inserve.server.pipeline import DescribeJob, Pipeline
+from inserve.server.pipeline import DescribeJob, Pipeline, QueryJob
 from inserve.server.recipes import (
     ImageVectors,
     QueryVector,
@@ -105,6 +107,8 @@ class InstanceSearch:
 
     def __init__(self, config: ServerConfig, models: ModelBundle | None = None) -> None:
         self.config = config
+        if config.blas_threads:  # process-wide, for as long as the process runs
+            threadpool_limits(config.blas_threads, user_api="blas")
         self.models = models or ModelBundle.open(config.models, config.backbone, config.engine, serving_shapes(config))
         self.recipes = build_recipes(config.recipes, config)
         self.unavailable: dict[str, str] = {}
@@ -117,7 +121,9 @@ class InstanceSearch:
         available = {name: r for name, r in self.recipes.items() if name not in self.unavailable}
         self.pipeline = describing_pipeline(config, self.models, available)
         self.index = open_index(config.data_dir, config.store, config.index, recipe_specs(self.recipes))
-        self.batcher = DynamicBatcher(self.pipeline.run, self.pipeline.job_bucket, config.batcher)
+        self.batcher = DynamicBatcher(
+            self.pipeline.run, self.pipeline.job_bucket, config.batcher, urgent=lambda job: isinstance(job, QueryJob)
+        )
         self._whitening = threading.Lock()
         self._live: set[str] = set()  # stream ids a live connection is writing to
         self.live_latency = LatencyHistogram(LIVE_LATENCY_BUCKETS)  # live keyframes: arrival to searchable, s

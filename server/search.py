@@ -22,6 +22,7 @@ from inserve.server.stages.matching import (
 
 # region-set recipes score in full the top this many images of each query vector's kNN (or top_k, if more)
 REGION_SET_DEPTH = 100
+KNN_LIMIT = 16_384  # the most neighbours one kNN asks for (Milvus' largest search limit)
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def region_set_search(
     if space is None:
         return []
     queries = space.transform(np.stack(query.regions))
-    candidates = index.candidates(recipe, "region", np.sort(top_images(index, recipe, queries, depth, len(space))))
+    candidates = index.candidates(recipe, "region", top_images(index, recipe, queries, depth))
     if not len(candidates):
         return []
     sims = queries @ candidates.vectors.T
@@ -251,10 +252,11 @@ def region_set_search(
     ]
 
 
-def top_images(index: Index, recipe: str, queries: np.ndarray, depth: int, size: int) -> np.ndarray:
+def top_images(index: Index, recipe: str, queries: np.ndarray, depth: int) -> np.ndarray:
     """The images among the top `depth` of any query's kNN in the recipe's region space (an image ranks by its
-    best match), from one graph search for all queries; a query whose neighbours hold fewer images asks again."""
-    k = min(size, max(4 * depth, 64))
+    best match), sorted, from one search for all queries; a query whose neighbours hold fewer images asks
+    again for more, until the space has no more (fewer neighbours than asked) or KNN_LIMIT."""
+    k = max(4 * depth, 64)
     image_ids, _ = index.nearest_images(recipe, "region", queries, k)
     found = []
     for query, ids in zip(queries, image_ids):
@@ -262,9 +264,9 @@ def top_images(index: Index, recipe: str, queries: np.ndarray, depth: int, size:
         while True:
             ids = ids[ids >= 0]
             firsts = np.sort(np.unique(ids, return_index=True)[1])  # each image at its best match, best first
-            if len(firsts) >= depth or ask >= size:
+            if len(firsts) >= depth or len(ids) < ask or ask >= KNN_LIMIT:
                 break
-            ask = min(size, 4 * ask)
+            ask = min(KNN_LIMIT, 4 * ask)
             ids = index.nearest_images(recipe, "region", query[None], ask)[0][0]
         found.append(ids[firsts[:depth]])
     return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
@@ -276,8 +278,8 @@ def _whole_similarities(
     """Per candidate image, its photo's similarity to a whole-photo query's (`whole`; None, a query with a box:
     None); NaN for images without a photo vector (indexed before the recipe had the space), which score as for
     a query with a box."""
-    space = index.space(recipe, "global")
-    if whole is None or space is None:
+    space = None if whole is None else index.space(recipe, "global")
+    if space is None:
         return None
     vector = space.transform(whole[None])[0]
     stored = index.candidates(recipe, "global", image_ids)

@@ -9,6 +9,7 @@ from photos import photo
 from inserve.engines import EngineOptions
 from inserve.server.models import ModelBundle
 from inserve.server.recipes.crops import (
+    boxes_from_crop,
     covers,
     crop_image,
     embed_crops,
@@ -35,6 +36,17 @@ def test_crop_image_keeps_the_aspect_on_the_network_grid() -> None:
     assert crop.shape == (3, 32, 64)  # 80 x 40 -> long side 64, short side 32
     np.testing.assert_allclose(crop[0], 255, atol=1)
     np.testing.assert_allclose(crop[1:], 0, atol=1)
+
+
+def test_boxes_found_in_a_crop_map_back_to_the_pixels_it_was_cut_from() -> None:
+    """The crop of (10.5, 20.2, 110.7, 70) takes pixels 10..111 x 20..70 (whole pixels), resized to 64 x 32: its
+    whole box is those pixels, its left half the left half of them."""
+    pixels = np.zeros((3, 100, 200), dtype=np.float32)
+    box = np.array([10.5, 20.2, 110.7, 70.0], np.float32)
+    crop = crop_image(pixels, box, long_side=64, multiple=32)
+    assert crop.shape == (3, 32, 64)
+    found = np.array([[0, 0, 64, 32], [0, 0, 32, 32]], np.float32)
+    np.testing.assert_allclose(boxes_from_crop(found, box, crop, 200, 100), [[10, 20, 111, 70], [10, 20, 60.5, 70]])
 
 
 def test_the_low_resolution_view_has_the_crops_shape_and_loses_the_fine_detail() -> None:

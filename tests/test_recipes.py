@@ -19,11 +19,13 @@ from photos import box_iou, encode, photo, planted
 from PIL import Image
 
 from inserve.server.codebook import learn_codebook, save_codebook, vectors_from_images
-from inserve.server.config import DetectorConfig, ImageConfig, RegionRecipeConfig, ServerConfig
+from inserve.server.config import QUERY_REGION_SOURCES, DetectorConfig, ImageConfig, RegionRecipeConfig, ServerConfig
 from inserve.server.instance_search import InstanceSearch, UnavailableError
 from inserve.server.recipes import RECIPES
-from inserve.server.recipes.whole_and_regions import whole_photo
+from inserve.server.recipes.crops import embed_crops
+from inserve.server.recipes.whole_and_regions import WholeAndRegionsRecipe, whole_photo
 from inserve.server.search import SearchOptions
+from inserve.server.stages.pooling import l2_normalize
 
 DISTRACTORS = ("astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "camera", "coins")
 CODEBOOK_PHOTOS = ("brick", "grass", "gravel")  # "other data" for dasr_star_vlad's codebook
@@ -206,6 +208,24 @@ def test_whole_and_regions_finds_a_photo_by_its_whole_and_an_instance_by_its_box
     assert len(boxed.regions) > 2 and float(boxed.regions[0] @ boxed.regions[1]) < 0.99
     hits = core.search(jpeg("chelsea"), box, 3, "whole_and_regions")
     assert hits[0].image.external_id == "planted" and box_iou(hits[0].box, truth) >= 0.3
+
+
+@pytest.mark.parametrize("source", QUERY_REGION_SOURCES)
+def test_a_querys_crop_is_embedded_as_the_index_embeds_its_crops(
+    service: tuple[InstanceSearch, tuple], source: str
+) -> None:
+    """The query's crop vector comes from the run that also finds its own regions (the moments graph for
+    DASR*, the backbone for the grid): it must be what embed_crops gives the same box on the index side; its
+    own regions lie inside its box."""
+    core, _ = service
+    recipe = WholeAndRegionsRecipe(core.config.dasr, replace(core.config.regions, query_regions=source))
+    inp = core.load(jpeg("chelsea"))
+    box = np.array([40, 30, 300, 250], np.float32)  # network pixels
+    regions = core.config.regions
+    (expected,) = embed_crops(core.models, [inp.pixels], [box[None]], regions.crop_long_side, regions.crop_margin)
+    query = recipe.query(core.pipeline.features([inp]), box)
+    np.testing.assert_allclose(query.regions[0], l2_normalize(expected[0]), atol=1e-4)
+    assert query.crop_views == 2 and len(query.regions) > 3
 
 
 def test_whole_photo_of_a_flat_map_is_its_channels() -> None:

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_region_set_search import BOXES, IMAGES, PHOTOS, QUERY, WHOLE_QUERY
+from test_region_set_search import SPECS as SET_SPECS
 
 from inserve.server.config import IndexConfig, ServerConfig
 from inserve.server.errors import ConfigError, StoreUnavailable
 from inserve.server.index import NewVectors, open_index
 from inserve.server.index.milvus import STORE_FORMAT, MilvusIndex, SnowflakeIds
+from inserve.server.search import region_set_search
 
 CONFIG = IndexConfig()
 
@@ -147,3 +150,43 @@ def test_one_replica_learns_for_a_recipe_at_a_time(tmp_path: Path) -> None:
     assert index.learn_whitening("gem", "global", dims=6) == 1
     assert index._get_meta("lease/gem") is None  # given back
     index.close()
+
+
+def count_round_trips(client: object) -> list[str]:
+    """The names of the client's reads from here on, in order."""
+    calls: list[str] = []
+    for method in ("search", "query", "get", "query_iterator"):
+        original = getattr(client, method)
+
+        def counted(*args, _original=original, _method=method, **kwargs):
+            calls.append(_method)
+            return _original(*args, **kwargs)
+
+        setattr(client, method, counted)
+    return calls
+
+
+@pytest.mark.parametrize(("query", "most"), [(QUERY, 5), (WHOLE_QUERY, 7)], ids=["box", "whole photo"])
+def test_a_region_set_search_takes_few_round_trips_and_finds_what_a_directory_finds(
+    tmp_path: Path, query, most: int
+) -> None:
+    """A default-recipe search on the shared store: each space record read once per search, one search for all
+    query vectors, one read of the candidates' rows per space, one of their images (and one of the hits'
+    liveness); the same hits as the embedded store."""
+    found, calls = {}, []
+    for store in ("", str(tmp_path / "milvus.db")):
+        index = open_index(tmp_path / "data", store, IndexConfig(auto_whiten_per_dim=0), SET_SPECS)
+        try:
+            for name, regions in IMAGES.items():
+                parts = NewVectors("s", "region", np.array(regions, np.float32), BOXES, np.array([0.5, 0.25, 0]))
+                photo = NewVectors("s", "global", np.array([PHOTOS[name]], np.float32))
+                index.add_image(name, [parts, photo], width=10, height=10)
+            if store:
+                calls = count_round_trips(index._client)
+            with index.reading():
+                hits = region_set_search(index, "s", query, 3, 0.4, 3, "", 0.05, 0.4)
+            found[bool(store)] = [(h.image.external_id, round(h.score, 3), np.round(h.box, 2).tolist()) for h in hits]
+        finally:
+            index.close()
+    assert len(calls) <= most, calls
+    assert found[True] == found[False]

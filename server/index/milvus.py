@@ -33,7 +33,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,6 +178,7 @@ class MilvusIndex(SpaceRules):
         self._whitenings: dict[tuple[str, str, int], Whitening | None] = {}
         self._learning = threading.Lock()
         self._local = not uri.startswith("http")  # a milvus-lite file, served by a thread of this process
+        self._searching = threading.local()  # a search's space records (reading())
         try:
             self._client = MilvusClient(uri=uri, timeout=30)
         except Exception as exc:  # pymilvus raises its own types, and OSError for a milvus-lite file
@@ -359,8 +360,14 @@ class MilvusIndex(SpaceRules):
         return records
 
     def _record(self, recipe: str, kind: str) -> SpaceRecord | None:
+        cache = getattr(self._searching, "records", None)
+        if cache is not None and (recipe, kind) in cache:
+            return cache[(recipe, kind)]
         found = self._get_meta(f"space/{recipe}/{kind}")
-        return None if found is None else SpaceRecord(**json.loads(found))
+        record = None if found is None else SpaceRecord(**json.loads(found))
+        if cache is not None:
+            cache[(recipe, kind)] = record
+        return record
 
     def _save_record(self, recipe: str, kind: str, record: SpaceRecord) -> None:
         self._put_meta(f"space/{recipe}/{kind}", json.dumps(record.__dict__))
@@ -397,11 +404,21 @@ class MilvusIndex(SpaceRules):
 
     # --- the Index protocol ---
 
-    def reading(self) -> AbstractContextManager[None]:
+    @contextmanager
+    def reading(self) -> Iterator[None]:
         """A search's reads are each consistent (Strong); between two of them another replica's write may land,
         which a search sees as an image whose row it reads without its vectors, or the other way round: both are
-        left out of its hits."""
-        return nullcontext()
+        left out of its hits. The space records a search reads are read once for the whole search (one round
+        trip each instead of one per step); a transform switched meanwhile shows as a dims mismatch, which
+        answers UNAVAILABLE "search again"."""
+        if getattr(self._searching, "records", None) is not None:
+            yield
+            return
+        self._searching.records = {}
+        try:
+            yield
+        finally:
+            self._searching.records = None
 
     def space(self, recipe: str, kind: str) -> MilvusSpace | None:
         return self._call(self._space, recipe, kind)

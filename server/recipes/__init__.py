@@ -59,7 +59,7 @@ def _factories(config: ServerConfig) -> dict[str, Callable[[], Recipe]]:
         "dasr_star": lambda: DasrRecipe("dasr_star", "dasr_star", config.dasr),
         "dasr_star_vlad": lambda: DasrVladRecipe(config.dasr, config.regions, config.image),
         "dasr_star_crops": lambda: DasrCropsRecipe(config.dasr, config.regions),
-        "whole_and_regions": lambda: WholeAndRegionsRecipe(config.dasr, config.regions, config.image),
+        "whole_and_regions": lambda: WholeAndRegionsRecipe(config.dasr, config.regions),
     }
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from inserve.server.imaging import NetworkInput
 from inserve.server.index import NewVectors, SpaceSpec
 from inserve.server.models import ModelBundle
-from inserve.server.stages.dasr import Regions
+from inserve.server.stages.dasr import Regions, batch_functionals
 from inserve.server.stages.pooling import box_cells
 
 
@@ -54,12 +54,19 @@ class FeatureBatch:
         )
 
     @staticmethod
-    def run(models: ModelBundle, pixels: np.ndarray) -> FeatureBatch:
+    def run(models: ModelBundle, pixels: np.ndarray, moments_stride: int | None = None) -> FeatureBatch:
         """One backbone run over same-size images (B, 3, H, W) that have no original beyond themselves and
-        no padding (crops re-embedded at their own size)."""
+        no padding (crops re-embedded at their own size); with `moments_stride`, the moments graph's run, which
+        gives every feat cell's DASR moments to that stride with the backbone's maps."""
         inputs = [NetworkInput(np.ascontiguousarray(p), p.shape[2], p.shape[1]) for p in pixels]
-        maps = models.features(pixels)
-        return FeatureBatch(inputs, pixels, {name: list(out) for name, out in maps.items()}, models)
+        if moments_stride is None:
+            maps = models.features(pixels)
+        else:
+            sizes = [(p.shape[1], p.shape[2]) for p in pixels]
+            maps = models.features_and_moments(pixels, moments_stride, batch_functionals(pixels, sizes, moments_stride))
+        return FeatureBatch(
+            inputs, pixels, {name: list(out) for name, out in maps.items()}, models, moments_stride=moments_stride
+        )
 
     def cached(self, key: str, compute: Callable[[], object]) -> object:
         """A value derived from the batch, computed once however many recipes ask for it."""

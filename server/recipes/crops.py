@@ -31,12 +31,28 @@ def expand_boxes(boxes: np.ndarray, margin: float, width: int, height: int) -> n
     return np.clip(grown, 0, [width, height, width, height]).astype(np.float32)
 
 
+def crop_bounds(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """The whole pixels (x1, y1, x2, y2) a crop of `box` takes from a width x height image: at least one."""
+    x1, y1 = int(np.clip(np.floor(box[0]), 0, width - 1)), int(np.clip(np.floor(box[1]), 0, height - 1))
+    x2, y2 = int(np.clip(np.ceil(box[2]), x1 + 1, width)), int(np.clip(np.ceil(box[3]), y1 + 1, height))
+    return x1, y1, x2, y2
+
+
+def boxes_from_crop(boxes: np.ndarray, box: np.ndarray, crop: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Boxes (N, 4) in the pixels of `crop` (3, h, w), the crop_image of `box` of a width x height image, in
+    that image's pixels."""
+    x1, y1, x2, y2 = crop_bounds(box, width, height)
+    scale = np.array([(x2 - x1) / crop.shape[2], (y2 - y1) / crop.shape[1]] * 2, dtype=np.float32)
+    return (np.asarray(boxes, np.float32).reshape(-1, 4) * scale + np.array([x1, y1, x1, y1], np.float32)).astype(
+        np.float32
+    )
+
+
 def crop_image(pixels: np.ndarray, box: np.ndarray, long_side: int, multiple: int) -> np.ndarray:
     """The box of a (3, H, W) 0..255 image as an image of its own (3, h, w): long side `long_side`, sides a
     multiple of `multiple`, bicubic."""
     _, height, width = pixels.shape
-    x1, y1 = int(np.clip(np.floor(box[0]), 0, width - 1)), int(np.clip(np.floor(box[1]), 0, height - 1))
-    x2, y2 = int(np.clip(np.ceil(box[2]), x1 + 1, width)), int(np.clip(np.ceil(box[3]), y1 + 1, height))
+    x1, y1, x2, y2 = crop_bounds(box, width, height)
     patch = np.clip(pixels[:, y1:y2, x1:x2], 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
     picture = Image.fromarray(np.ascontiguousarray(patch))
     size = network_size(picture.width, picture.height, long_side, multiple)
@@ -65,6 +81,12 @@ def embed_images(models: ModelBundle, images: list[np.ndarray], p: float = 3.0) 
     return out
 
 
+def crops_of(pixels: np.ndarray, boxes: np.ndarray, long_side: int, multiple: int, margin: float) -> list[np.ndarray]:
+    """An image's boxes (network pixels) grown by `margin` and cropped as embed_crops crops them."""
+    grown = expand_boxes(boxes, margin, pixels.shape[2], pixels.shape[1])
+    return [crop_image(pixels, box, long_side, multiple) for box in grown]
+
+
 def embed_crops(
     models: ModelBundle, images: list[np.ndarray], boxes: list[np.ndarray], long_side: int, margin: float = 0.0
 ) -> list[np.ndarray]:
@@ -72,8 +94,7 @@ def embed_crops(
     (n_i, C), all crops of all images batched together."""
     crops = []
     for pixels, image_boxes in zip(images, boxes):
-        grown = expand_boxes(image_boxes, margin, pixels.shape[2], pixels.shape[1])
-        crops += [crop_image(pixels, box, long_side, models.size_multiple) for box in grown]
+        crops += crops_of(pixels, image_boxes, long_side, models.size_multiple, margin)
     vectors = embed_images(models, crops) if crops else np.zeros((0, models.layer("feat").channels), np.float32)
     bounds = np.cumsum([0, *(len(b) for b in boxes)])
     return [vectors[a:b] for a, b in pairwise(bounds)]

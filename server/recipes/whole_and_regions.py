@@ -6,22 +6,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from inserve.server.config import DasrConfig, ImageConfig, RegionRecipeConfig
+from inserve.server.config import DasrConfig, RegionRecipeConfig
 from inserve.server.index import NewVectors, SpaceSpec
+from inserve.server.models import ModelBundle
 from inserve.server.recipes import sources
-from inserve.server.recipes.base import FeatureBatch, ImageVectors, QueryVector
-from inserve.server.recipes.crops import crop_batch, embed_images, expand_boxes, low_resolution_view
+from inserve.server.recipes.base import FeatureBatch, ImageVectors, QueryVector, whole
+from inserve.server.recipes.crops import (
+    boxes_from_crop,
+    crop_image,
+    crops_of,
+    embed_images,
+    expand_boxes,
+    low_resolution_view,
+)
 from inserve.server.recipes.dasr import DasrCropsRecipe
 from inserve.server.stages.matching import sum_normalized
-from inserve.server.stages.pooling import cells_max, l2_normalize
+from inserve.server.stages.pooling import cells_max, gem, l2_normalize
 from inserve.server.stages.rmac import rmac_grid
 
 
 class WholeAndRegionsRecipe(DasrCropsRecipe):
     """Stores per image what dasr_star_crops stores (its DASR* regions and the whole image, cropped and
     re-embedded: GeM, l2, no whitening) and one vector of the whole photo (`whole_photo`: R-MAC of its maps,
-    PCA-whitened by the index). A query is its crop (its box, or the whole image) and that crop's own DASR*
-    regions, and, without a box, its photo's vector too:
+    PCA-whitened by the index). A query is its crop (its box, or the whole image) and that crop's own regions
+    (`query_regions`: the R-MAC grid of the crop, or its DASR* regions; the grid scores as well at a fraction of
+    the cost, bench/README.md "Search latency"), and, without a box, its photo's vector too:
     - with a box (an instance, however small; the whole image's box when the photo shows just the object), an
       image scores `region_set_weight` x the mean of the query regions' best matches among the image's regions
       + the rest x the crop's best match (stages/matching.py region_set_score), the crop matched as given and
@@ -52,11 +61,10 @@ class WholeAndRegionsRecipe(DasrCropsRecipe):
 
     name = "whole_and_regions"
 
-    def __init__(self, config: DasrConfig, regions: RegionRecipeConfig, image: ImageConfig) -> None:
+    def __init__(self, config: DasrConfig, regions: RegionRecipeConfig) -> None:
         super().__init__(config, regions)
         self.region_set_weight, self.box_temperature = regions.region_set_weight, regions.box_temperature
         self.whole_weight = regions.whole_weight
-        self.image = image
 
     def spaces(self) -> dict[str, SpaceSpec]:
         return {
@@ -71,25 +79,55 @@ class WholeAndRegionsRecipe(DasrCropsRecipe):
         ]
 
     def query(self, batch: FeatureBatch, box: np.ndarray | None) -> QueryVector:
-        crop = super().query(batch, box).raw
-        inner = crop_batch(batch, box, self.image.long_side)  # the crop as an image of its own
-        (own,) = self.embed(inner, [sources.dasr(inner, "dasr_star", self.config)[0].boxes.reshape(-1, 4)])
-        if box is None:
-            views = crop[None]
-            whole = whole_photo(batch.maps["feat"][0])
+        """The crop (its box, or the whole image) is cut as the index's crops are (at crop_long_side); one
+        network run on it gives both its vector (GeM of its feat, what embed_crops gives) and its own regions.
+        Those are cut from the query's own pixels, finer than the crop's, and embedded in one call with the
+        crop's low-resolution view: two network calls beside the batch's backbone run."""
+        inp, models, regions = batch.inputs[0], batch.models, self.regions
+        pixels = inp.pixels
+        height, width = pixels.shape[1:]
+        (grown,) = expand_boxes(whole(inp) if box is None else box, regions.crop_margin, width, height)
+        crop = crop_image(pixels, grown, regions.crop_long_side, models.size_multiple)
+        vector, found = self.crop_and_regions(models, crop)
+        own = crops_of(
+            pixels,
+            boxes_from_crop(found, grown, crop, width, height),
+            regions.crop_long_side,
+            models.size_multiple,
+            regions.crop_margin,
+        )
+        low = [self.low_resolution(pixels, grown, models)] if box is not None and regions.query_low_side else []
+        embedded = l2_normalize(embed_images(models, own + low)) if own or low else np.zeros((0, len(vector)))
+        views = np.concatenate([vector[None], embedded[len(own) :]])
+        whole_vector = whole_photo(batch.maps["feat"][0]) if box is None else None
+        return QueryVector(
+            "region",
+            vector,
+            regions=np.concatenate([views, embedded[: len(own)]]),
+            whole=whole_vector,
+            crop_views=len(views),
+        )
+
+    def crop_and_regions(self, models: ModelBundle, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The crop's vector and its own regions (boxes in its pixels) from one network run: the moments graph
+        for DASR*, the backbone for the R-MAC grid (its levels below the whole crop, which is a view already;
+        with the whole among them whole photos ranked worse, bench/README.md "Search latency")."""
+        if self.regions.query_regions == "dasr_star":
+            inner = FeatureBatch.run(models, crop[None], sources.stop_stride(models, self.config))
+            boxes = sources.dasr(inner, "dasr_star", self.config)[0].boxes.reshape(-1, 4)
         else:
-            views = np.stack([crop, self.low_resolution(batch, box)]) if self.regions.query_low_side else crop[None]
-            whole = None
-        regions = np.concatenate([views, l2_normalize(own)])
-        return QueryVector("region", crop, regions=regions, whole=whole, crop_views=len(views))
+            inner = FeatureBatch.run(models, crop[None])
+            feat = inner.maps["feat"][0]
+            boxes = sources.rmac(feat.shape[1], feat.shape[2], inner.stride("feat"), QUERY_GRID_LEVELS)[1][1:]
+        return l2_normalize(gem(inner.maps["feat"][0])), boxes
 
-    def low_resolution(self, batch: FeatureBatch, box: np.ndarray) -> np.ndarray:
-        """The query's crop embedded as seen at RegionRecipeConfig.query_low_side (crops.low_resolution_view)."""
-        pixels, models, regions = batch.inputs[0].pixels, batch.models, self.regions
-        (grown,) = expand_boxes(box, regions.crop_margin, pixels.shape[2], pixels.shape[1])
-        view = low_resolution_view(pixels, grown, regions.query_low_side, regions.crop_long_side, models.size_multiple)
-        return l2_normalize(embed_images(models, [view])[0])
+    def low_resolution(self, pixels: np.ndarray, grown: np.ndarray, models: ModelBundle) -> np.ndarray:
+        """The query's crop as seen at RegionRecipeConfig.query_low_side (crops.low_resolution_view), to embed."""
+        regions = self.regions
+        return low_resolution_view(pixels, grown, regions.query_low_side, regions.crop_long_side, models.size_multiple)
 
+
+QUERY_GRID_LEVELS = 2  # the R-MAC grid's levels a query's own regions take (query_regions "rmac_grid")
 
 # the whole photos' space is whitened to this many dims: holidays-dev 0.890 as at full dims (bench/fusion.py); it
 # keeps no graph (its vectors score the region kNNs' candidates), so it costs an image its int8 raw, 1.3 KiB

@@ -189,3 +189,41 @@ def test_cancelling_the_awaiting_call_frees_its_place_in_the_queue() -> None:
         run.release.set()
         b.close()
     assert ("land", 1) not in [job for batch in run.batches for job in batch]
+
+
+def urgent_batcher(run: Recorder, **config: object) -> DynamicBatcher:
+    """Jobs keyed "q..." are searches (urgent)."""
+    return DynamicBatcher(run, lambda job: job[0], BatcherConfig(**config), urgent=lambda job: job[0][0] == "q")
+
+
+def test_searches_batch_apart_and_run_before_older_work() -> None:
+    run = Recorder(hold=True)
+    b = urgent_batcher(run, max_batch=4, max_delay_ms=1, queue_depth=16, urgent_runners=0)
+    try:
+        (first,) = b.submit([("land", 1)])
+        assert run.started.wait(5)  # running, held
+        later = b.submit([("land", 2), ("land", 3)])
+        time.sleep(0.05)  # due before the search arrives
+        search = b.submit([("q-land", 4)])
+        run.release.set()
+        assert [f.result(5) for f in [first, *later, *search]] == [10, 20, 30, 40]
+    finally:
+        b.close()
+    assert run.batches == [[("land", 1)], [("q-land", 4)], [("land", 2), ("land", 3)]]
+
+
+def test_a_search_does_not_wait_for_the_batch_running() -> None:
+    run = Recorder(hold=True)
+    b = urgent_batcher(run, max_batch=4, max_delay_ms=1, queue_depth=16)  # one urgent runner, the default
+    try:
+        (describing,) = b.submit([("land", 1)])
+        assert run.started.wait(5)
+        (search,) = b.submit([("q-land", 2)])
+        waited = time.monotonic()
+        while len(run.batches) < 2 and time.monotonic() - waited < 5:  # the search's batch started meanwhile
+            time.sleep(0.01)
+        assert run.batches[1] == [("q-land", 2)] and not describing.done()
+        run.release.set()
+        assert search.result(5) == 20 and describing.result(5) == 10
+    finally:
+        b.close()

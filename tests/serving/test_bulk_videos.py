@@ -12,7 +12,7 @@ from media import scenes_video
 from photos import encode, photo
 
 from inserve.server.bulk_index import bulk_index
-from inserve.server.config import ServerConfig
+from inserve.server.config import IndexConfig, ServerConfig
 from inserve.server.index import open_index
 from inserve.server.instance_search import InstanceSearch
 from inserve.server.video.indexer import index_video
@@ -52,7 +52,12 @@ def test_bulk_index_stores_the_keyframes_indexvideo_stores(models_dir: Path, tmp
     finally:
         ray.shutdown()
 
-    service = InstanceSearch(ServerConfig(data_dir=tmp_path / "service", models=models_dir, recipes=RECIPES))
+    # the vectors as stored: read back at full precision on both sides (the directory's scoring table would
+    # otherwise give them in float16, Milvus in float32)
+    exact = IndexConfig(scoring_precision="float32")
+    service = InstanceSearch(
+        ServerConfig(data_dir=tmp_path / "service", models=models_dir, recipes=RECIPES, index=exact)
+    )
     try:
         rules = SelectionRules.defaults(service.config.video)
         expected = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -39,6 +40,19 @@ def name(i: int) -> str:
 def top(client: InstanceSearchClient, i: int) -> tuple[str, float]:
     hit = client.search(distinct_photo(i), top_k=1)[0]
     return hit.id, hit.score
+
+
+def top_once_back(client: InstanceSearchClient, i: int, within_s: float = 30.0) -> tuple[str, float]:
+    """`top` once the replica has its store again: pymilvus reconnects on its own, which in full test runs on a
+    loaded machine took longer than the first search after the store came back."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return top(client, i)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def one_writer_per_live_stream(first: InstanceSearchClient, second: InstanceSearchClient) -> None:
@@ -117,5 +131,5 @@ def test_two_replicas_share_one_milvus(models_dir: Path, tmp_path: Path) -> None
                 call()
             assert down.value.code() == grpc.StatusCode.UNAVAILABLE and "Milvus store" in down.value.details()
         with milvus_lite_server(tmp_path / "milvus", port):
-            assert top(reader, 2) == (name(2), pytest.approx(1.0, abs=1e-4))
+            assert top_once_back(reader, 2) == (name(2), pytest.approx(1.0, abs=1e-4))
             assert b.process.poll() is None
