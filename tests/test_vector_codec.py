@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inserve.server.index.codec import decode_vector, decode_vectors, encode_vector
+from inserve.server.index.codec import as_stored, decode_vector, decode_vectors, encode_vector
 
 
 def test_float32_round_trips_exactly_as_plain_bytes() -> None:
@@ -44,3 +44,12 @@ def test_int8_cosine_error_of_a_region_vector_is_small() -> None:
 
 def test_zero_vector_round_trips() -> None:
     np.testing.assert_array_equal(decode_vector(encode_vector(np.zeros(6), int8=True)), np.zeros(6))
+
+
+def test_vectors_as_stored_are_what_decoding_their_bytes_gives() -> None:
+    """A space filled write by write takes its vectors in this form, so that it holds what a rebuild from the
+    store holds: int8 rounding where the space stores int8, the vectors themselves otherwise."""
+    raw = np.random.default_rng(3).normal(size=(4, 16)).astype(np.float32)
+    np.testing.assert_array_equal(as_stored(raw, True), decode_vectors([encode_vector(v, int8=True) for v in raw]))
+    assert not np.array_equal(as_stored(raw, True), raw)
+    assert as_stored(raw, False) is raw

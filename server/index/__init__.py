@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from inserve.server.config import IndexConfig, milvus_uri
 from inserve.server.errors import ConfigError
+from inserve.server.index.codec import as_stored
 from inserve.server.index.data_dir import INDEX_FILE, DataDirLock
 from inserve.server.index.locking import ReadWriteLock
 from inserve.server.index.protocol import Index, Space
@@ -190,13 +192,18 @@ class InstanceIndex(SpaceRules):
             key = (v.recipe, v.kind)
             if key not in self._spaces:
                 self._spaces[key] = self._new_space(*key, v.raw.shape[1])
-            self._spaces[key].add(written.of(v))
+            self._spaces[key].add(self._as_stored(written.of(v), key))
             self._added_since_snapshot += len(v.raw)
         for v in vectors:
             for recipe, kind in self._aggregates(v.recipe, v.kind):
-                self._aggregate_image(recipe, kind, written.of(v))
+                self._aggregate_image(recipe, kind, self._as_stored(written.of(v), (v.recipe, v.kind)))
         if self._added_since_snapshot >= self.config.snapshot_every:
             self.snapshot()
+
+    def _as_stored(self, rows: StoredVectors, key: tuple[str, str]) -> StoredVectors:
+        """Rows with their raw vectors as SQLite gives them back (int8 in compact spaces): a space filled write
+        by write then holds what a space rebuilt at start-up holds."""
+        return replace(rows, raw=as_stored(rows.raw, key in self.store.int8_spaces))
 
     def delete(self, external_ids: list[str]) -> tuple[int, list[str]]:
         """Delete images; returns how many were deleted and the ids that were not indexed (an id given twice

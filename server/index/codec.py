@@ -42,3 +42,11 @@ def decode_vector(blob: bytes) -> np.ndarray:
 def decode_vectors(blobs: list[bytes]) -> np.ndarray:
     """Stored blobs -> (N, D) float32."""
     return np.stack([decode_vector(b) for b in blobs])
+
+
+def as_stored(raw: np.ndarray, int8: bool) -> np.ndarray:
+    """Vectors (N, D) as decoding their stored bytes gives them back: what a space rebuilt from the store holds,
+    so that a space filled write by write holds the same."""
+    if not int8:
+        return raw
+    return decode_vectors([encode_vector(row, int8=True) for row in np.asarray(raw, dtype=np.float32)])
