@@ -19,6 +19,9 @@ from inserve.server.stages.whitening import Whitening, space_transform
 
 log = logging.getLogger(__name__)
 
+WIDEST_EF = 4  # a kNN that reaches fewer than k vectors widens its search up to this many times k...
+WHOLE_GRAPH = 20_000  # ...or to the whole graph, when the graph holds at most this many
+
 
 class VectorSpace:
     """A space's transform (l2-normalisation, or its learned whitening or reduction) and its vectors in memory
@@ -149,33 +152,46 @@ class GraphSpace(VectorSpace):
                 except RuntimeError:  # not in this graph, or deleted already
                     continue
 
-    def knn(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Labels and cosine similarities of the k nearest vectors to a transformed query, best first."""
-        labels, sims = self.knn_each(np.atleast_2d(query), k)
-        return labels[0], sims[0]
-
     def knn_each(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """`knn` of several queries (m, dim) in one call to the graph: labels and similarities (m, k'), with
-        k' <= k the same for every query."""
+        """Labels and cosine similarities of the k nearest vectors to each of several transformed queries (m, dim),
+        best first, from one call to the graph: (m, k') arrays, k' <= k;
+        a query that reached fewer vectors than asked has its row padded with label -1 and similarity -inf."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         with self._lock:
             k = min(k, self._live)
-            ef = max(self.config.ef_search, k)
-            while k > 0:
-                self._graph.set_ef(ef)
-                try:
-                    labels, distances = self._graph.knn_query(queries, k=k)
-                    return labels.astype(np.int64), (1.0 - distances).astype(np.float32)
-                except RuntimeError:
-                    # a query reached fewer than k live vectors: deleted ones whose places no new vector has
-                    # taken yet still route the search but are never returned, and at ef = k a search of a large
-                    # graph can stop short. Widen the search (4x at a time: the whole graph at once took seconds
-                    # at a million vectors), then ask for fewer.
-                    if ef < self._graph.get_current_count():
-                        ef = min(self._graph.get_current_count(), 4 * ef)
-                    else:
-                        k //= 2
-        return np.zeros((len(queries), 0), dtype=np.int64), np.zeros((len(queries), 0), dtype=np.float32)
+            if k <= 0:
+                return np.zeros((len(queries), 0), dtype=np.int64), np.zeros((len(queries), 0), dtype=np.float32)
+            self._graph.set_ef(max(self.config.ef_search, k))
+            try:
+                labels, distances = self._graph.knn_query(queries, k=k)
+                return labels.astype(np.int64), (1.0 - distances).astype(np.float32)
+            except RuntimeError:  # one of them reached fewer than k: each on its own
+                found = [self._knn_one(query, k) for query in queries]
+        width = max(len(labels) for labels, _ in found)
+        labels = np.full((len(queries), width), -1, dtype=np.int64)
+        sims = np.full((len(queries), width), -np.inf, dtype=np.float32)
+        for row, (query_labels, query_sims) in enumerate(found):
+            labels[row, : len(query_labels)], sims[row, : len(query_sims)] = query_labels, query_sims
+        return labels, sims
+
+    def _knn_one(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """A query that reached fewer than k live vectors: deleted ones whose places no new vector has taken yet
+        still route the search but are never returned, and in a graph of tight clusters the search can stop
+        short. Widen the search 4x at a time up to WIDEST_EF x k (or the whole of a small graph), then ask for
+        fewer: searching the whole of a graph of a million vectors took seconds."""
+        widest = max(WIDEST_EF * k, min(self._graph.get_current_count(), WHOLE_GRAPH))
+        ef = max(self.config.ef_search, k)
+        while k > 0:
+            self._graph.set_ef(ef)
+            try:
+                labels, distances = self._graph.knn_query(query[None], k=k)
+                return labels[0].astype(np.int64), (1.0 - distances[0]).astype(np.float32)
+            except RuntimeError:
+                if ef < widest:
+                    ef = min(widest, 4 * ef)
+                else:
+                    k //= 2
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
 
     def stored(self, labels: list[int] | np.ndarray) -> np.ndarray:
         """The vectors of these labels, in this space's coordinates (N, dim), as the table holds them."""
