@@ -259,9 +259,8 @@ class InstanceIndex(SpaceRules):
     def image_vectors(
         self, recipe: str, kind: str, image_ids: list[int]
     ) -> dict[int, tuple[list[VectorRow], np.ndarray]]:
-        """Each image's rows and transformed vectors in a space (re-ranking regions, region sets); images without
-        any are left out. A searchable space's come from its graph, which holds them transformed (a compact
-        space's raw vectors would have to be decoded and reduced first)."""
+        """Each image's rows and transformed vectors in a space (re-ranking regions, the parts of an aggregate);
+        images without any are left out. From the scoring table, which holds them transformed."""
         found = self.candidates(recipe, kind, image_ids)
         return {
             int(image_id): (found.image_rows(i), found.vectors[found.offsets[i] : found.offsets[i + 1]])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from inserve.server.errors import DuplicateId
-from inserve.server.index.codec import decode_vector, decode_vectors, encode_vector
+from inserve.server.index.codec import decode_vectors, encode_vector
 from inserve.server.stages.whitening import Whitening
 
 log = logging.getLogger(__name__)
@@ -555,29 +555,6 @@ class MetadataStore:
         rows = self._db().execute("SELECT label FROM vectors WHERE recipe = ? AND kind = ?", (recipe, kind))
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
-    def vector_rows(self, labels: Iterable[int]) -> dict[int, VectorRow]:
-        labels = [int(v) for v in labels]
-        found: dict[int, VectorRow] = {}
-        for start in range(0, len(labels), 900):
-            chunk = labels[start : start + 900]
-            marks = ",".join("?" * len(chunk))
-            for label, image_id, x1, y1, x2, y2, score in self._db().execute(
-                f"SELECT label, image_id, x1, y1, x2, y2, score FROM vectors WHERE label IN ({marks})", chunk
-            ):
-                box = None if x1 is None else (x1, y1, x2, y2)
-                found[label] = VectorRow(label, image_id, box, score)
-        return found
-
-    def raw_vectors(self, labels: Iterable[int]) -> dict[int, np.ndarray]:
-        labels = [int(v) for v in labels]
-        found: dict[int, np.ndarray] = {}
-        for start in range(0, len(labels), 900):
-            chunk = labels[start : start + 900]
-            marks = ",".join("?" * len(chunk))
-            for label, raw in self._db().execute(f"SELECT label, raw FROM vectors WHERE label IN ({marks})", chunk):
-                found[label] = decode_vector(raw)
-        return found
-
     def space_vectors(self, recipe: str, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Labels (N,), image ids (N,) and raw vectors (N, D) of a space in label order (= each image's
         vectors in the order its recipe produced them)."""
@@ -590,28 +567,6 @@ class MetadataStore:
             .fetchall()
         )
         return _unpack(rows)
-
-    def image_vectors(
-        self, recipe: str, kind: str, image_ids: Iterable[int], with_raw: bool = True
-    ) -> tuple[list[VectorRow], np.ndarray]:
-        """The rows and raw vectors (N, D) of a space that belong to the given images, in label order (without
-        `with_raw`, the rows only and an empty array)."""
-        ids = [int(v) for v in image_ids]
-        rows: list[VectorRow] = []
-        raws: list[np.ndarray] = []
-        column = "raw" if with_raw else "NULL"
-        for start in range(0, len(ids), 900):
-            chunk = ids[start : start + 900]
-            marks = ",".join("?" * len(chunk))
-            for label, image_id, x1, y1, x2, y2, score, raw in self._db().execute(
-                f"SELECT label, image_id, x1, y1, x2, y2, score, {column} FROM vectors"
-                f" WHERE recipe = ? AND kind = ? AND image_id IN ({marks}) ORDER BY label",
-                (recipe, kind, *chunk),
-            ):
-                rows.append(VectorRow(label, image_id, None if x1 is None else (x1, y1, x2, y2), score))
-                if with_raw:
-                    raws.append(decode_vector(raw))
-        return rows, np.stack(raws) if raws else np.zeros((0, 0), dtype=np.float32)
 
     def tagged_vectors(
         self, recipe: str, kind: str, tags: Iterable[int]
