@@ -53,7 +53,12 @@ def test_both_stores_give_the_same_hits_and_boxes(models_dir: Path, tmp_path: Pa
     for ours, theirs in zip(milvus[:2], directory[:2]):
         assert ours.keys() == theirs.keys()
         for key in ours:
-            assert [(i, box) for i, _, box in ours[key]] == [(i, box) for i, _, box in theirs[key]], key
+            assert [i for i, _, _ in ours[key]] == [i for i, _, _ in theirs[key]], key
+            # the directory scores candidates from float16 copies of their vectors (its scoring table), Milvus
+            # from float32: a hit's box, a softmax over its regions' similarities, may move across a pixel's
+            # rounding
+            for (_, _, box), (_, _, other) in zip(ours[key], theirs[key]):
+                assert box == pytest.approx(other, abs=1), key
             # whole_and_regions' photo vectors, which keep no graph, are read from their int8 raw in the directory
             # and float32 from Milvus: int8's cosine error (codec.py, ~1.5e-4) x the photo weight, at most
             assert [s for _, s, _ in ours[key]] == pytest.approx([s for _, s, _ in theirs[key]], abs=5e-4), key
