@@ -2,9 +2,9 @@
 vectors with each row's image, label, box and score, rows of one image side by side. Scoring the candidates of a
 search then gathers their rows with numpy and needs no SQLite read and no loop over images in Python.
 
-Rows are appended as images are written (labels only grow, so rows stay in label order); a delete marks rows
-dead, and the table is compacted once half of it is dead. Lookups by label and by image are arrays indexed by
-the label and the image's row id (both SQLite AUTOINCREMENT integers), 4 and 16 bytes per id ever used.
+Rows are appended as images are written, each image's side by side; a delete marks rows dead, and the table
+is compacted once half of it is dead. Lookups by label and by image are arrays indexed by the label and the
+image's row id (both SQLite AUTOINCREMENT integers), 4 and 16 bytes per id ever used.
 Memory per row: the vector (2 bytes a dim in float16, 4 in float32) + 37 bytes.
 """
 
@@ -121,8 +121,8 @@ class ScoringTable:
         boxes: np.ndarray | None = None,
         scores: np.ndarray | None = None,
     ) -> None:
-        """Rows in label order, each image's together and new to the table (an image's vectors of a space are
-        written at once; a replaced image comes back under a new row id)."""
+        """Rows of images new to the table, in any order (grouped by image here): an image's vectors of a space
+        are written at once, and a replaced image comes back under a new row id."""
         n = len(labels)
         if n == 0:
             return

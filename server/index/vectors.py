@@ -57,10 +57,10 @@ class VectorSpace:
     def add(self, rows: StoredVectors) -> None:
         """Rows committed to SQLite (each image's at once), transformed into this space."""
         if len(rows):
-            self.add_transformed(rows, self.transform(rows.raw))
+            self._add(rows, self.transform(rows.raw))
 
-    def add_transformed(self, rows: StoredVectors, vectors: np.ndarray) -> None:
-        """Rows whose vectors are already in this space's coordinates (aggregates are built that way)."""
+    def _add(self, rows: StoredVectors, vectors: np.ndarray) -> None:
+        """Rows with their vectors already in this space's coordinates, into the table."""
         self.table.add(rows.labels, rows.image_ids, vectors, rows.boxes, rows.scores)
         self.max_label = max(self.max_label, int(rows.labels.max()))
 
@@ -115,12 +115,12 @@ class GraphSpace(VectorSpace):
     def graph_elements(self) -> int:
         return self._graph.get_current_count()
 
-    def add_transformed(self, rows: StoredVectors, vectors: np.ndarray) -> None:
+    def _add(self, rows: StoredVectors, vectors: np.ndarray) -> None:
         """Into the graph and the table. Vectors take the places of deleted vectors first, so the graph does not
         grow with re-indexing. The labels must be new to the graph, which SQLite's AUTOINCREMENT guarantees:
         re-adding a label it holds would leave two elements with it in replace mode (hnswlib#487)."""
         self._add_to_graph(rows.labels, vectors)
-        super().add_transformed(rows, vectors)
+        super()._add(rows, vectors)
 
     def _add_to_graph(self, labels: np.ndarray, vectors: np.ndarray) -> None:
         with self._lock:
@@ -139,8 +139,7 @@ class GraphSpace(VectorSpace):
         newer = rows.labels > self.max_label
         if newer.any():
             self._add_to_graph(rows.labels[newer], vectors[newer])
-        self.table.add(rows.labels, rows.image_ids, vectors, rows.boxes, rows.scores)
-        self.max_label = max(self.max_label, int(rows.labels.max()))
+        super()._add(rows, vectors)
 
     def remove(self, labels: list[int] | np.ndarray) -> None:
         super().remove(labels)
